@@ -1,0 +1,151 @@
+"""backup-db's work: dump, count, compress, hash and write in one pass; manifest; rotation.
+
+pg_dump's plain SQL flows once through: DumpScanner (rows per table, completion line,
+CRC32 of the SQL) -> pigz (or gzip) -> HashingWriter (sha256, size) -> a temporary file.
+The file gets its final name only after every check passed; the gzip trailer's CRC32 and
+length must match the SQL that went in, which proves the compressed file holds exactly
+what pg_dump produced without reading it again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import dumps, files, names, retention
+from .database import Database
+from .errors import Failed, KwError, VerificationError
+from .log import Progress, dry, log, size
+from .places import Place
+from .run import Cmd, StageFailed, Tap, pipeline
+from .settings import Settings
+
+
+def compressor() -> list[str]:
+    """pigz writes the same gzip format on every core; gzip where pigz is not installed."""
+    return ["pigz", "-6", "-c"] if shutil.which("pigz") else ["gzip", "-6", "-c"]
+
+
+class _ProgressTap(Tap):
+    name = "progress"
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.progress.add(len(chunk))
+        return chunk
+
+
+@dataclass
+class DumpResult:
+    path: Path
+    manifest: dumps.Manifest
+    seconds: float
+    removed: list[str]
+
+
+def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dumps.Manifest:
+    """Stream a new dump to `directory/name`; it appears under that name only if valid."""
+    scanner = dumps.DumpScanner()
+    progress = Progress(f"dumping {db.name}")
+    created_at = dumps.now_iso()
+    with files.AtomicFile(directory, name) as out:
+        writer = dumps.HashingWriter(out)
+        try:
+            pipeline([db.dump(), scanner, _ProgressTap(progress), Cmd(compressor(), name="compress"), writer])
+        except StageFailed as exc:
+            hint = "check DB_NAME, DB_EXEC and that PostgreSQL is running" if exc.stage.startswith("pg_dump") \
+                else "check free space and permissions in the backup directory" if exc.stage == writer.name \
+                else ""
+            raise Failed(f"dump failed, no new dump kept: {exc.message}", hint) from exc
+        finally:
+            progress.finish()
+        problem = scanner.problem()
+        if problem:
+            raise VerificationError(f"dump failed verification, no new dump kept: {problem}")
+        crc, length = struct.unpack("<II", writer.last8) if writer.size >= 18 else (None, None)
+        if (crc, length) != (scanner.crc, scanner.size & 0xFFFFFFFF):
+            raise VerificationError("dump failed verification, no new dump kept: the gzip trailer does not "
+                                    "match the SQL pg_dump produced")
+        if writer.size < min_bytes:
+            raise Failed(f"dump is only {writer.size} bytes (MIN_DUMP_BYTES={min_bytes}), no new dump kept",
+                         "check that DB_NAME is the production database")
+        if os.fstat(out.fd).st_size != writer.size:
+            raise VerificationError("dump failed verification: the file's size differs from what was written")
+        out.commit()
+    return dumps.Manifest(
+        file=name, bytes=writer.size, sha256=writer.sha256.hexdigest(), created_at=created_at,
+        database=db.name, server_version=scanner.version("from database"),
+        pg_dump_version=scanner.version("by pg_dump"), tables=scanner.tables,
+    )
+
+
+def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
+    """A dump counts toward KEEP when its manifest matches its size, or (no manifest) it verifies."""
+    path = directory / dump.name
+    try:
+        manifest = dumps.read_manifest(path)
+        if manifest is not None:
+            return manifest.file == dump.name and manifest.bytes == path.stat().st_size
+        dumps.verify_file(path, use_manifest=False)
+        return True
+    except KwError as exc:
+        log.warning("not counting %s toward KEEP: %s", dump.name, exc.message)
+        return False
+    except OSError as exc:
+        log.warning("not counting %s toward KEEP: %s", dump.name, exc.strerror)
+        return False
+
+
+def rotate(directory: Path, keep: int, dry_run: bool = False) -> list[str]:
+    """Remove dumps beyond the KEEP newest valid ones in a local directory (with manifests)."""
+    found = names.dumps_in(os.listdir(directory))
+    doomed = retention.to_remove([(d, is_valid_for_rotation(directory, d)) for d in found], keep)
+    for dump in doomed:
+        if dry_run:
+            dry("would remove %s (keeping the %d newest valid dumps)", dump.name, keep)
+            continue
+        (directory / dump.name).unlink()
+        (directory / dump.manifest).unlink(missing_ok=True)
+        log.info("removed %s (keeping the %d newest valid dumps)", dump.name, keep)
+    if doomed and not dry_run:
+        files.fsync_dir(directory)
+    return [d.name for d in doomed]
+
+
+def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) -> DumpResult | None:
+    """The whole of backup-db on this machine (prod)."""
+    db = Database(settings)
+    directory = Path(os.path.expanduser(prod.dir))
+    min_bytes = settings.int("MIN_DUMP_BYTES")
+    if dry_run:
+        existing = os.listdir(directory) if directory.is_dir() else []
+        name = names.nightly_name_for(datetime.now(UTC), set(existing))
+        dry("would dump %s with: %s", db.name, db.dump().display())
+        dry("would write %s (mode 0600) and its manifest, then verify it", directory / name)
+        if directory.is_dir():
+            rotate(directory, keep, dry_run=True)
+        else:
+            dry("would create %s (mode 0700)", directory)
+        return None
+    files.ensure_private_dir(directory)
+    with files.lock(directory, "backup-db"):
+        for stale in files.remove_stale_temps(directory):
+            log.warning("removed %s, left by an interrupted run", stale)
+        name = names.nightly_name_for(datetime.now(UTC), set(os.listdir(directory)))
+        started = time.monotonic()
+        log.info("dumping %s into %s", db.name, directory / name)
+        manifest = write_dump(db, directory, name, min_bytes)
+        manifest.write_beside(directory)
+        seconds = time.monotonic() - started
+        rows = sum(manifest.tables.values())
+        log.info("wrote %s: %s, %d rows in %d tables, verified, in %.1fs",
+                 name, size(manifest.bytes), rows, len(manifest.tables), seconds)
+        removed = rotate(directory, keep)
+        return DumpResult(directory / name, manifest, seconds, removed)

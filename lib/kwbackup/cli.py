@@ -1,0 +1,61 @@
+"""What every script shares: the common flags, settings and logging, and exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from . import log as logmod
+from . import settings as settingsmod
+from .errors import KwError
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """argparse with the script's docstring as description and the flags every script has."""
+    first, _, rest = (doc or "").strip().partition("\n")
+    p = argparse.ArgumentParser(description=first, epilog=rest.strip() or None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env-file", metavar="PATH", help="settings file (default: $KW_BACKUP_ENV, "
+                   ".env beside bin/, /etc/kw-backup/backup.env)")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="show debug detail, commands included")
+    loud.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    return p
+
+
+def script_name() -> str:
+    return os.path.basename(sys.argv[0]) or "kw-backup"
+
+
+def load(args: argparse.Namespace, overrides: dict | None = None, syslog: bool = False,
+         log_file: bool = False) -> settingsmod.Settings:
+    """Settings (flags > environment > env file) validated, then logging set up from them."""
+    script = script_name()
+    logmod.setup(script, args.verbose, args.quiet)
+    flags = {k: str(v) for k, v in (overrides or {}).items() if v is not None}
+    settings = settingsmod.load(flags, args.env_file)
+    logmod.add_secrets(settings.secrets())
+    logmod.add_secrets([os.environ.get("PGPASSWORD", "")])
+    logmod.setup(script, args.verbose, args.quiet, syslog=syslog, log_file=settings["LOG_FILE"] if log_file else None)
+    return settings
+
+
+def guard(body: Callable[[], int | None]) -> int:
+    """Run a script's body; a failure becomes one line on stderr (and the logs) and its exit status."""
+    try:
+        return body() or 0
+    except KwError as exc:
+        _error(exc.line())
+        return exc.exit_status
+    except KeyboardInterrupt:
+        _error("interrupted; nothing was left under a final name")
+        return 1
+
+
+def _error(line: str) -> None:
+    if logmod.log.handlers:
+        logmod.log.error("error: %s", line)
+    else:
+        sys.stderr.write(f"{script_name()}: error: {line}\n")

@@ -1,0 +1,79 @@
+"""Dump names: the contract's forms, their timestamps, and refusal of anything else."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .errors import UsageError
+
+NIGHTLY_RE = re.compile(r"db-(\d{4}-\d{2}-\d{2})(?:-(\d{6}))?\.sql\.gz")
+MIGRATION_RE = re.compile(r"kw_app_production-(\d{8})-(\d{6})\.sql(\.gz)?")
+MANIFEST_SUFFIX = ".json"
+
+
+@dataclass(frozen=True, order=False)
+class DumpName:
+    name: str
+    when: datetime  # UTC, from the name
+    timed: bool  # db-DATE-HHMMSS: made later the same day than a bare db-DATE
+    nightly: bool  # a db-* dump: the only kind rotation may remove
+    compressed: bool
+
+    @property
+    def sort_key(self) -> tuple[datetime, bool, str]:
+        return (self.when, self.timed, self.name)
+
+    @property
+    def manifest(self) -> str:
+        return self.name + MANIFEST_SUFFIX
+
+
+def parse(name: str) -> DumpName | None:
+    """The DumpName for a contract-conforming file name, else None."""
+    try:
+        if m := NIGHTLY_RE.fullmatch(name):
+            date, time = m.groups()
+            when = datetime.strptime(date + (time or "000000"), "%Y-%m-%d%H%M%S")
+            return DumpName(name, when.replace(tzinfo=UTC), time is not None, True, True)
+        if m := MIGRATION_RE.fullmatch(name):
+            when = datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S")
+            return DumpName(name, when.replace(tzinfo=UTC), True, False, bool(m.group(3)))
+    except ValueError:  # a well-shaped name with an impossible date
+        return None
+    return None
+
+
+def require(name: str, option: str = "dump name", allow_latest: bool = True) -> str:
+    """Validate a dump name typed by a user; `latest` passes through. UsageError otherwise."""
+    if allow_latest and name == "latest":
+        return name
+    if parse(name) is None:
+        raise UsageError(
+            f"{option}: {name!r} is not a dump name",
+            "use db-YYYY-MM-DD[-HHMMSS].sql.gz, kw_app_production-YYYYMMDD-HHMMSS.sql[.gz]"
+            + (" or latest" if allow_latest else "")
+            + " (no paths)",
+        )
+    return name
+
+
+def dumps_in(names) -> list[DumpName]:
+    """The dump names among arbitrary file names, newest first (by the name's timestamp)."""
+    parsed = [d for n in names if (d := parse(n))]
+    return sorted(parsed, key=lambda d: d.sort_key, reverse=True)
+
+
+def newest(names) -> DumpName | None:
+    found = dumps_in(names)
+    return found[0] if found else None
+
+
+def nightly_name_for(now: datetime, taken) -> str:
+    """db-YYYY-MM-DD.sql.gz for the UTC date, or db-YYYY-MM-DD-HHMMSS.sql.gz when taken."""
+    now = now.astimezone(UTC)
+    name = f"db-{now:%Y-%m-%d}.sql.gz"
+    if name in taken or name + MANIFEST_SUFFIX in taken:
+        name = f"db-{now:%Y-%m-%d-%H%M%S}.sql.gz"
+    return name

@@ -1,0 +1,219 @@
+"""The contract's settings: defaults, precedence (flags > environment > env file), validation.
+
+Everything is validated when loaded, before any script touches a file, a database or a
+host: a bad value raises UsageError (exit 2) naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from .errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEM_ENV_FILE = Path("/etc/kw-backup/backup.env")
+
+PLACES = {"prod": "PROD", "pi5": "PI5", "nas": "NAS", "old-prod": "OLD_PROD"}
+
+# A host is `local` or [user@]host: a name, an alias or an address, never an option or shell syntax.
+HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?(?:[A-Za-z0-9][A-Za-z0-9._-]*|[0-9A-Fa-f:]+:[0-9A-Fa-f:.]*)")
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# <DB_NAME>_before_restore_<YYYYMMDDHHMMSS> must fit PostgreSQL's 63-byte identifiers.
+DB_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,32}")
+DB_EXEC_MODES = ("docker", "kamal", "direct")
+
+
+def _positive_int(value: str) -> str | None:
+    return None if value.isdigit() and int(value) > 0 else "must be a positive integer"
+
+
+def _non_negative_int(value: str) -> str | None:
+    return None if value.isdigit() else "must be a whole number of bytes"
+
+
+def _percent(value: str) -> str | None:
+    try:
+        return None if float(value) > 0 else "must be a positive number"
+    except ValueError:
+        return "must be a positive number"
+
+
+def _port(value: str) -> str | None:
+    return None if value.isdigit() and 0 < int(value) < 65536 else "must be a TCP port (1-65535)"
+
+
+def _place_dir(value: str) -> str | None:
+    if "\n" in value or "\0" in value:
+        return "must be a single line"
+    if value.startswith("/") or value.startswith("~/"):
+        return None
+    return "must be an absolute path or start with ~/ (that place's home)"
+
+
+def _absolute(value: str) -> str | None:
+    return None if value.startswith("/") else "must be an absolute path"
+
+
+def _host(value: str) -> str | None:
+    if value == "local" or HOST_RE.fullmatch(value):
+        return None
+    return "must be `local` or [user@]host (no spaces, no leading -, no shell characters)"
+
+
+def _db_exec(value: str) -> str | None:
+    return None if value in DB_EXEC_MODES else f"must be one of {', '.join(DB_EXEC_MODES)}"
+
+
+def _db_name(value: str) -> str | None:
+    if DB_NAME_RE.fullmatch(value):
+        return None
+    return "must be letters, digits and _ (at most 33, so that the _before_restore_ name fits)"
+
+
+def _plain_name(value: str) -> str | None:
+    return None if NAME_RE.fullmatch(value) else "must be letters, digits, _ . and - only"
+
+
+def _url(value: str) -> str | None:
+    return None if re.fullmatch(r"https?://\S+", value) else "must be an http(s) URL"
+
+
+def _command(value: str) -> str | None:
+    try:
+        return None if shlex.split(value) else "must not be empty"
+    except ValueError as exc:
+        return f"cannot be split into arguments ({exc})"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str | None
+    check: Callable[[str], str | None] | None = None
+    secret: bool = False
+
+
+SETTINGS = [
+    Setting("DB_NAME", "kw_app_production", _db_name),
+    Setting("DB_EXEC", "docker", _db_exec),
+    Setting("DB_CONTAINER", "kw-app-postgres", _plain_name),
+    Setting("KAMAL_ACCESSORY", "postgres", _plain_name),
+    Setting("DB_USER", "postgres", _plain_name),
+    Setting("DB_HOST", None, _host),
+    Setting("DB_PORT", "5432", _port),
+    Setting("KAMAL_DESTINATION", "production", _plain_name),
+    Setting("SSH_CONFIG", None, _absolute),
+    Setting("WORK_DIR", "/tmp", _absolute),
+    Setting("LOG_FILE", "/var/log/backup-orchestrator.log", _absolute),
+    Setting("APP_STOP_CMD", "kamal app stop -d {KAMAL_DESTINATION}", _command),
+    Setting("APP_START_CMD", "kamal app start -d {KAMAL_DESTINATION}", _command),
+    Setting("HEALTHCHECKS_URL", None, _url, secret=True),
+    Setting("APPSIGNAL_PUSH_API_KEY", None, secret=True),
+    Setting("APPSIGNAL_CHECKIN_IDENTIFIER", None),
+    Setting("APPSIGNAL_FRONTEND_API_KEY", None, secret=True),
+    Setting("APPSIGNAL_ENDPOINT", "https://appsignal-endpoint.net", _url),
+    Setting("NOTIFY_URLS", None, secret=True),
+    Setting("SIZE_CHANGE_ALERT_PCT", "50", _percent),
+    Setting("MIN_DUMP_BYTES", "1024", _non_negative_int),
+    Setting("PROD_HOST", "ubuntu@146.59.44.70", _host),
+    Setting("PROD_DIR", "/var/backups/kw-app", _place_dir),
+    Setting("PROD_KEEP", "2", _positive_int),
+    Setting("PI5_HOST", "pi@pi5.local", _host),
+    Setting("PI5_DIR", "/backups/kw-app", _place_dir),
+    Setting("PI5_KEEP", "3", _positive_int),
+    Setting("NAS_HOST", "user@nas.local", _host),
+    Setting("NAS_DIR", "/backups/kw-app", _place_dir),
+    Setting("NAS_KEEP", "3", _positive_int),
+    Setting("OLD_PROD_HOST", "deploy@51.68.141.247", _host),
+    Setting("OLD_PROD_DIR", "~/baza_dump/sql", _place_dir),
+    Setting("DRILL_DATABASE_URL", None, secret=True),
+    Setting("DRILL_SQL", None),
+    Setting("DRILL_LOG", None, _absolute),
+]
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def find_env_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The env file in the contract's order; an explicitly named one must exist."""
+    named = explicit or environ.get("KW_BACKUP_ENV")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            source = "--env-file" if explicit else "KW_BACKUP_ENV"
+            raise UsageError(f"{source}: no such env file: {path}")
+        return path
+    for candidate in (ROOT / ".env", SYSTEM_ENV_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class Settings:
+    """Validated settings; `s["NAME"]` is the value (None when unset and without default)."""
+
+    def __init__(self, values: dict[str, str | None], given: set[str], env_file: Path | None):
+        self._values = values
+        self.given = given
+        self.env_file = env_file
+
+    def __getitem__(self, name: str) -> str | None:
+        return self._values[name]
+
+    def names(self) -> set[str]:
+        return set(self._values)
+
+    def int(self, name: str) -> int:
+        return int(self._values[name])
+
+    def is_given(self, name: str) -> bool:
+        """True when the operator set it (flag, environment or env file), not a default."""
+        return name in self.given
+
+    def command(self, name: str) -> list[str]:
+        return shlex.split(self._values[name])
+
+    def secrets(self) -> list[str]:
+        return [v for s in SETTINGS if s.secret and (v := self._values.get(s.name))]
+
+
+def load(
+    overrides: Mapping[str, str | None] | None = None,
+    env_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge flags over the environment over the env file, apply defaults, validate all."""
+    environ = os.environ if environ is None else environ
+    path = find_env_file(env_file, environ)
+    from_file = {k: v for k, v in dotenv_values(path).items() if v is not None} if path else {}
+    values: dict[str, str | None] = {}
+    given: set[str] = set()
+    for setting in SETTINGS:
+        name = setting.name
+        for layer in (overrides or {}, environ, from_file):
+            value = layer.get(name)
+            if value is not None and value != "":
+                values[name] = value
+                given.add(name)
+                break
+        else:
+            values[name] = setting.default
+    for setting in SETTINGS:
+        value = values[setting.name]
+        if value is not None and isinstance(value, str) and "{" in value and setting.name not in given:
+            values[setting.name] = value.format(**values)
+    for setting in SETTINGS:
+        value = values[setting.name]
+        if value is None or setting.check is None:
+            continue
+        problem = setting.check(str(value))
+        if problem:
+            shown = "(hidden)" if setting.secret else repr(value)
+            raise UsageError(f"setting {setting.name}={shown} {problem}", "fix it in the env file or the environment")
+    return Settings(values, given, path)

@@ -1,0 +1,81 @@
+"""Fixtures over the test world (tests/world.py): one PostgreSQL and one set of sshd places per
+session, a fresh database and a fresh set of directories per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests import world
+
+
+@pytest.fixture(scope="session")
+def pg():
+    # Not under pytest's tmp: that is private to root, and the server runs as another user.
+    base = Path(tempfile.mkdtemp(prefix="kwtest-pg-"))
+    server = world.Postgres(base).start()
+    try:
+        server.create_db("kw_template")
+        server.psql(world.RAILS_SCHEMA, "kw_template")
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ssh_world(tmp_path_factory):
+    places = world.SshWorld(tmp_path_factory.mktemp("ssh")).start()
+    yield places
+    places.stop()
+
+
+@pytest.fixture
+def db(pg):
+    """A fresh copy of the Rails-like database, dropped after the test."""
+    name = pg.create_db(f"kw_{uuid.uuid4().hex[:10]}", template="kw_template")
+    yield name
+    pg.drop_db(name)
+
+
+class Kw:
+    """One test's kw-backup setup: directories, an env file, and a way to run the scripts."""
+
+    def __init__(self, tmp: Path, pg: world.Postgres, db: str):
+        self.tmp = tmp
+        self.pg = pg
+        self.prod_dir = tmp / "prod" / "backups"
+        self.standin_log = tmp / "standin.log"
+        self.syslog = world.Syslog(tmp / "syslog.sock")
+        self.settings = {
+            "DB_NAME": db, "DB_EXEC": "direct", "PROD_HOST": "local", "PROD_DIR": str(self.prod_dir),
+            "PI5_HOST": "local", "PI5_DIR": str(tmp / "pi5"), "NAS_HOST": "local", "NAS_DIR": str(tmp / "nas"),
+            "LOG_FILE": str(tmp / "orchestrator.log"), "WORK_DIR": str(tmp / "work"), "MIN_DUMP_BYTES": "1024",
+        }
+        self.env_file = tmp / "backup.env"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        world.write_env(self.env_file, self.settings)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("KW_", "PG", "DB_", "PROD_", "PI5_", "NAS_"))}
+        return {**base, **self.pg.env, "KW_BACKUP_ENV": str(self.env_file),
+                "KW_BACKUP_SYSLOG": str(self.syslog.path), "STANDIN_LOG": str(self.standin_log),
+                "PATH": f"{world.STANDINS}:{os.environ['PATH']}", **extra}
+
+    def run(self, script: str, *args: str, env: dict | None = None, **kw):
+        return world.run_script(script, *args, env=env or self.env(), **kw)
+
+    def dumps(self, directory: Path | None = None) -> list[str]:
+        directory = directory or self.prod_dir
+        return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+@pytest.fixture
+def kw(tmp_path, pg, db):
+    setup = Kw(tmp_path, pg, db)
+    yield setup
+    setup.syslog.close()

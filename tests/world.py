@@ -1,0 +1,283 @@
+"""The test world: a real PostgreSQL 15, real sshd places on loopback, stand-ins for docker/kamal.
+
+Every later test builds on these pieces:
+- `Postgres`: initdb/pg_ctl in a temporary directory (as an unprivileged OS user when the
+  tests run as root), with a Rails-like template database;
+- `Sshd`: one sshd per place on 127.0.0.2 (prod), .3 (pi5), .4 (nas), .5 (old-prod), each
+  with its own host key, config, PidFile and authorized_keys, stopped by PID;
+- `SshWorld`: the client key, known_hosts and the ssh config file scripts get as SSH_CONFIG;
+- `Syslog`: a datagram socket that records what the scripts send to syslog;
+- `run_script`: runs a bin/ script as a user would, with a given env file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / "bin"
+STANDINS = Path(__file__).resolve().parent / "standins"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PLACE_ADDRESSES = {"prod": "127.0.0.2", "pi5": "127.0.0.3", "nas": "127.0.0.4", "old-prod": "127.0.0.5"}
+SSH_PORT = 2222
+
+RAILS_SCHEMA = """
+CREATE TABLE schema_migrations (version character varying PRIMARY KEY);
+CREATE TABLE ar_internal_metadata (key character varying PRIMARY KEY, value character varying,
+    created_at timestamp(6) NOT NULL, updated_at timestamp(6) NOT NULL);
+CREATE TABLE users (id bigserial PRIMARY KEY, email character varying NOT NULL, name text,
+    created_at timestamp(6) NOT NULL, updated_at timestamp(6) NOT NULL);
+CREATE UNIQUE INDEX index_users_on_email ON users (email);
+CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint NOT NULL REFERENCES users(id),
+    total numeric(12,2) NOT NULL, details jsonb NOT NULL DEFAULT '{}', note text,
+    created_at timestamp(6) NOT NULL, updated_at timestamp(6) NOT NULL);
+CREATE INDEX index_orders_on_user_id ON orders (user_id);
+CREATE INDEX index_orders_on_created_at ON orders (created_at);
+CREATE SEQUENCE invoice_number_seq START 1000;
+CREATE TABLE "Odd ""Name"" table" (id int PRIMARY KEY, "zażółć" text);
+INSERT INTO schema_migrations SELECT to_char(timestamp '2024-01-01' + i * interval '1 day', 'YYYYMMDDHH24MISS')
+    FROM generate_series(1, 40) i;
+INSERT INTO ar_internal_metadata VALUES ('environment', 'production', now(), now());
+INSERT INTO users (email, name, created_at, updated_at)
+    SELECT 'user' || i || '@example.com', 'User ' || i || E' with a tab\\tand a newline\\n', now(), now()
+    FROM generate_series(1, 300) i;
+INSERT INTO orders (user_id, total, details, note, created_at, updated_at)
+    SELECT 1 + i % 300, i * 1.5, jsonb_build_object('items', i % 7, 'tags', jsonb_build_array('a', 'b')),
+           CASE WHEN i % 5 = 0 THEN E'line one\\nline two \\\\. backslash' END,
+           now() - i * interval '1 minute', now()
+    FROM generate_series(1, 2000) i;
+INSERT INTO "Odd ""Name"" table" VALUES (1, 'gęś'), (2, E'\\\\.');
+SELECT nextval('invoice_number_seq') FROM generate_series(1, 5);
+"""
+RAILS_TABLE_ROWS = {
+    "public.schema_migrations": 40, "public.ar_internal_metadata": 1, "public.users": 300,
+    "public.orders": 2000, 'public.Odd "Name" table': 2,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_user() -> str | None:
+    """The unprivileged OS user that runs servers when the tests run as root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "kwtest"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    subprocess.run(["useradd", "--system", "--no-create-home", "kwtest"], check=True)
+    return "kwtest"
+
+
+class Postgres:
+    """A PostgreSQL 15 server of the tests' own, on a free port and a private socket directory."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.data = base / "data"
+        self.sockets = base / "sockets"
+        self.port = free_port()
+        self.user = service_user()
+
+    def _as_server_user(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, user=self.user, check=True, capture_output=True, text=True, **kw)
+
+    def start(self) -> Postgres:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.sockets.mkdir(exist_ok=True)
+        if self.user:
+            shutil.chown(self.base, self.user)
+            shutil.chown(self.sockets, self.user)
+        self.base.chmod(0o755)
+        self._as_server_user([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                              "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+        conf = (f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.sockets}'\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 50\n")
+        with open(self.data / "postgresql.conf", "a") as f:
+            f.write(conf)
+        self._as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "server.log"),
+                              "-w", "-t", "60", "start"])
+        return self
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"])
+
+    @property
+    def env(self) -> dict[str, str]:
+        """libpq variables that point pg_dump and psql at this server."""
+        return {"PGHOST": str(self.sockets), "PGPORT": str(self.port), "PGUSER": "postgres"}
+
+    def psql(self, sql: str, db: str = "postgres", check: bool = True) -> str:
+        out = subprocess.run(["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql],
+                             env={**os.environ, **self.env}, capture_output=True, text=True)
+        if check and out.returncode:
+            raise AssertionError(f"psql failed: {out.stderr}")
+        return out.stdout.strip()
+
+    def create_db(self, name: str, template: str = "template0") -> str:
+        self.psql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return name
+
+    def drop_db(self, name: str) -> None:
+        self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def row_counts(self, db: str) -> dict[str, int]:
+        """Rows of every table, keyed `schema.table` unquoted, as manifests key them."""
+        listing = self.psql("SELECT schemaname || '.' || relname || chr(9) || format('%I.%I', schemaname, relname) "
+                            "FROM pg_stat_user_tables", db)
+        counts = {}
+        for line in filter(None, listing.splitlines()):
+            key, quoted = line.split("\t")
+            counts[key] = int(self.psql(f"SELECT count(*) FROM {quoted}", db))
+        return counts
+
+
+class Sshd:
+    """A real sshd on one loopback address with its own host key, config and authorized_keys."""
+
+    def __init__(self, base: Path, name: str, address: str):
+        self.base = base
+        self.name = name
+        self.address = address
+        self.pidfile = base / "sshd.pid"
+        self.authorized_keys = base / "authorized_keys"
+        self.host_key = base / "host_ed25519"
+
+    def start(self) -> Sshd:
+        self.base.mkdir(parents=True, exist_ok=True)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)], check=True)
+        self.authorized_keys.touch(mode=0o600)
+        config = self.base / "sshd_config"
+        config.write_text(
+            f"ListenAddress {self.address}:{SSH_PORT}\nHostKey {self.host_key}\nPidFile {self.pidfile}\n"
+            f"AuthorizedKeysFile {self.authorized_keys}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+            "PermitUserEnvironment no\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 50\n"
+            f"Subsystem sftp internal-sftp\nSetEnv KW_TEST_PLACE={self.name}\n"
+        )
+        subprocess.run(["/usr/sbin/sshd", "-f", str(config), "-E", str(self.base / "sshd.log")], check=True)
+        for _ in range(100):
+            if self.pidfile.exists() and self._accepting():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"sshd for {self.name} did not start: {(self.base / 'sshd.log').read_text()}")
+
+    def _accepting(self) -> bool:
+        try:
+            with socket.create_connection((self.address, SSH_PORT), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def pid(self) -> int:
+        return int(self.pidfile.read_text().split()[0])
+
+    def stop(self) -> None:
+        if self.pidfile.exists():
+            try:
+                os.kill(self.pid(), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.pidfile.unlink(missing_ok=True)
+
+    def authorize(self, public_key: str, options: str = "") -> None:
+        with open(self.authorized_keys, "a") as f:
+            f.write(f"{options + ' ' if options else ''}{public_key.strip()}\n")
+
+
+class SshWorld:
+    """sshd places plus the client side: a key, known_hosts and an ssh config with one alias per place."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.key = base / "client" / "id_ed25519"
+        self.known_hosts = base / "client" / "known_hosts"
+        self.config = base / "client" / "ssh_config"
+        self.places = {name: Sshd(base / name, name, addr) for name, addr in PLACE_ADDRESSES.items()}
+
+    def start(self) -> SshWorld:
+        self.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
+        public = self.key.with_suffix(".pub").read_text()
+        known, aliases = [], []
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        for name, sshd in self.places.items():
+            sshd.start().authorize(public)
+            host_pub = sshd.host_key.with_suffix(".pub").read_text().split()
+            known.append(f"[{sshd.address}]:{SSH_PORT} {host_pub[0]} {host_pub[1]}")
+            aliases.append(f"Host {name}\n  HostName {sshd.address}\n")
+        self.known_hosts.write_text("\n".join(known) + "\n")
+        self.config.write_text("\n".join(aliases) + (
+            f"\nHost *\n  Port {SSH_PORT}\n  User {user}\n  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {self.known_hosts}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
+        ))
+        return self
+
+    def stop(self) -> None:
+        for sshd in self.places.values():
+            sshd.stop()
+
+    def ssh(self, place: str, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ssh", "-F", str(self.config), "-o", "BatchMode=yes", place, *argv],
+                              capture_output=True, text=True, timeout=30)
+
+
+class Syslog:
+    """Records what scripts send to syslog (KW_BACKUP_SYSLOG points them here)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.messages: list[str] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            self.messages.append(data.decode(errors="replace"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def write_env(path: Path, settings: dict[str, str]) -> Path:
+    path.write_text("".join(f"{k}={json.dumps(str(v))}\n" for k, v in settings.items()))
+    path.chmod(0o600)
+    return path
+
+
+def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run bin/<name> as a user would: a plain process, its own environment, no terminal."""
+    return subprocess.run([str(BIN / name), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+
+
+def standin_calls(log: Path) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+PYTHON = sys.executable
