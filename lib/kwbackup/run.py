@@ -256,14 +256,14 @@ def _wait_all(procs, pumps, timeout: float | None) -> None:
     deadline = None if timeout is None else time.monotonic() + timeout
     for pump in pumps:
         while pump.is_alive():
-            pump.join(0.2)
-            if pump.error is not None:  # unblock the others: nobody reads or writes this stage now
-                for _, proc, _ in procs:
-                    if proc.poll() is None:
-                        proc.killed_by_pipeline = True
-                        _kill(proc)
+            pump.join(0.1)
             if deadline and time.monotonic() > deadline:
                 raise Failed(f"pipeline timed out after {timeout:.0f}s")
+        if pump.error is not None:  # nobody reads or writes this stage now: stop the others at once
+            for _, proc, _ in procs:
+                if proc.poll() is None:
+                    proc.killed_by_pipeline = True
+                    _kill(proc)
     for cmd, proc, _ in procs:
         remaining = None if deadline is None else max(0.1, deadline - time.monotonic())
         try:
@@ -289,7 +289,8 @@ def _verdict(procs, pumps, order) -> dict[str, str]:
         cmd, err = by_proc[id(stage)]
         if stage.returncode != 0:
             failure = StageFailed(cmd.name, _describe_status(stage.returncode), _tail(err))
-            echo = stage.returncode == -signal.SIGPIPE or getattr(stage, "killed_by_pipeline", False)
+            echo = (stage.returncode in (-signal.SIGPIPE, 128 + signal.SIGPIPE) or "Broken pipe" in failure.tail
+                    or getattr(stage, "killed_by_pipeline", False))
             (echoes if echo else failures).append(failure)
     stderr_texts = {}
     for cmd, _proc, err in procs:

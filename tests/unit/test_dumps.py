@@ -1,0 +1,145 @@
+import gzip
+import json
+import random
+
+import pytest
+
+from kwbackup import dumps
+from kwbackup.errors import Failed, VerificationError
+
+SQL = (
+    b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc\n\n"
+    b"-- Dumped from database version 15.18 (Debian 15.18-0+deb12u1)\n-- Dumped by pg_dump version 15.18\n\n"
+    b"CREATE FUNCTION public.f() RETURNS text LANGUAGE sql AS $$\nSELECT 'COPY x FROM stdin;'\n$$;\n"
+    b"COPY public.users (id, email) FROM stdin;\n1\ta@b\n2\tline\\nbreak \\\\. not an end\n3\t\\.x\n\\.\n\n"
+    b"COPY public.\"Odd \"\"Name\"\" table\" (id, \"za\xc5\xbc\") FROM stdin;\n1\tg\xc4\x99\xc5\x9b\n\\.\n\n"
+    b"COPY public.empty (id) FROM stdin;\n\\.\n\n"
+    b"COPY \"we.ird\".t FROM stdin;\n" + b"".join(b"%d\t%s\n" % (i, b"x" * (i % 50)) for i in range(500)) + b"\\.\n\n"
+    b"SELECT pg_catalog.setval('public.users_id_seq', 3, true);\n\n"
+    b"--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc\n\n"
+)
+TABLES = {"public.users": 3, 'public.Odd "Name" table': 1, "public.empty": 0, "we.ird.t": 500}
+
+
+def scan(data: bytes, sizes) -> dumps.DumpScanner:
+    scanner = dumps.DumpScanner()
+    pos = 0
+    for size in sizes:
+        scanner(data[pos:pos + size])
+        pos += size
+    scanner(data[pos:])
+    scanner.end()
+    return scanner
+
+
+def test_counts_rows_per_table_and_reads_versions():
+    scanner = scan(SQL, [])
+    assert scanner.tables == TABLES
+    assert scanner.problem() is None
+    assert scanner.version("from database") == "15.18" and scanner.version("by pg_dump") == "15.18"
+    assert scanner.size == len(SQL)
+
+
+def test_any_chunking_gives_the_same_counts():
+    for size in (1, 2, 3, 5, 7, 64):
+        assert scan(SQL, [size] * (len(SQL) // size)).tables == TABLES
+    rng = random.Random(7)
+    for _ in range(50):
+        sizes = [rng.randint(1, 200) for _ in range(len(SQL) // 50)]
+        assert scan(SQL, sizes).tables == TABLES
+
+
+@pytest.mark.parametrize("ending", [
+    b"--\n-- PostgreSQL database dump complete\n--\n",
+    b"-- PostgreSQL database dump complete\n",
+    b"--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict Zx9\n\n",
+])
+def test_completion_line_as_last_meaningful_line(ending):
+    assert dumps.completion_problem(b"SELECT 1;\n" + ending) is None
+
+
+@pytest.mark.parametrize("ending", [
+    b"SELECT 1;\n", b"", b"-- PostgreSQL database dump complete\nSELECT 1;\n",
+    b"-- PostgreSQL database dump complete\n\\unrestrict\n\\connect x\n",
+])
+def test_missing_completion_line(ending):
+    assert dumps.completion_problem(ending) is not None
+
+
+def test_truncated_inside_copy_data_is_reported():
+    cut = SQL.index(b"2\tline")
+    scanner = scan(SQL[:cut], [])
+    assert "public.users" in scanner.problem()
+
+
+def make_dump(tmp_path, data=SQL, name="db-2024-01-15.sql.gz", manifest=True):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data))
+    if manifest:
+        import hashlib
+        m = dumps.Manifest(name, path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
+                           "2024-01-15T02:00:00Z", "kw", "15.18", "15.18", TABLES)
+        (tmp_path / (name + ".json")).write_bytes(m.to_json())
+    return path
+
+
+def test_verify_good_dump_with_and_without_manifest(tmp_path):
+    assert dumps.verify_file(make_dump(tmp_path)).status == "verified"
+    plain = make_dump(tmp_path, name="db-2024-01-16.sql.gz", manifest=False)
+    assert dumps.verify_file(plain).status == "unverified"
+    sql = tmp_path / "kw_app_production-20260118-000001.sql"
+    sql.write_bytes(SQL)
+    assert dumps.verify_file(sql).tables == TABLES
+
+
+def test_verify_truncated_gzip(tmp_path):
+    path = make_dump(tmp_path, manifest=False)
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(VerificationError, match="corrupt gzip"):
+        dumps.verify_file(path)
+
+
+def test_verify_bit_flip(tmp_path):
+    path = make_dump(tmp_path, manifest=False)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerificationError):
+        dumps.verify_file(path)
+
+
+def test_verify_incomplete_dump_in_an_intact_gzip(tmp_path):
+    path = make_dump(tmp_path, data=SQL[: SQL.index(b"SELECT pg_catalog.setval")], manifest=False)
+    with pytest.raises(VerificationError, match="completion line"):
+        dumps.verify_file(path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("bytes", 1, "size"), ("sha256", "0" * 64, "sha256"), ("tables", {"public.users": 4}, "row counts"),
+])
+def test_verify_against_manifest(tmp_path, field, value, message):
+    path = make_dump(tmp_path)
+    manifest_path = tmp_path / (path.name + ".json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest[field] = value
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(VerificationError, match=message):
+        dumps.verify_file(path)
+
+
+def test_unreadable_manifest_is_a_verification_failure(tmp_path):
+    path = make_dump(tmp_path)
+    (tmp_path / (path.name + ".json")).write_text("{not json")
+    with pytest.raises(VerificationError, match="not a valid manifest"):
+        dumps.verify_file(path)
+
+
+def test_missing_file_is_a_failure_not_a_verification(tmp_path):
+    with pytest.raises(Failed) as caught:
+        dumps.verify_file(tmp_path / "db-2024-01-15.sql.gz")
+    assert caught.value.exit_status == 1
+
+
+def test_table_keys():
+    assert dumps.table_key('public."a ""b"""') == 'public.a "b"'
+    assert dumps.table_key('"s.x".t') == "s.x.t"
