@@ -1,3 +1,5 @@
+from datetime import UTC
+
 import pytest
 
 from kwbackup import names
@@ -51,7 +53,7 @@ def test_require_passes_names_and_latest():
 
 
 def test_nightly_name_takes_the_time_when_the_date_is_taken():
-    from datetime import datetime, timezone
-    now = datetime(2024, 1, 15, 2, 5, 9, tzinfo=timezone.utc)
+    from datetime import datetime
+    now = datetime(2024, 1, 15, 2, 5, 9, tzinfo=UTC)
     assert names.nightly_name_for(now, set()) == "db-2024-01-15.sql.gz"
     assert names.nightly_name_for(now, {"db-2024-01-15.sql.gz"}) == "db-2024-01-15-020509.sql.gz"
