@@ -79,3 +79,13 @@ def kw(tmp_path, pg, db):
     setup = Kw(tmp_path, pg, db)
     yield setup
     setup.syslog.close()
+
+
+@pytest.fixture(scope="session")
+def big_db(pg):
+    """A database whose dump takes a few seconds: for killing and racing backup-db mid-stream."""
+    name = pg.create_db("kw_big", template="kw_template")
+    pg.psql("CREATE TABLE events (id bigint PRIMARY KEY, kind text, payload text, at timestamptz);"
+            "INSERT INTO events SELECT i, 'kind' || (i % 13), md5(i::text) || repeat('x', 60), now() "
+            "FROM generate_series(1, 1500000) i;", name)
+    return name

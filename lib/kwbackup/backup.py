@@ -51,7 +51,7 @@ class DumpResult:
 
 
 def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dumps.Manifest:
-    """Stream a new dump to `directory/name`; it appears under that name only if valid."""
+    """Stream a new dump to `directory/name` with its manifest; it appears only if valid."""
     scanner = dumps.DumpScanner()
     progress = Progress(f"dumping {db.name}")
     created_at = dumps.now_iso()
@@ -78,12 +78,20 @@ def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dump
                          "check that DB_NAME is the production database")
         if os.fstat(out.fd).st_size != writer.size:
             raise VerificationError("dump failed verification: the file's size differs from what was written")
-        out.commit()
-    return dumps.Manifest(
-        file=name, bytes=writer.size, sha256=writer.sha256.hexdigest(), created_at=created_at,
-        database=db.name, server_version=scanner.version("from database"),
-        pg_dump_version=scanner.version("by pg_dump"), tables=scanner.tables,
-    )
+        manifest = dumps.Manifest(
+            file=name, bytes=writer.size, sha256=writer.sha256.hexdigest(), created_at=created_at,
+            database=db.name, server_version=scanner.version("from database"),
+            pg_dump_version=scanner.version("by pg_dump"), tables=scanner.tables,
+        )
+        # The manifest goes first: a dump never appears without one, and a failed manifest
+        # write leaves no new dump. A crash between the two leaves only an orphan manifest.
+        manifest_path = manifest.write_beside(directory)
+        try:
+            out.commit()
+        except BaseException:
+            manifest_path.unlink(missing_ok=True)
+            raise
+    return manifest
 
 
 def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
@@ -91,16 +99,18 @@ def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
     path = directory / dump.name
     try:
         manifest = dumps.read_manifest(path)
-        if manifest is not None:
-            return manifest.file == dump.name and manifest.bytes == path.stat().st_size
-        dumps.verify_file(path, use_manifest=False)
-        return True
+        if manifest is None:
+            dumps.verify_file(path, use_manifest=False)
+            return True
+        if manifest.file == dump.name and manifest.bytes == path.stat().st_size:
+            return True
+        problem = "its size or name differs from its manifest"
     except KwError as exc:
-        log.warning("not counting %s toward KEEP: %s", dump.name, exc.message)
-        return False
+        problem = exc.message
     except OSError as exc:
-        log.warning("not counting %s toward KEEP: %s", dump.name, exc.strerror)
-        return False
+        problem = exc.strerror
+    log.warning("not counting %s toward KEEP: %s", dump.name, problem)
+    return False
 
 
 def rotate(directory: Path, keep: int, dry_run: bool = False) -> list[str]:
@@ -142,7 +152,6 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
         started = time.monotonic()
         log.info("dumping %s into %s", db.name, directory / name)
         manifest = write_dump(db, directory, name, min_bytes)
-        manifest.write_beside(directory)
         seconds = time.monotonic() - started
         rows = sum(manifest.tables.values())
         log.info("wrote %s: %s, %d rows in %d tables, verified, in %.1fs",

@@ -49,6 +49,10 @@ def guard(body: Callable[[], int | None]) -> int:
     except KwError as exc:
         _error(exc.line())
         return exc.exit_status
+    except OSError as exc:  # a file operation outside the checked paths: still one clear line
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}")
+        return 1
     except KeyboardInterrupt:
         _error("interrupted; nothing was left under a final name")
         return 1
