@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -88,4 +89,18 @@ def big_db(pg):
     pg.psql("CREATE TABLE events (id bigint PRIMARY KEY, kind text, payload text, at timestamptz);"
             "INSERT INTO events SELECT i, 'kind' || (i % 13), md5(i::text) || repeat('x', 60), now() "
             "FROM generate_series(1, 1500000) i;", name)
+    return name
+
+
+PAGILA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pagila"
+
+
+@pytest.fixture(scope="session")
+def pagila_db(pg):
+    """pagila: 165 partitions, triggers, an enum, non-ASCII domains, views, bytea."""
+    name = pg.create_db("pagila")
+    result = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", name, "-f", str(PAGILA / "schema.sql"),
+                             "-f", str(PAGILA / "data.sql")], env={**os.environ, **pg.env}, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
     return name

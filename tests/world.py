@@ -140,8 +140,10 @@ class Postgres:
 
     def row_counts(self, db: str) -> dict[str, int]:
         """Rows of every table, keyed `schema.table` unquoted, as manifests key them."""
-        listing = self.psql("SELECT schemaname || '.' || relname || chr(9) || format('%I.%I', schemaname, relname) "
-                            "FROM pg_stat_user_tables", db)
+        listing = self.psql("SELECT n.nspname || '.' || c.relname || chr(9) || format('%I.%I', n.nspname, c.relname) "
+                            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+                            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                            "AND n.nspname NOT LIKE 'pg_toast%'", db)
         counts = {}
         for line in filter(None, listing.splitlines()):
             key, quoted = line.split("\t")
