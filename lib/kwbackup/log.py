@@ -51,6 +51,11 @@ def known_secrets() -> list[str]:
     return list(_masking.secrets)
 
 
+class _QuietSysLogHandler(logging.handlers.SysLogHandler):
+    def handleError(self, record) -> None:
+        """A syslog that went away must not bury stderr in tracebacks; stderr still has the line."""
+
+
 def setup(script: str, verbose: bool = False, quiet: bool = False, syslog: bool = False, log_file: str | None = None):
     """stderr at INFO (DEBUG with --verbose, WARNING with --quiet); syslog or file at INFO."""
     log.handlers.clear()
@@ -63,7 +68,8 @@ def setup(script: str, verbose: bool = False, quiet: bool = False, syslog: bool 
     log.addHandler(stderr)
     if syslog:
         try:
-            handler = logging.handlers.SysLogHandler(address=SYSLOG_ADDRESS, facility="user")
+            handler = _QuietSysLogHandler(address=SYSLOG_ADDRESS, facility="user")
+            handler.socket.getpeername()  # Python 3.11 does not fail when nothing listens there
         except OSError as exc:
             log.debug("syslog unavailable at %s (%s); logging to stderr only", SYSLOG_ADDRESS, exc)
         else:

@@ -57,3 +57,10 @@ def test_dry_run_lines_say_so(capsys):
     log.setup("backup-db")
     log.dry("would remove %s", "db-2024-01-01.sql.gz")
     assert capsys.readouterr().err == "backup-db: [dry-run] would remove db-2024-01-01.sql.gz\n"
+
+
+def test_missing_syslog_falls_back_to_stderr_quietly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(log, "SYSLOG_ADDRESS", str(tmp_path / "no-such-socket"))
+    log.setup("backup-db", syslog=True)
+    log.log.info("still here")
+    assert capsys.readouterr().err == "backup-db: still here\n"
