@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from subprocess import DEVNULL, PIPE, TimeoutExpired
 
 from plumbum import local
 from plumbum.commands.base import shquote_list
@@ -105,12 +106,14 @@ def _popen(cmd: Cmd, stdin, stdout, stderr):
 def run(cmd: Cmd, input: bytes | None = None, timeout: float | None = None, check: bool = True):
     """Run one command to completion; returns (exit status, stdout bytes, stderr text)."""
     with tempfile.TemporaryFile() as err:
-        proc = _popen(cmd, stdin=-1 if input is not None else -3, stdout=-1, stderr=err)
+        proc = _popen(cmd, stdin=PIPE if input is not None else DEVNULL, stdout=PIPE, stderr=err)
         try:
             out, _ = proc.communicate(input, timeout=timeout)
-        except BaseException:
+        except BaseException as exc:
             _kill(proc)
             proc.wait()
+            if isinstance(exc, TimeoutExpired):
+                raise Failed(f"{cmd.name} timed out after {timeout:.0f}s") from exc
             raise
         err.seek(0)
         stderr = err.read().decode(errors="replace")
@@ -220,12 +223,12 @@ def pipeline(steps: list, stdin: int | Iterable[bytes] | None = None, stdout: in
             last = index == len(groups) - 1
             if isinstance(group, Cmd):
                 if upstream is None or isinstance(upstream, int):
-                    child_in = -3 if upstream is None else upstream  # -3: DEVNULL
+                    child_in = DEVNULL if upstream is None else upstream
                 else:  # an iterable source is fed to the command by a pump
                     child_in, feed = new_pipe()
                     hand_to_pump(upstream, [], feed)
                 if last:
-                    child_out, upstream = (-3 if stdout is None else stdout), None
+                    child_out, upstream = (DEVNULL if stdout is None else stdout), None
                 else:
                     upstream, child_out = new_pipe()
                 err = tempfile.TemporaryFile()

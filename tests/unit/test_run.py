@@ -98,3 +98,8 @@ def test_secrets_are_masked_in_displays_and_errors():
     with pytest.raises(run.StageFailed) as caught:
         run.run(sh("echo 'bad token s3cr3t-token' >&2; exit 1", "ping"))
     assert "s3cr3t-token" not in caught.value.line()
+
+
+def test_run_timeout_is_a_failure_with_a_message():
+    with pytest.raises(Failed, match="sleeper timed out"):
+        run.run(run.Cmd(["sleep", "5"], name="sleeper"), timeout=0.3)
