@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import dumps, files, names, retention
 from .database import Database
-from .errors import Failed, KwError, VerificationError
+from .errors import Failed, VerificationError
 from .log import Progress, dry, log, size
 from .places import Place
 from .run import Cmd, StageFailed, Tap, pipeline
@@ -94,41 +94,6 @@ def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dump
     return manifest
 
 
-def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
-    """A dump counts toward KEEP when its manifest matches its size, or (no manifest) it verifies."""
-    path = directory / dump.name
-    try:
-        manifest = dumps.read_manifest(path)
-        if manifest is None:
-            dumps.verify_file(path, use_manifest=False)
-            return True
-        if manifest.file == dump.name and manifest.bytes == path.stat().st_size:
-            return True
-        problem = "its size or name differs from its manifest"
-    except KwError as exc:
-        problem = exc.message
-    except OSError as exc:
-        problem = exc.strerror
-    log.warning("not counting %s toward KEEP: %s", dump.name, problem)
-    return False
-
-
-def rotate(directory: Path, keep: int, dry_run: bool = False) -> list[str]:
-    """Remove dumps beyond the KEEP newest valid ones in a local directory (with manifests)."""
-    found = names.dumps_in(os.listdir(directory))
-    doomed = retention.to_remove([(d, is_valid_for_rotation(directory, d)) for d in found], keep)
-    for dump in doomed:
-        if dry_run:
-            dry("would remove %s (keeping the %d newest valid dumps)", dump.name, keep)
-            continue
-        (directory / dump.name).unlink()
-        (directory / dump.manifest).unlink(missing_ok=True)
-        log.info("removed %s (keeping the %d newest valid dumps)", dump.name, keep)
-    if doomed and not dry_run:
-        files.fsync_dir(directory)
-    return [d.name for d in doomed]
-
-
 def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) -> DumpResult | None:
     """The whole of backup-db on this machine (prod)."""
     db = Database(settings)
@@ -140,7 +105,7 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
         dry("would dump %s with: %s", db.name, db.dump().display())
         dry("would write %s (mode 0600) and its manifest, then verify it", directory / name)
         if directory.is_dir():
-            rotate(directory, keep, dry_run=True)
+            retention.rotate_local(directory, keep, dry_run=True)
         else:
             dry("would create %s (mode 0700)", directory)
         return None
@@ -156,5 +121,5 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
         rows = sum(manifest.tables.values())
         log.info("wrote %s: %s, %d rows in %d tables, verified, in %.1fs",
                  name, size(manifest.bytes), rows, len(manifest.tables), seconds)
-        removed = rotate(directory, keep)
+        removed = retention.rotate_local(directory, keep)
         return DumpResult(directory / name, manifest, seconds, removed)

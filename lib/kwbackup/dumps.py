@@ -13,6 +13,8 @@ import hashlib
 import json
 import re
 import shutil
+import threading
+import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -216,21 +218,39 @@ def decompressor() -> list[str]:
     return ["pigz", "-dc"] if shutil.which("pigz") else ["gzip", "-dc"]
 
 
-class _FileReader:
-    """Iterable of a file's chunks that hashes and sizes them on the way."""
+class FileChunks:
+    """Iterable of a file's chunks that hashes and sizes them on the way.
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.name = f"read {path.name}"
+    With `growing`, it follows a file another process is still writing (rsync --inplace):
+    at the end of the data it waits until `growing` is set, then reads what is left.
+    `abandon` stops it early.
+    """
+
+    def __init__(self, path: Path, growing: threading.Event | None = None, abandon: threading.Event | None = None):
+        self.path = Path(path)
+        self.name = f"read {self.path.name}"
+        self.growing_done = growing
+        self.abandon = abandon or threading.Event()
         self.sha256 = hashlib.sha256()
         self.size = 0
 
     def __iter__(self):
+        while self.growing_done is not None and not self.path.exists():
+            if self.growing_done.is_set() or self.abandon.wait(0.005):
+                return
         with open(self.path, "rb", buffering=0) as f:
-            while chunk := f.read(CHUNK):
-                self.sha256.update(chunk)
-                self.size += len(chunk)
-                yield chunk
+            while not self.abandon.is_set():
+                # Seen before the read: everything written before the writer ended is in it.
+                writer_done = self.growing_done is None or self.growing_done.is_set()
+                chunk = f.read(CHUNK)
+                if chunk:
+                    self.sha256.update(chunk)
+                    self.size += len(chunk)
+                    yield chunk
+                elif writer_done:
+                    return
+                else:
+                    time.sleep(0.005)
 
 
 @dataclass
@@ -246,35 +266,46 @@ class Verified:
         return "verified" if self.manifest else "unverified"
 
 
-def verify_file(path: Path, manifest: Manifest | None = None, use_manifest: bool = True) -> Verified:
-    """Check a dump in one pass; VerificationError (exit 3) says what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise Failed(f"{path}: no such dump", "check the name with list-backups")
-    if manifest is None and use_manifest:
-        manifest = read_manifest(path)
-    reader = _FileReader(path)
+def check_stream(reader: FileChunks, compressed: bool, shown: str) -> DumpScanner:
+    """Decompress and scan what `reader` yields; VerificationError when it is no valid dump."""
     scanner = DumpScanner()
-    compressed = path.name.endswith(".gz")
     steps = [Cmd(decompressor(), name="gzip stream check"), scanner] if compressed else [scanner]
     try:
         pipeline(steps, stdin=reader)
     except StageFailed as exc:
         if exc.stage == reader.name:
-            raise Failed(f"{path}: cannot read: {exc.detail}") from exc
-        raise VerificationError(f"{path}: corrupt gzip stream ({exc.tail or exc.detail})",
+            raise Failed(f"{shown}: cannot read: {exc.detail}") from exc
+        raise VerificationError(f"{shown}: corrupt gzip stream ({exc.tail or exc.detail})",
                                 "use another copy (list-backups)") from exc
     problem = scanner.problem()
     if problem:
-        raise VerificationError(f"{path}: incomplete dump: {problem}", "use another copy (list-backups)")
+        raise VerificationError(f"{shown}: incomplete dump: {problem}", "use another copy (list-backups)")
+    return scanner
+
+
+def verify_file(path: Path, manifest: Manifest | None = None, use_manifest: bool = True,
+                reader: FileChunks | None = None, name: str | None = None) -> Verified:
+    """Check a dump in one pass; VerificationError (exit 3) says what is wrong with it.
+
+    `reader` may be a FileChunks following a file still being received; `name` is the
+    dump's final name when `path` is a temporary one.
+    """
+    path = Path(path)
+    if reader is None and not path.is_file():
+        raise Failed(f"{path}: no such dump", "check the name with list-backups")
+    if manifest is None and use_manifest:
+        manifest = read_manifest(path)
+    reader = reader or FileChunks(path)
+    name = name or path.name
+    scanner = check_stream(reader, name.endswith(".gz"), str(path) if name == path.name else name)
     digest = reader.sha256.hexdigest()
     if manifest is not None:
-        check_against_manifest(path, manifest, reader.size, digest, scanner.tables)
+        check_against_manifest(name, manifest, reader.size, digest, scanner.tables)
     return Verified(path, reader.size, digest, manifest, scanner.tables)
 
 
 def check_against_manifest(path, manifest: Manifest, size: int, sha256: str, tables: dict[str, int]) -> None:
-    if names.parse(Path(path).name) and manifest.file != Path(path).name:
+    if manifest.file != Path(path).name:
         raise VerificationError(f"{path}: its manifest describes {manifest.file}")
     if manifest.bytes != size:
         raise VerificationError(f"{path}: size {size} differs from the manifest's {manifest.bytes}",

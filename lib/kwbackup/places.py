@@ -1,19 +1,26 @@
 """Places: where dumps live. A place is this machine (`local`) or an ssh destination.
 
 ssh always runs with BatchMode (never a password prompt in cron), a connect timeout,
-keep-alives (a dead link fails instead of hanging), and `-F $SSH_CONFIG` when set.
-Remote commands are argument lists that plumbum quotes for the remote shell.
+keep-alives (a dead link fails instead of hanging), and `-F $SSH_CONFIG` when set; a run
+that talks to a place several times shares one connection (ControlMaster). Remote commands
+are argument lists that plumbum quotes for the remote shell; the few remote scripts are
+constants that take every value as a positional argument.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from plumbum.commands.base import shquote_list
 
-from .run import Cmd
+from . import names
+from .errors import Failed
+from .run import Cmd, StageFailed, run
 from .settings import PLACES, Settings
 
 LABELS = {"prod": "Production Server", "pi5": "Raspberry Pi 5", "nas": "CM3588 NAS",
@@ -21,9 +28,57 @@ LABELS = {"prod": "Production Server", "pi5": "Raspberry Pi 5", "nas": "CM3588 N
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
                "-o", "ServerAliveCountMax=3"]
 
+# Lists dump files with size and mtime, and manifests with their JSON on one line.
+LIST_SCRIPT = r"""
+cd -- "$1" 2>/dev/null || { echo NODIR; exit 0; }
+for f in db-* kw_app_production-*; do
+  [ -f "$f" ] || continue
+  case "$f" in
+    *.json) printf 'M\t%s\t' "$f"; tr -d '\n\r' < "$f"; printf '\n' ;;
+    *) printf 'F\t%s\t%s\t%s\n' "$f" "$(wc -c < "$f" | tr -d ' ')" "$(date -r "$f" +%s 2>/dev/null || echo 0)" ;;
+  esac
+done
+"""
 
-def ssh_base(ssh_config: str | None) -> list[str]:
-    return ["ssh", *(["-F", ssh_config] if ssh_config else []), *SSH_OPTIONS]
+
+def ssh_base(ssh_config: str | None, control_dir: str | None = None) -> list[str]:
+    argv = ["ssh", *(["-F", ssh_config] if ssh_config else []), *SSH_OPTIONS]
+    if control_dir:
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir}/%C", "-o", "ControlPersist=120"]
+    return argv
+
+
+@dataclass
+class Entry:
+    """A dump file as a place lists it."""
+
+    name: str
+    size: int
+    mtime: float = 0.0
+    manifest: dict | None = None
+
+    @property
+    def status(self) -> str:
+        if self.manifest is None:
+            return "unverified"
+        return "verified" if self.manifest.get("bytes") == self.size else "SIZE MISMATCH"
+
+    @property
+    def sha256(self) -> str | None:
+        return self.manifest.get("sha256") if self.manifest else None
+
+    @property
+    def created_at(self) -> datetime:
+        """The dump's time: its manifest's, else the file's mtime, else its name's."""
+        stamp = (self.manifest or {}).get("created_at")
+        if isinstance(stamp, str):
+            try:
+                return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            except ValueError:
+                pass
+        if self.mtime:
+            return datetime.fromtimestamp(self.mtime, UTC)
+        return names.parse(self.name).when
 
 
 @dataclass(frozen=True)
@@ -33,6 +88,7 @@ class Place:
     dir: str  # absolute, or ~/ for that place's home
     keep: int | None
     ssh_config: str | None = None
+    control_dir: str | None = field(default=None, compare=False)
 
     @property
     def is_local(self) -> bool:
@@ -53,12 +109,76 @@ class Place:
         base = self.dir[2:] if self.dir.startswith("~/") else self.dir
         return f"{base.rstrip('/')}/{name}" if name else base
 
+    def ssh(self) -> list[str]:
+        return ssh_base(self.ssh_config, self.control_dir)
+
     def command(self, argv: list[str], name: str = "") -> Cmd:
         """A command run on this place: as is when local, through ssh otherwise."""
         if self.is_local:
             return Cmd(argv, name=name)
         remote = " ".join(shquote_list([str(a) for a in argv]))
-        return Cmd([*ssh_base(self.ssh_config), "--", self.host, remote], name=name or f"ssh {self.name}: {argv[0]}")
+        return Cmd([*self.ssh(), "--", self.host, remote], name=name or f"ssh {self.name}: {argv[0]}")
+
+    def script(self, script: str, *args: str, name: str) -> Cmd:
+        """A constant sh script run on the place with `args` as $1, $2, ..."""
+        return self.command(["sh", "-c", script, "sh", *args], name=name)
+
+    def listing(self, timeout: float = 60) -> list[Entry]:
+        """The dumps in DIR (newest first) with sizes and manifests; Failed when unreachable."""
+        if self.is_local:
+            return local_listing(self.local_dir())
+        try:
+            _, out, _ = run(self.script(LIST_SCRIPT, self.remote_path(), name=f"list {self.name}"), timeout=timeout)
+        except StageFailed as exc:
+            raise Failed(f"{self.name} ({self.host}) unreachable: {exc.tail or exc.detail}",
+                         "check the network, the ssh key and SSH_CONFIG") from exc
+        return _parse_listing(out.decode(errors="replace"))
+
+    def multiplexed(self, control_dir: str) -> Place:
+        return self if self.is_local else replace(self, control_dir=control_dir)
+
+
+def local_listing(directory: Path) -> list[Entry]:
+    if not directory.is_dir():
+        return []
+    found, manifests = {}, {}
+    for entry in os.scandir(directory):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if names.parse(entry.name):
+            stat = entry.stat()
+            found[entry.name] = Entry(entry.name, stat.st_size, stat.st_mtime)
+        elif entry.name.endswith(names.MANIFEST_SUFFIX) and names.parse(entry.name[: -len(names.MANIFEST_SUFFIX)]):
+            manifests[entry.name[: -len(names.MANIFEST_SUFFIX)]] = _manifest_or_none(Path(entry.path).read_bytes())
+    return _combine(found, manifests)
+
+
+def _parse_listing(text: str) -> list[Entry]:
+    found, manifests = {}, {}
+    for line in text.splitlines():
+        parts = line.split("\t", 2)
+        if parts[0] == "F" and len(parts) == 3:
+            name, rest = parts[1], parts[2].split("\t")
+            if names.parse(name) and len(rest) == 2 and rest[0].isdigit():
+                found[name] = Entry(name, int(rest[0]), float(rest[1]) if rest[1].isdigit() else 0.0)
+        elif parts[0] == "M" and len(parts) == 3 and parts[1].endswith(names.MANIFEST_SUFFIX):
+            manifests[parts[1][: -len(names.MANIFEST_SUFFIX)]] = _manifest_or_none(parts[2].encode())
+    return _combine(found, manifests)
+
+
+def _manifest_or_none(data: bytes) -> dict | None:
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return {}  # present but unreadable: never "verified"
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _combine(found: dict[str, Entry], manifests: dict[str, dict | None]) -> list[Entry]:
+    for name, entry in found.items():
+        entry.manifest = manifests.get(name)
+    order = {d.name: i for i, d in enumerate(names.dumps_in(found))}
+    return sorted(found.values(), key=lambda e: order[e.name])
 
 
 def place(settings: Settings, name: str) -> Place:
@@ -66,3 +186,25 @@ def place(settings: Settings, name: str) -> Place:
     keep = settings[f"{prefix}_KEEP"] if f"{prefix}_KEEP" in settings.names() else None
     return Place(name, settings[f"{prefix}_HOST"], settings[f"{prefix}_DIR"],
                  int(keep) if keep else None, settings["SSH_CONFIG"])
+
+
+class Multiplexer:
+    """One ssh connection per place for a whole run (ControlMaster), closed at the end."""
+
+    def __enter__(self) -> Multiplexer:
+        self.dir = tempfile.mkdtemp(prefix="kw-ssh-")
+        self.used: list[Place] = []
+        return self
+
+    def __call__(self, place_: Place) -> Place:
+        shared = place_.multiplexed(self.dir)
+        if not shared.is_local:
+            self.used.append(shared)
+        return shared
+
+    def __exit__(self, *exc_info) -> None:
+        for used in self.used:
+            run(Cmd([*used.ssh(), "-O", "exit", used.host], name="ssh -O exit"), check=False, timeout=10)
+        for leftover in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, leftover))
+        os.rmdir(self.dir)

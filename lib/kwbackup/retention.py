@@ -7,6 +7,12 @@ and invalid or planted "newer" files can never push good dumps out.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from . import dumps, files, names
+from .errors import KwError
+from .log import dry, log
 from .names import DumpName
 
 
@@ -20,3 +26,38 @@ def to_remove(dumps: list[tuple[DumpName, bool]], keep: int) -> list[DumpName]:
         return []
     cutoff = valid[keep - 1].sort_key
     return [d for d, _ in ordered if d.nightly and d.sort_key < cutoff]
+
+
+def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
+    """A dump counts toward KEEP when its manifest matches its size, or (no manifest) it verifies."""
+    path = directory / dump.name
+    try:
+        manifest = dumps.read_manifest(path)
+        if manifest is None:
+            dumps.verify_file(path, use_manifest=False)
+            return True
+        if manifest.file == dump.name and manifest.bytes == path.stat().st_size:
+            return True
+        problem = "its size or name differs from its manifest"
+    except KwError as exc:
+        problem = exc.message
+    except OSError as exc:
+        problem = exc.strerror
+    log.warning("not counting %s toward KEEP: %s", dump.name, problem)
+    return False
+
+
+def rotate_local(directory: Path, keep: int, dry_run: bool = False) -> list[str]:
+    """Remove dumps beyond the KEEP newest valid ones in a local directory (with manifests)."""
+    found = names.dumps_in(os.listdir(directory))
+    doomed = to_remove([(d, is_valid_for_rotation(directory, d)) for d in found], keep)
+    for dump in doomed:
+        if dry_run:
+            dry("would remove %s (keeping the %d newest valid dumps)", dump.name, keep)
+            continue
+        (directory / dump.name).unlink()
+        (directory / dump.manifest).unlink(missing_ok=True)
+        log.info("removed %s (keeping the %d newest valid dumps)", dump.name, keep)
+    if doomed and not dry_run:
+        files.fsync_dir(directory)
+    return [d.name for d in doomed]
