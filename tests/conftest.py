@@ -104,3 +104,13 @@ def pagila_db(pg):
                             text=True)
     assert result.returncode == 0, result.stderr
     return name
+
+
+@pytest.fixture
+def net(kw, ssh_world):
+    """kw with prod and the nas reached over the real sshd places, the pi5 local (as on the Pi)."""
+    kw.ssh = ssh_world
+    kw.settings.update(PROD_HOST="prod", NAS_HOST="nas", PI5_HOST="local", SSH_CONFIG=str(ssh_world.config))
+    kw.pi5_dir = kw.tmp / "pi5"
+    kw.nas_dir = kw.tmp / "nas"
+    return kw

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin"
 STANDINS = Path(__file__).resolve().parent / "standins"
+INSTALLED = Path(__file__).resolve().parent / "installed"  # links to bin/, as make install puts them on PATH
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PLACE_ADDRESSES = {"prod": "127.0.0.2", "pi5": "127.0.0.3", "nas": "127.0.0.4", "old-prod": "127.0.0.5"}
 SSH_PORT = 2222
@@ -161,19 +162,23 @@ class Sshd:
         self.pidfile = base / "sshd.pid"
         self.authorized_keys = base / "authorized_keys"
         self.host_key = base / "host_ed25519"
+        self.env_file = base / "backup.env"  # the place's "installed" settings (/etc/kw-backup/backup.env)
 
     def start(self) -> Sshd:
         self.base.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)], check=True)
         self.authorized_keys.touch(mode=0o600)
+        self.env_file.touch(mode=0o600)
         config = self.base / "sshd_config"
         config.write_text(
             f"ListenAddress {self.address}:{SSH_PORT}\nHostKey {self.host_key}\nPidFile {self.pidfile}\n"
             f"AuthorizedKeysFile {self.authorized_keys}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
             "PermitUserEnvironment no\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 50\n"
-            f"Subsystem sftp internal-sftp\nSetEnv KW_TEST_PLACE={self.name}\n"
+            f"Subsystem sftp internal-sftp\n"
+            f"SetEnv KW_TEST_PLACE={self.name} PATH={INSTALLED}:/usr/local/bin:/usr/bin:/bin "
+            f"KW_BACKUP_ENV={self.env_file} KW_BACKUP_SYSLOG={self.base / 'no-syslog'}\n"
         )
         subprocess.run(["/usr/sbin/sshd", "-f", str(config), "-E", str(self.base / "sshd.log")], check=True)
         for _ in range(100):
@@ -204,6 +209,21 @@ class Sshd:
         with open(self.authorized_keys, "a") as f:
             f.write(f"{options + ' ' if options else ''}{public_key.strip()}\n")
 
+    def unauthorize(self, public_key: str) -> None:
+        key = public_key.strip()
+        lines = self.authorized_keys.read_text().splitlines()
+        self.authorized_keys.write_text("".join(f"{line}\n" for line in lines if not line.endswith(key)))
+
+    def drop_sessions(self) -> int:
+        """Kill the sshd processes serving open connections (not the listener): a dropped link."""
+        children = subprocess.run(["pgrep", "-P", str(self.pid())], capture_output=True, text=True).stdout.split()
+        for pid in children:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(children)
+
 
 class SshWorld:
     """sshd places plus the client side: a key, known_hosts and an ssh config with one alias per place."""
@@ -227,6 +247,7 @@ class SshWorld:
             known.append(f"[{sshd.address}]:{SSH_PORT} {host_pub[0]} {host_pub[1]}")
             aliases.append(f"Host {name}\n  HostName {sshd.address}\n")
         self.known_hosts.write_text("\n".join(known) + "\n")
+        aliases.append("Host gone\n  HostName 127.0.0.9\n")  # nothing listens there: an unreachable place
         self.config.write_text("\n".join(aliases) + (
             f"\nHost *\n  Port {SSH_PORT}\n  User {user}\n  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {self.known_hosts}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
@@ -236,6 +257,29 @@ class SshWorld:
     def stop(self) -> None:
         for sshd in self.places.values():
             sshd.stop()
+
+    def client_config(self, path: Path, identity: dict[str, Path] | None = None,
+                      proxy: dict[str, str] | None = None) -> Path:
+        """A copy of the ssh config with other keys or a ProxyCommand for some places."""
+        text = ""
+        for name, sshd in self.places.items():
+            text += f"Host {name}\n  HostName {sshd.address}\n"
+            if identity and name in identity:
+                text += f"  IdentityFile {identity[name]}\n"
+            if proxy and name in proxy:
+                text += f"  ProxyCommand {proxy[name]}\n"
+        text += "Host gone\n  HostName 127.0.0.9\n"
+        text += "Host *" + self.config.read_text().split("Host *", 1)[1]
+        path.write_text(text)
+        return path
+
+    def restricted_key(self, tmp: Path, prod_dir: Path) -> tuple[Path, str]:
+        """A new key that prod accepts only as `rrsync -ro <prod_dir>`, as make authorize-pi5 adds it."""
+        key = tmp / "id_prod_backup"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        public = key.with_suffix(".pub").read_text()
+        self.places["prod"].authorize(public, f'restrict,command="rrsync -ro {prod_dir}"')
+        return key, public
 
     def ssh(self, place: str, *argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ssh", "-F", str(self.config), "-o", "BatchMode=yes", place, *argv],
@@ -283,3 +327,36 @@ def standin_calls(log: Path) -> list[list[str]]:
 
 
 PYTHON = sys.executable
+
+
+def relay_command(address: str, bytes_per_second: int) -> str:
+    """A ProxyCommand that slows a place's link down (see tests/relay.py)."""
+    return f"{sys.executable} {Path(__file__).resolve().parent / 'relay.py'} {address} {SSH_PORT} {bytes_per_second}"
+
+
+def synthetic_dump(directory: Path, name: str, rows: int = 1000, random_bytes: bool = False,
+                   manifest: bool = True) -> Path:
+    """A valid dump with its manifest, quickly: pg_dump's shape, one table of `rows` rows."""
+    import hashlib
+    import random
+
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    rng = random.Random(name)
+    body = (os.urandom(rows * 48).hex() if random_bytes else "x" * (rows * 96))
+    lines = "".join(f"{i}\t{body[i * 96:(i + 1) * 96]}\n" for i in range(rows))
+    sql = ("--\n-- PostgreSQL database dump\n--\n\n-- Dumped from database version 15.18\n"
+           "-- Dumped by pg_dump version 15.18\n\nCREATE TABLE public.t (id int, v text);\n\n"
+           f"COPY public.t (id, v) FROM stdin;\n{lines}\\.\n\n"
+           f"-- {rng.random()}\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict k\n\n").encode()
+    path = directory / name
+    with open(path, "wb") as out:
+        subprocess.run(["pigz", "-1", "-c"], input=sql, stdout=out, check=True)
+    path.chmod(0o600)
+    if manifest:
+        data = path.read_bytes()
+        (directory / (name + ".json")).write_text(json.dumps({
+            "file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "created_at": "2024-01-01T02:00:00Z", "database": "kw_app_production", "server_version": "15.18",
+            "pg_dump_version": "15.18", "tables": {"public.t": rows}, "tool_version": "test"}, indent=2))
+        (directory / (name + ".json")).chmod(0o600)
+    return path

@@ -315,3 +315,14 @@ def _verdict(procs, pumps, order) -> dict[str, str]:
 
 def _is_epipe(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.EPIPE
+
+
+def passthrough(cmd: Cmd) -> int:
+    """Run a command with this process's stdin/stdout/stderr (its output streams as it comes)."""
+    proc = _popen(cmd, stdin=None, stdout=None, stderr=None)
+    try:
+        return proc.wait()
+    except BaseException:
+        _kill(proc)
+        proc.wait()
+        raise
