@@ -31,14 +31,13 @@ def pump(read, write, rate: float) -> None:
 def main() -> None:
     host, port, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     sock = socket.create_connection((host, port))
-    stdin, stdout = sys.stdin.buffer.raw, sys.stdout.buffer.raw
 
     def to_stdout(data):
         view = memoryview(data)
         while view:
-            view = view[stdout.write(view):]
+            view = view[os.write(1, view):]
 
-    threading.Thread(target=pump, args=(stdin.read, sock.sendall, rate), daemon=True).start()
+    threading.Thread(target=pump, args=(lambda n: os.read(0, n), sock.sendall, rate), daemon=True).start()
     pump(sock.recv, to_stdout, rate)
 
 
