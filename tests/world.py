@@ -30,7 +30,7 @@ STANDINS = Path(__file__).resolve().parent / "standins"
 INSTALLED = Path(__file__).resolve().parent / "installed"  # links to bin/, as make install puts them on PATH
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PLACE_ADDRESSES = {"prod": "127.0.0.2", "pi5": "127.0.0.3", "nas": "127.0.0.4", "old-prod": "127.0.0.5"}
-SSH_PORT = 2222
+SSH_PORT = 2222  # replaced by the running SshWorld's own free port (a bench or another run may hold 2222)
 
 RAILS_SCHEMA = """
 CREATE TABLE schema_migrations (version character varying PRIMARY KEY);
@@ -155,8 +155,9 @@ class Postgres:
 class Sshd:
     """A real sshd on one loopback address with its own host key, config and authorized_keys."""
 
-    def __init__(self, base: Path, name: str, address: str):
+    def __init__(self, base: Path, name: str, address: str, port: int):
         self.base = base
+        self.port = port
         self.name = name
         self.address = address
         self.pidfile = base / "sshd.pid"
@@ -172,7 +173,7 @@ class Sshd:
         self.env_file.touch(mode=0o600)
         config = self.base / "sshd_config"
         config.write_text(
-            f"ListenAddress {self.address}:{SSH_PORT}\nHostKey {self.host_key}\nPidFile {self.pidfile}\n"
+            f"ListenAddress {self.address}:{self.port}\nHostKey {self.host_key}\nPidFile {self.pidfile}\n"
             f"AuthorizedKeysFile {self.authorized_keys}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
             "PermitUserEnvironment no\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 50\n"
@@ -189,7 +190,7 @@ class Sshd:
 
     def _accepting(self) -> bool:
         try:
-            with socket.create_connection((self.address, SSH_PORT), timeout=0.5):
+            with socket.create_connection((self.address, self.port), timeout=0.5):
                 return True
         except OSError:
             return False
@@ -233,9 +234,12 @@ class SshWorld:
         self.key = base / "client" / "id_ed25519"
         self.known_hosts = base / "client" / "known_hosts"
         self.config = base / "client" / "ssh_config"
-        self.places = {name: Sshd(base / name, name, addr) for name, addr in PLACE_ADDRESSES.items()}
+        self.port = free_port()
+        self.places = {name: Sshd(base / name, name, addr, self.port) for name, addr in PLACE_ADDRESSES.items()}
 
     def start(self) -> SshWorld:
+        global SSH_PORT
+        SSH_PORT = self.port
         self.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
         public = self.key.with_suffix(".pub").read_text()
@@ -244,12 +248,12 @@ class SshWorld:
         for name, sshd in self.places.items():
             sshd.start().authorize(public)
             host_pub = sshd.host_key.with_suffix(".pub").read_text().split()
-            known.append(f"[{sshd.address}]:{SSH_PORT} {host_pub[0]} {host_pub[1]}")
+            known.append(f"[{sshd.address}]:{self.port} {host_pub[0]} {host_pub[1]}")
             aliases.append(f"Host {name}\n  HostName {sshd.address}\n")
         self.known_hosts.write_text("\n".join(known) + "\n")
         aliases.append("Host gone\n  HostName 127.0.0.9\n")  # nothing listens there: an unreachable place
         self.config.write_text("\n".join(aliases) + (
-            f"\nHost *\n  Port {SSH_PORT}\n  User {user}\n  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
+            f"\nHost *\n  Port {self.port}\n  User {user}\n  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {self.known_hosts}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
         ))
         return self

@@ -83,7 +83,7 @@ def test_works_with_the_restricted_rrsync_key_which_allows_nothing_else(net, tmp
         assert finals(net.nas_dir) == [NAME, NAME + ".json"]
 
         only_key = ["-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-                    "-o", f"UserKnownHostsFile={net.ssh.known_hosts}", "-p", str(world.SSH_PORT)]
+                    "-o", f"UserKnownHostsFile={net.ssh.known_hosts}", "-p", str(net.ssh.port)]
         target = f"{os.environ.get('USER', 'root')}@127.0.0.2"
         shell = subprocess.run(["ssh", *only_key, target, "touch", str(tmp_path / "pwned")], capture_output=True,
                                text=True)
