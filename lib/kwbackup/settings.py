@@ -67,6 +67,14 @@ def _host(value: str) -> str | None:
     return "must be `local` or [user@]host (no spaces, no leading -, no shell characters)"
 
 
+def _db_host(value: str) -> str | None:
+    if value.startswith("/") and "\n" not in value:
+        return None  # libpq's socket directory
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*|[0-9A-Fa-f:]+:[0-9A-Fa-f:.]*", value):
+        return None
+    return "must be a host name, an address or a socket directory (an absolute path)"
+
+
 def _db_exec(value: str) -> str | None:
     return None if value in DB_EXEC_MODES else f"must be one of {', '.join(DB_EXEC_MODES)}"
 
@@ -106,7 +114,7 @@ SETTINGS = [
     Setting("DB_CONTAINER", "kw-app-postgres", _plain_name),
     Setting("KAMAL_ACCESSORY", "postgres", _plain_name),
     Setting("DB_USER", "postgres", _plain_name),
-    Setting("DB_HOST", None, _host),
+    Setting("DB_HOST", None, _db_host),
     Setting("DB_PORT", "5432", _port),
     Setting("KAMAL_DESTINATION", "production", _plain_name),
     Setting("SSH_CONFIG", None, _absolute),

@@ -83,3 +83,13 @@ def test_env_file_beside_bin_is_found(tmp_path, monkeypatch):
     assert settings.load(environ={})["PROD_KEEP"] == "4"
     (tmp_path / ".env").write_text("PROD_KEEP=3\n")
     assert settings.load(environ={})["PROD_KEEP"] == "3"
+
+
+@pytest.mark.parametrize("value, ok", [("/var/run/postgresql", True), ("10.0.0.5", True), ("db.internal", True),
+                                       ("user@db", False), ("-h", False), ("a b", False)])
+def test_db_host_is_a_host_or_a_socket_directory(tmp_path, value, ok):
+    if ok:
+        assert load({"DB_HOST": value}, tmp_path=tmp_path, file_text="")["DB_HOST"] == value
+    else:
+        with pytest.raises(UsageError, match="DB_HOST"):
+            load({"DB_HOST": value}, tmp_path=tmp_path, file_text="")
