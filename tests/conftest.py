@@ -41,7 +41,8 @@ def db(pg):
     """A fresh copy of the Rails-like database, dropped after the test."""
     name = pg.create_db(f"kw_{uuid.uuid4().hex[:10]}", template="kw_template")
     yield name
-    pg.drop_db(name)
+    for (other,) in [(n,) for n in pg.psql(f"SELECT datname FROM pg_database WHERE datname LIKE '{name}%'").split()]:
+        pg.drop_db(other)  # the database and what restores made of it
 
 
 class Kw:

@@ -17,7 +17,7 @@ import os
 from plumbum.commands.base import shquote_list
 
 from .places import Place
-from .run import Cmd
+from .run import Cmd, run
 from .settings import Settings
 
 
@@ -58,3 +58,20 @@ class Database:
         """psql on `dbname` that stops at the first error, reading SQL from stdin."""
         return self._tool("psql", ["--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dbname, *args],
                           output=output)
+
+    def shell(self, argv: list[str], name: str = "") -> Cmd:
+        """Any command where PostgreSQL runs (its container for docker and kamal), e.g. df."""
+        s = self.settings
+        if self.mode == "docker":
+            argv = ["docker", "exec", "-i", s["DB_CONTAINER"], *argv]
+        elif self.mode == "kamal":
+            return Cmd(["kamal", "accessory", "exec", "--reuse", "--raw", "-d", s["KAMAL_DESTINATION"],
+                        s["KAMAL_ACCESSORY"], *shquote_list(argv)], name=name or argv[0])
+        if self.host is None or self.host.is_local:
+            return Cmd(argv, name=name or argv[0])
+        return self.host.command(argv, name=name or f"{argv[0]} on {self.host.name}")
+
+    def query(self, sql: str, dbname: str = "postgres") -> list[list[str]]:
+        """Rows of SQL run by psql -c (tab-separated); statements in one -c share a transaction."""
+        _, out, _ = run(self.psql(dbname, "-A", "-t", "-F", "\t", "-c", sql, output=True), timeout=600)
+        return [line.split("\t") for line in out.decode().splitlines() if line]

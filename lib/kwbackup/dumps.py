@@ -316,3 +316,59 @@ def check_against_manifest(path, manifest: Manifest, size: int, sha256: str, tab
     if manifest.tables and manifest.tables != tables:
         differ = sorted(k for k in set(manifest.tables) | set(tables) if manifest.tables.get(k) != tables.get(k))
         raise VerificationError(f"{path}: row counts differ from the manifest's for {', '.join(differ[:5])}")
+
+
+OWNER_RE = re.compile(rb"^ALTER [A-Z ]+ .* OWNER TO (\"(?:[^\"]|\"\")+\"|[^\s;]+);$", re.M)
+EXTENSION_RE = re.compile(rb"^CREATE EXTENSION IF NOT EXISTS (\"(?:[^\"]|\"\")+\"|[^\s;]+)", re.M)
+
+
+class _Enough(Exception):
+    """Raised by HeadReader once it has read what it needs."""
+
+
+class HeadReader(Tap):
+    """Keeps the SQL before the first COPY: the schema, with owners and extensions."""
+
+    name = "head"
+
+    def __init__(self, limit: int = 256 * 1024 * 1024):
+        self.limit = limit
+        self.data = bytearray()
+
+    def __call__(self, chunk: bytes) -> None:
+        start = max(0, len(self.data) - 8)
+        self.data += chunk
+        found = self.data.find(b"\nCOPY ", start)
+        if found >= 0 or len(self.data) > self.limit:
+            del self.data[found if found >= 0 else self.limit:]
+            raise _Enough()
+
+
+def requirements(path: Path) -> dict:
+    """Roles, extensions and pg_dump version a dump needs, from its schema part (before any data)."""
+    head = HeadReader()
+    steps = [Cmd([*decompressor(), "--", str(path)], name="gzip stream check"), head] if str(path).endswith(".gz") \
+        else [Cmd(["cat", "--", str(path)], name="read"), head]
+    try:
+        pipeline(steps)
+    except StageFailed as exc:
+        if not isinstance(exc.__cause__, _Enough):
+            raise VerificationError(f"{path}: cannot read the dump's schema ({exc.tail or exc.detail})") from exc
+    data = bytes(head.data)
+    roles = {_unquote(m.decode()) for m in OWNER_RE.findall(data)}
+    extensions = {_unquote(m.decode()) for m in EXTENSION_RE.findall(data)}
+    version = re.search(rb"^-- Dumped by pg_dump version (\S+)", data, re.M)
+    return {"roles": sorted(roles), "extensions": sorted(extensions),
+            "pg_dump_version": version.group(1).decode() if version else None}
+
+
+def verify_quick(path: Path) -> Verified:
+    """With a manifest: size and sha256 in one read (the content was checked whole when it was made)."""
+    manifest = read_manifest(Path(path))
+    if manifest is None:
+        return verify_file(path)
+    reader = FileChunks(Path(path))
+    for _ in reader:
+        pass
+    check_against_manifest(path, manifest, reader.size, reader.sha256.hexdigest(), manifest.tables)
+    return Verified(Path(path), reader.size, reader.sha256.hexdigest(), manifest, manifest.tables)
