@@ -22,7 +22,7 @@ from . import dumps, names
 from .database import Database
 from .errors import Declined, Failed, KwError, UsageError, VerificationError
 from .log import Progress, dry, log, size
-from .places import Place, place
+from .places import Multiplexer, Place, place
 from .run import Cmd, StageFailed, Tap, pipeline, run
 from .settings import HOST_RE, Settings
 
@@ -473,7 +473,15 @@ def app_command(settings: Settings, which: str) -> None:
 def restore(settings: Settings, source: Source, *, yes: bool, dry_run: bool, stop_app: bool = False,
             drop_previous: bool = False, refuse_tables: bool = False) -> None:
     """restore-production-db / setup-fresh-production-db: the whole safe restore."""
-    prod = place(settings, "prod")
+    with Multiplexer() as shared:
+        if source.place is not None:
+            source.place = shared(source.place)
+        _restore(settings, shared(place(settings, "prod")), source, yes=yes, dry_run=dry_run, stop_app=stop_app,
+                 drop_previous=drop_previous, refuse_tables=refuse_tables)
+
+
+def _restore(settings: Settings, prod: Place, source: Source, *, yes: bool, dry_run: bool, stop_app: bool,
+             drop_previous: bool, refuse_tables: bool) -> None:
     restorer = Restorer(settings, prod)
     source = resolve(source)
     if not dry_run:

@@ -1,0 +1,227 @@
+"""bin/restore-production-db: a restore completes and is verified, or DB_NAME is exactly as it was."""
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests import world
+
+
+@pytest.fixture
+def dumped(kw, pg, db):
+    """A real dump of `db` in PROD_DIR, then a change to the data that a restore must undo."""
+    result = kw.run("backup-db")
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip().splitlines()[-1]
+    pg.psql("DELETE FROM orders WHERE id > 1500; UPDATE users SET name = 'changed'", db)
+    return path
+
+
+def state(pg, db):
+    """What a test compares before and after: the rows, and every database's name."""
+    return (pg.row_counts(db), pg.psql("SELECT md5(string_agg(name, ',' ORDER BY id)) FROM users", db))
+
+
+def leftovers(pg, db):
+    return [n for n in pg.psql("SELECT datname FROM pg_database").split() if n.startswith(f"{db}_restore_")]
+
+
+def staging_dirs():
+    return [n for n in os.listdir("/tmp") if n.startswith("kw-restore.")]
+
+
+def test_restores_the_dump_and_keeps_the_old_database(kw, pg, db, dumped):
+    pg.psql(f"ALTER DATABASE {db} SET statement_timeout = '5min'; CREATE ROLE kw_app_reader; "
+            f"GRANT CONNECT ON DATABASE {db} TO kw_app_reader")
+    try:
+        result = kw.run("restore-production-db", "--local", "latest", "--yes")
+        assert result.returncode == 0, result.stderr
+        assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
+        assert pg.psql("SELECT count(*) FROM users WHERE name = 'changed'", db) == "0"
+        previous = [n for n in pg.psql("SELECT datname FROM pg_database").split() if "_before_restore_" in n]
+        assert len(previous) == 1 and pg.psql("SELECT count(*) FROM orders", previous[0]) == "1500"
+        settings = pg.psql(f"SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+                           f"WHERE datname = '{db}'")
+        assert settings == "{statement_timeout=5min}"
+        assert pg.psql(f"SELECT has_database_privilege('kw_app_reader', '{db}', 'CONNECT')") == "t"
+        assert not leftovers(pg, db) and not staging_dirs()
+        assert "as the manifest says" in result.stderr
+    finally:
+        pg.psql("DROP ROLE IF EXISTS kw_app_reader", check=False)
+
+
+def test_drop_previous(kw, pg, db, dumped):
+    result = kw.run("restore-production-db", "--local", os.path.basename(dumped), "--yes", "--drop-previous")
+    assert result.returncode == 0, result.stderr
+    assert not [n for n in pg.psql("SELECT datname FROM pg_database").split() if "_before_restore_" in n]
+
+
+def forge_manifest(path):
+    """Make the manifest agree with a damaged file, so only the restore itself can notice."""
+    data = open(path, "rb").read()
+    manifest = json.loads(open(path + ".json").read())
+    manifest.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    open(path + ".json", "w").write(json.dumps(manifest))
+
+
+def test_truncated_dump_leaves_db_as_it_was(kw, pg, db, dumped):
+    data = open(dumped, "rb").read()
+    open(dumped, "wb").write(data[: len(data) - 200])  # gzip fails at the very end, after most was applied
+    forge_manifest(dumped)
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 3, result.stderr
+    assert "damaged" in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db) and not staging_dirs()
+
+
+def rewrite(path, change):
+    sql = change(gzip.decompress(open(path, "rb").read()))
+    open(path, "wb").write(gzip.compress(sql))
+    forge_manifest(path)
+
+
+def test_sql_error_in_the_middle_leaves_db_as_it_was(kw, pg, db, dumped):
+    rewrite(dumped, lambda sql: sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY public.users ",
+                                            1))
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 1, result.stderr
+    assert "no_such_function" in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db)
+
+
+def test_missing_role_is_named_before_loading(kw, pg, db, dumped):
+    rewrite(dumped, lambda sql: sql.replace(b"OWNER TO postgres;", b"OWNER TO kw_ghost_role;", 1))
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 1
+    assert "roles kw_ghost_role" in result.stderr and "CREATE ROLE" in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db)
+
+
+def test_kill_9_mid_restore_then_a_normal_run_cleans_up(kw, pg, db, big_db):
+    kw.settings["DB_NAME"] = big_db
+    made = kw.run("backup-db", timeout=300)
+    assert made.returncode == 0, made.stderr
+    before = pg.row_counts(big_db)
+    proc = subprocess.Popen([str(world.BIN / "restore-production-db"), "--local", "latest", "--yes"], env=kw.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not pg.psql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'COPY public.events%' "
+                      f"AND datname LIKE '{big_db}_restore_%'"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert pg.row_counts(big_db) == before
+    result = kw.run("restore-production-db", "--local", "latest", "--yes", "--drop-previous", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "half-made database left by an interrupted restore" in result.stderr
+    assert pg.row_counts(big_db) == before and not leftovers(pg, big_db) and not staging_dirs()
+
+
+def test_the_apps_sessions_are_ended_at_swap_time(kw, pg, db, dumped):
+    app = subprocess.Popen(["psql", "-X", "-d", db, "-c", "SELECT pg_sleep(600)"], env={**os.environ, **pg.env},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not pg.psql(f"SELECT 1 FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE '%pg_sleep%'"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert app.wait(timeout=30) != 0  # its session was terminated
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
+
+
+@pytest.mark.parametrize("hostile", ["../../etc/passwd", "db-2024-01-01.sql.gz; touch /tmp/pwned"])
+@pytest.mark.parametrize("option", ["--local", "--from-nas", "--from-pi5"])
+def test_hostile_names_exit_2_and_run_nothing(kw, pg, db, option, hostile):
+    kw.settings["DB_EXEC"] = "docker"
+    result = kw.run("restore-production-db", option, hostile, "--yes")
+    assert result.returncode == 2 and "is not a dump name" in result.stderr
+    assert not kw.standin_log.exists() and not os.path.exists("/tmp/pwned")
+
+
+def test_no_terminal_and_no_yes_exits_5_changing_nothing(kw, pg, db, dumped):
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", "latest")
+    assert result.returncode == 5 and "--yes" in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db)
+
+
+def test_dry_run_changes_nothing(kw, pg, db, dumped):
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", "latest", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "[dry-run] would restore" in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db)
+
+
+def test_stop_app_starts_it_again_also_on_failure(kw, pg, db, dumped):
+    rewrite(dumped, lambda sql: sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY public.users ",
+                                            1))
+    result = kw.run("restore-production-db", "--local", "latest", "--yes", "--stop-app")
+    assert result.returncode == 1
+    assert world.standin_calls(kw.standin_log) == [["kamal", "app", "stop", "-d", "production"],
+                                                   ["kamal", "app", "start", "-d", "production"]]
+
+
+@pytest.mark.parametrize("mode", ["docker", "kamal"])
+def test_docker_and_kamal_command_lines(kw, pg, db, dumped, mode):
+    kw.settings["DB_EXEC"] = mode
+    result = kw.run("restore-production-db", "--local", "latest", "--yes", env=kw.env(PGPASSWORD="hunter2-secret"))
+    assert result.returncode == 0, result.stderr
+    calls = world.standin_calls(kw.standin_log)
+    assert "hunter2-secret" not in kw.standin_log.read_text()
+    if mode == "docker":
+        loads = [c for c in calls if c[-1] == "--single-transaction"]
+        assert len(loads) == 1 and loads[0][:13] == ["docker", "exec", "-i", "kw-app-postgres", "psql", "-U",
+                                                     "postgres", "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                                                     "-d"]
+    else:
+        loads = [c for c in calls if c[-1] == "--single-transaction"]
+        assert len(loads) == 1 and loads[0][:8] == ["kamal", "accessory", "exec", "--reuse", "-i", "-d",
+                                                    "production", "postgres"]
+        assert loads[0][8:16] == ["psql", "-U", "postgres", "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
+
+
+def prod_reaches_the_test_server(net, pg):
+    """Commands run on prod over ssh do not inherit the tests' PG* variables: say it in the settings."""
+    net.settings.update(DB_HOST=str(pg.sockets), DB_PORT=str(pg.port), DB_USER="postgres")
+
+
+def test_from_the_nas_over_ssh_streamed_to_prod(net, pg, db, dumped):
+    prod_reaches_the_test_server(net, pg)
+    made = os.path.basename(dumped)
+    net.nas_dir.mkdir(mode=0o700)
+    for suffix in ("", ".json"):
+        os.link(dumped + suffix, net.nas_dir / (made + suffix))
+    result = net.run("restore-production-db", "--from-nas", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
+
+
+def test_prod_over_ssh_restores_on_prod(net, pg, db, dumped):
+    prod_reaches_the_test_server(net, pg)
+    result = net.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
+
+
+def test_from_file_over_ssh_to_prod_and_a_named_dump_that_does_not_exist(net, pg, db, dumped, tmp_path):
+    prod_reaches_the_test_server(net, pg)
+    copy = tmp_path / "mine.sql.gz"
+    copy.write_bytes(open(dumped, "rb").read())
+    result = net.run("restore-production-db", "--from-file", str(copy), "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
+    missing = net.run("restore-production-db", "--local", "db-2020-01-01.sql.gz", "--yes")
+    assert missing.returncode == 1 and "not on prod" in missing.stderr
