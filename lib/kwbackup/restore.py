@@ -41,6 +41,16 @@ rm -f "$status" "$status.err"
 exit $code
 """
 DECOMPRESS_FAILED = 97
+# $1: the staged dump, $2: PROD_DIR, $3: the name to keep it under.
+KEEP_SCRIPT = r"""
+set -e
+mkdir -p -m 700 -- "$2"
+tmp="$2/.$3.partial-keep"
+cp -- "$1" "$tmp"
+chmod 600 -- "$tmp"
+if [ -e "$2/$3" ]; then rm -f -- "$tmp"; echo "$2/$3 exists already" >&2; exit 1; fi
+mv -- "$tmp" "$2/$3"
+"""
 CLEAN_STAGING_SCRIPT = r"""
 for d in /tmp/kw-restore.*; do
   if [ -d "$d" ] && [ -O "$d" ]; then rm -rf -- "$d" && echo "$d"; fi
@@ -405,6 +415,12 @@ class Restorer:
             statements.append(f'ALTER DATABASE "{self.name}" CONNECTION LIMIT {int(limit)};')
         return " ".join(statements)
 
+    def keep(self, staged: Staged, name: str) -> None:
+        """Keep the restored dump on prod as a dump in PROD_DIR (--keep-dump); never over another file."""
+        run(self.prod.script(KEEP_SCRIPT, staged.path, self.prod.remote_path() if not self.prod.is_local
+                             else str(self.prod.local_dir()), name, name="keep the dump on prod"), timeout=3600)
+        log.info("kept the dump on prod as %s", self.prod.remote_path(name))
+
     def drop_new(self) -> None:
         try:
             self.db.query(f'DROP DATABASE IF EXISTS "{self.new}" WITH (FORCE)')
@@ -471,17 +487,17 @@ def app_command(settings: Settings, which: str) -> None:
 
 
 def restore(settings: Settings, source: Source, *, yes: bool, dry_run: bool, stop_app: bool = False,
-            drop_previous: bool = False, refuse_tables: bool = False) -> None:
+            drop_previous: bool = False, refuse_tables: bool = False, keep_as: str | None = None) -> None:
     """restore-production-db / setup-fresh-production-db: the whole safe restore."""
     with Multiplexer() as shared:
         if source.place is not None:
             source.place = shared(source.place)
         _restore(settings, shared(place(settings, "prod")), source, yes=yes, dry_run=dry_run, stop_app=stop_app,
-                 drop_previous=drop_previous, refuse_tables=refuse_tables)
+                 drop_previous=drop_previous, refuse_tables=refuse_tables, keep_as=keep_as)
 
 
 def _restore(settings: Settings, prod: Place, source: Source, *, yes: bool, dry_run: bool, stop_app: bool,
-             drop_previous: bool, refuse_tables: bool) -> None:
+             drop_previous: bool, refuse_tables: bool, keep_as: str | None) -> None:
     restorer = Restorer(settings, prod)
     source = resolve(source)
     if not dry_run:
@@ -510,6 +526,8 @@ def _restore(settings: Settings, prod: Place, source: Source, *, yes: bool, dry_
                 app_command(settings, "APP_START_CMD")
         if drop_previous and target["exists"]:
             restorer.drop_previous()
+        if keep_as:
+            restorer.keep(staged, keep_as)
     finally:
         restorer.cleanup(staged)
 

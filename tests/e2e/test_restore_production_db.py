@@ -87,9 +87,12 @@ def rewrite(path, change):
     forge_manifest(path)
 
 
+def add_sql_error(sql: bytes) -> bytes:
+    return sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY public.users ", 1)
+
+
 def test_sql_error_in_the_middle_leaves_db_as_it_was(kw, pg, db, dumped):
-    rewrite(dumped, lambda sql: sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY public.users ",
-                                            1))
+    rewrite(dumped, add_sql_error)
     before = state(pg, db)
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 1, result.stderr
@@ -165,8 +168,7 @@ def test_dry_run_changes_nothing(kw, pg, db, dumped):
 
 
 def test_stop_app_starts_it_again_also_on_failure(kw, pg, db, dumped):
-    rewrite(dumped, lambda sql: sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY public.users ",
-                                            1))
+    rewrite(dumped, add_sql_error)
     result = kw.run("restore-production-db", "--local", "latest", "--yes", "--stop-app")
     assert result.returncode == 1
     assert world.standin_calls(kw.standin_log) == [["kamal", "app", "stop", "-d", "production"],
