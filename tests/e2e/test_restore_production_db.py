@@ -4,9 +4,12 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +230,31 @@ def test_from_file_over_ssh_to_prod_and_a_named_dump_that_does_not_exist(net, pg
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
     missing = net.run("restore-production-db", "--local", "db-2020-01-01.sql.gz", "--yes")
     assert missing.returncode == 1 and "not on prod" in missing.stderr
+
+
+def test_not_enough_disk_on_prod_stops_before_changing_anything(kw, tmp_path):
+    """A server whose data directory is on a small filesystem with too little room for a second copy."""
+    base = Path(tempfile.mkdtemp(prefix="kwtest-small-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m,mode=0755", "tmpfs", str(base)], check=True)
+    small = world.Postgres(base)
+    try:
+        small.start()
+        small.create_db("kw_small")
+        small.psql(world.RAILS_SCHEMA + "CREATE TABLE blobs AS SELECT repeat(md5(i::text), 30) AS v "
+                   "FROM generate_series(1, 30000) i;", "kw_small")
+        kw.settings["DB_NAME"] = "kw_small"
+        env = kw.env(PGHOST=str(small.sockets), PGPORT=str(small.port))
+        assert kw.run("backup-db", env=env).returncode == 0
+        free = os.statvfs(base).f_bavail * os.statvfs(base).f_frsize
+        with open(base / "ballast", "wb") as ballast:  # leave less than the database's size free
+            ballast.write(b"\0" * max(0, free - 4 * 1024 * 1024))
+        before = small.row_counts("kw_small")
+        result = kw.run("restore-production-db", "--local", "latest", "--yes", env=env)
+        assert result.returncode == 1, result.stderr
+        assert "not enough space on prod for a second copy of kw_small" in result.stderr
+        assert small.row_counts("kw_small") == before
+        assert not [n for n in small.psql("SELECT datname FROM pg_database").split() if "_restore_" in n]
+    finally:
+        small.stop()
+        subprocess.run(["umount", str(base)], check=True)
+        shutil.rmtree(base, ignore_errors=True)
