@@ -258,3 +258,29 @@ def test_not_enough_disk_on_prod_stops_before_changing_anything(kw, tmp_path):
         small.stop()
         subprocess.run(["umount", str(base)], check=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def run_on_a_terminal(kw, answer: str, *args: str) -> tuple[int, str]:
+    """Run the script with a pseudo-terminal as stdin, typing `answer` at its prompt."""
+    import pty
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen([str(world.BIN / "restore-production-db"), *args], env=kw.env(), stdin=child_fd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(child_fd)
+    os.write(main_fd, answer.encode() + b"\n")
+    out, err = proc.communicate(timeout=120)
+    os.close(main_fd)
+    return proc.returncode, err
+
+
+def test_typing_the_database_name_confirms(kw, pg, db, dumped):
+    code, err = run_on_a_terminal(kw, db, "--local", "latest")
+    assert code == 0, err
+    assert "Type its name to go on" in err and pg.row_counts(db) == world.RAILS_TABLE_ROWS
+
+
+def test_typing_something_else_declines_with_exit_5(kw, pg, db, dumped):
+    before = state(pg, db)
+    code, err = run_on_a_terminal(kw, "yes", "--local", "latest")
+    assert code == 5 and "not confirmed" in err
+    assert state(pg, db) == before and not leftovers(pg, db)

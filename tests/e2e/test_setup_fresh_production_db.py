@@ -1,0 +1,226 @@
+"""bin/setup-fresh-production-db: a backup restored into an empty server's DB_NAME, nothing left behind.
+
+The laptop runs the script; prod and the nas are real sshd places, the pi5 is local (tests/conftest.py).
+"""
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import pwd
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests import world
+
+USER = pwd.getpwuid(os.geteuid()).pw_name
+OLDER, NEWER = "db-2024-01-01.sql.gz", "db-2099-01-01.sql.gz"  # around the real dump, made today
+
+
+def prod_reaches_the_test_server(net, pg):
+    """Commands run on prod over ssh do not inherit the tests' PG* variables: say it in the settings."""
+    net.settings.update(DB_HOST=str(pg.sockets), DB_PORT=str(pg.port), DB_USER="postgres")
+
+
+@pytest.fixture
+def fresh(net, pg, db):
+    """A real dump of `db` (net.dump, in PROD_DIR); DB_NAME then names a database the server lacks."""
+    prod_reaches_the_test_server(net, pg)
+    made = net.run("backup-db")
+    assert made.returncode == 0, made.stderr
+    net.dump = Path(made.stdout.strip().splitlines()[-1])
+    net.expected = pg.row_counts(db)
+    net.settings["DB_NAME"] = f"{db}_fresh"
+    net.before = staging_dirs()
+    return net
+
+
+def place_real_dump(net, directory: Path) -> None:
+    directory.mkdir(mode=0o700, exist_ok=True)
+    for suffix in ("", ".json"):
+        shutil.copyfile(f"{net.dump}{suffix}", directory / (net.dump.name + suffix))
+
+
+def staging_dirs() -> set[str]:
+    """prod's /tmp (this machine's, shared with other runs: compared before and after)."""
+    return set(glob.glob("/tmp/kw-restore.*"))
+
+
+def run(net, *args):
+    """The script with a private TMPDIR on the laptop, so that what it leaves there is seen."""
+    laptop_tmp = net.tmp / "laptop-tmp"
+    laptop_tmp.mkdir(exist_ok=True)
+    return net.run("setup-fresh-production-db", *args, env=net.env(TMPDIR=str(laptop_tmp)))
+
+
+def assert_nothing_left(net) -> None:
+    for laptop in (Path(net.settings["WORK_DIR"]), net.tmp / "laptop-tmp"):
+        assert not laptop.exists() or not os.listdir(laptop), f"left on the laptop: {os.listdir(laptop)}"
+    assert staging_dirs() <= net.before, f"left on prod: {staging_dirs() - net.before}"
+
+
+def databases(pg, db) -> list[str]:
+    return sorted(n for n in pg.psql("SELECT datname FROM pg_database").split() if n.startswith(db))
+
+
+def test_default_takes_the_latest_on_the_nas(fresh, pg, db):
+    place_real_dump(fresh, fresh.nas_dir)
+    world.synthetic_dump(fresh.nas_dir, OLDER)
+    world.synthetic_dump(fresh.pi5_dir, NEWER)  # newer, but the nas comes first
+    result = run(fresh, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(f"{db}_fresh") == fresh.expected == world.RAILS_TABLE_ROWS
+    assert fresh.dump.name in result.stderr and "pi5" not in result.stderr
+    assert databases(pg, db) == [db, f"{db}_fresh"]
+    assert_nothing_left(fresh)
+
+
+@pytest.mark.parametrize("nas", ["unreachable", "empty"])
+def test_the_pi5_when_the_nas_is_unreachable_or_empty(fresh, pg, db, nas):
+    if nas == "unreachable":
+        fresh.settings["NAS_HOST"] = "gone"
+    else:
+        fresh.nas_dir.mkdir(mode=0o700)
+    place_real_dump(fresh, fresh.pi5_dir)
+    result = run(fresh, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "taking the pi5 instead" in result.stderr
+    assert pg.row_counts(f"{db}_fresh") == fresh.expected
+    assert_nothing_left(fresh)
+
+
+def test_from_nas_with_a_named_dump(fresh, pg, db):
+    place_real_dump(fresh, fresh.nas_dir)
+    world.synthetic_dump(fresh.nas_dir, OLDER, rows=1234)
+    result = run(fresh, "--from-nas", "--dump", OLDER, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(f"{db}_fresh") == {"public.t": 1234}
+    assert_nothing_left(fresh)
+
+
+def test_from_pi5_takes_its_latest_even_when_the_nas_has_dumps(fresh, pg, db):
+    place_real_dump(fresh, fresh.nas_dir)
+    world.synthetic_dump(fresh.pi5_dir, OLDER, rows=1111)
+    world.synthetic_dump(fresh.pi5_dir, NEWER, rows=2222)
+    os.utime(fresh.pi5_dir / OLDER)  # the newest by mtime is the older one: the name decides
+    result = run(fresh, "--from-pi5", "--dump", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(f"{db}_fresh") == {"public.t": 2222}
+    assert_nothing_left(fresh)
+
+
+def test_from_file(fresh, pg, db):
+    mine = fresh.tmp / "mine.sql.gz"
+    shutil.copyfile(fresh.dump, mine)
+    result = run(fresh, "--from-file", str(mine), "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(f"{db}_fresh") == fresh.expected
+    assert mine.read_bytes() == fresh.dump.read_bytes()  # the given file is left as it was
+    assert_nothing_left(fresh)
+
+
+def test_from_ssh(fresh, pg, db):
+    remote = fresh.tmp / "elsewhere"
+    place_real_dump(fresh, remote)
+    result = run(fresh, "--from-ssh", f"{USER}@old-prod:{remote / fresh.dump.name}",
+                       "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(f"{db}_fresh") == fresh.expected
+    assert sorted(os.listdir(remote)) == [fresh.dump.name, fresh.dump.name + ".json"]
+    assert_nothing_left(fresh)
+
+
+def test_from_ssh_path_is_not_run_by_a_shell(fresh, pg, db):
+    result = run(fresh, "--from-ssh", "old-prod:/tmp/x.sql.gz; touch /tmp/pwned", "--yes")
+    assert result.returncode == 1, result.stderr
+    assert not os.path.exists("/tmp/pwned") and databases(pg, db) == [db]
+    assert_nothing_left(fresh)
+
+
+@pytest.mark.parametrize("hostile", ["../../etc/passwd", "db-2024-01-01.sql.gz; touch /tmp/pwned"])
+@pytest.mark.parametrize("source", [[], ["--from-nas"], ["--from-pi5"]])
+def test_hostile_dump_names_exit_2_and_run_nothing(net, hostile, source):
+    net.settings["DB_EXEC"] = "docker"
+    result = run(net, *source, "--dump", hostile, "--yes")
+    assert result.returncode == 2, result.stderr
+    assert "is not a dump name" in result.stderr
+    assert not net.standin_log.exists() and not os.path.exists("/tmp/pwned")
+    assert not Path(net.settings["WORK_DIR"]).exists()
+
+
+def test_an_existing_empty_database_is_filled(fresh, pg, db):
+    pg.create_db(f"{db}_fresh")
+    place_real_dump(fresh, fresh.nas_dir)
+    result = run(fresh, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(f"{db}_fresh") == fresh.expected
+    assert_nothing_left(fresh)
+
+
+def test_refuses_a_database_that_holds_tables_unless_force(fresh, pg, db):
+    fresh.settings["DB_NAME"] = db
+    world.synthetic_dump(fresh.nas_dir, OLDER, rows=1234)
+    refused = run(fresh, "--yes")
+    assert refused.returncode == 1, refused.stderr
+    assert "already holds tables" in refused.stderr and "--force" in refused.stderr
+    assert pg.row_counts(db) == fresh.expected and databases(pg, db) == [db]
+    assert_nothing_left(fresh)
+
+    forced = run(fresh, "--yes", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert pg.row_counts(db) == {"public.t": 1234}
+    previous = [n for n in databases(pg, db) if n.startswith(f"{db}_before_restore_")]
+    assert len(previous) == 1 and pg.row_counts(previous[0]) == fresh.expected
+    assert_nothing_left(fresh)
+
+
+def test_dry_run_changes_nothing(fresh, pg, db):
+    place_real_dump(fresh, fresh.nas_dir)
+    result = run(fresh, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"[dry-run] would restore {fresh.dump.name}" in result.stderr
+    assert databases(pg, db) == [db]
+    assert_nothing_left(fresh)
+
+
+def test_no_terminal_and_no_yes_exits_5(fresh, pg, db):
+    place_real_dump(fresh, fresh.nas_dir)
+    result = run(fresh)
+    assert result.returncode == 5, result.stderr
+    assert "--yes" in result.stderr and databases(pg, db) == [db]
+    assert_nothing_left(fresh)
+
+
+def forge_manifest(path: Path) -> None:
+    """Make the manifest agree with a changed file, so only the content itself can tell."""
+    data = path.read_bytes()
+    manifest = json.loads(Path(f"{path}.json").read_text())
+    manifest.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    Path(f"{path}.json").write_text(json.dumps(manifest))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 200])
+
+
+def add_sql_error(path: Path) -> None:
+    sql = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY "
+                                               b"public.users ", 1)))
+
+
+@pytest.mark.parametrize("damage, status, says", [(truncate, 3, "truncated"), (add_sql_error, 1, "no_such_function")])
+def test_a_failure_leaves_nothing_behind(fresh, pg, db, damage, status, says):
+    place_real_dump(fresh, fresh.nas_dir)
+    dump = fresh.nas_dir / fresh.dump.name
+    damage(dump)
+    forge_manifest(dump)
+    result = run(fresh, "--yes")
+    assert result.returncode == status, result.stderr
+    assert says in result.stderr
+    assert databases(pg, db) == [db]
+    assert_nothing_left(fresh)
