@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -45,8 +46,8 @@ def exists(origin: Place, remote: str) -> bool:
 @contextmanager
 def work_dir(base: str):
     """A private directory in WORK_DIR, removed with everything in it at the end, also on failure."""
-    files.ensure_private_dir(Path(base))
-    path = Path(tempfile.mkdtemp(prefix="kw-backup.", dir=base))
+    mine = files.own_subdir(Path(base), f"kw-backup-{os.geteuid()}")
+    path = Path(tempfile.mkdtemp(prefix="work.", dir=mine))
     try:
         yield path
     finally:

@@ -36,8 +36,27 @@ def ensure_private_dir(path: Path) -> Path:
             path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         except OSError as exc:
             raise Failed(f"cannot create directory {path}: {exc.strerror}", "check the path and permissions") from exc
-    if path.stat().st_mode & 0o777 != DIR_MODE and path.stat().st_uid == os.geteuid():
+    mode = path.stat().st_mode
+    if mode & 0o1000:
+        raise Failed(f"{path} is a shared directory (like /tmp)", "give dumps a directory of their own")
+    if mode & 0o777 != DIR_MODE and path.stat().st_uid == os.geteuid():
         path.chmod(DIR_MODE)
+    return path
+
+
+def own_subdir(base: Path, name: str) -> Path:
+    """`base/name`, 0700 and ours, in a shared directory such as /tmp (which is left as it is)."""
+    path = Path(base) / name
+    try:
+        os.makedirs(base, exist_ok=True)
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise Failed(f"cannot create directory {path}: {exc.strerror}", "check WORK_DIR") from exc
+    info = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise Failed(f"{path} is not a private directory of this user", "remove it, or set WORK_DIR elsewhere")
     return path
 
 

@@ -7,6 +7,7 @@ settings and grants carried over) -> (start app) -> cleanup, always, in `finally
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -18,12 +19,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import dumps, names
+from . import dumps, files, names
 from .database import Database
-from .errors import Declined, Failed, KwError, UsageError, VerificationError
+from .errors import Declined, Failed, KwError, LockHeld, UsageError, VerificationError
 from .log import Progress, dry, log, size
 from .places import Multiplexer, Place, place
-from .run import Cmd, StageFailed, Tap, pipeline, run
+from .run import Cmd, StageFailed, Tap, background, pipeline, run
 from .settings import HOST_RE, Settings
 
 STAGING_PREFIX = "kw-restore."
@@ -51,9 +52,11 @@ chmod 600 -- "$tmp"
 if [ -e "$2/$3" ]; then rm -f -- "$tmp"; echo "$2/$3 exists already" >&2; exit 1; fi
 mv -- "$tmp" "$2/$3"
 """
+# A staging directory is in use while its .lock is held (by the run that made it): only the
+# ones of dead runs go.
 CLEAN_STAGING_SCRIPT = r"""
 for d in /tmp/kw-restore.*; do
-  if [ -d "$d" ] && [ -O "$d" ]; then rm -rf -- "$d" && echo "$d"; fi
+  if [ -d "$d" ] && [ -O "$d" ] && flock -n "$d/.lock" true 2>/dev/null; then rm -rf -- "$d" && echo "$d"; fi
 done
 """
 
@@ -74,6 +77,7 @@ class Staged:
     name: str
     size: int = 0
     staging_dir: str | None = None  # ours, removed at the end
+    holder: object = None  # keeps the staging directory's lock while this run lives
     info: dict = field(default_factory=dict)
 
     @property
@@ -138,6 +142,7 @@ class Restorer:
         staging = self._mkdtemp()
         staged = Staged(f"{staging}/{name}", name, size_hint, staging)
         try:
+            staged.holder = self._hold(staging)
             for suffix in ("", names.MANIFEST_SUFFIX):
                 self._stream(source, local_path, suffix, f"{staging}/{name}{suffix}", size_hint)
         except BaseException:
@@ -154,6 +159,26 @@ class Restorer:
             return tempfile.mkdtemp(prefix=STAGING_PREFIX, dir="/tmp")
         _, out, _ = run(self.prod.command(["mktemp", "-d", f"/tmp/{STAGING_PREFIX}XXXXXXXX"], name="mktemp on prod"))
         return out.decode().strip()
+
+    def _hold(self, directory: str):
+        """flock on <directory>/.lock for as long as this run lives (a killed run's lock dies with it)."""
+        if self.prod.is_local:
+            fd = os.open(f"{directory}/.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
+        holder = background(self.prod.command(["flock", f"{directory}/.lock", "sh", "-c", "echo locked; exec cat"],
+                                              name="hold the staging lock"))
+        if holder.stdout.readline().strip() != b"locked":
+            raise Failed("could not lock the staging directory on prod", "is flock (util-linux) installed there?")
+        return holder
+
+    @staticmethod
+    def _release(holder) -> None:
+        if isinstance(holder, int):
+            os.close(holder)
+        elif holder is not None:
+            holder.stdin.close()
+            holder.wait(30)
 
     def _stream(self, source: Source, local_path: str | None, suffix: str, target: str, total: int) -> None:
         """Copy a file to prod through this machine: nothing lands here, nothing partial there."""
@@ -201,6 +226,7 @@ class Restorer:
     def cleanup(self, staged: Staged | None) -> None:
         if staged is None or staged.staging_dir is None:
             return
+        self._release(staged.holder)
         if self.prod.is_local:
             shutil.rmtree(staged.staging_dir, ignore_errors=True)
         else:
@@ -214,8 +240,12 @@ class Restorer:
                            timeout=60)
         for line in out.decode().split():
             log.warning("removed %s on prod, left by an interrupted restore", line)
-        for (half,) in self.db.query(f"SELECT datname FROM pg_database WHERE datname LIKE "
-                                     f"'{self.name}\\_restore\\_%' ORDER BY 1"):
+        for half, sessions in self.db.query(
+                f"SELECT datname, (SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname) "
+                f"FROM pg_database d WHERE datname LIKE '{self.name}\\_restore\\_%' ORDER BY 1"):
+            if sessions != "0":
+                raise LockHeld(f"a restore into {half} is running on prod ({sessions} sessions)",
+                               "wait for it; if it is dead, end its sessions and run again")
             log.warning("dropping %s, a half-made database left by an interrupted restore", half)
             self.db.query(f'DROP DATABASE IF EXISTS "{half}" WITH (FORCE)')
         locked = self.db.query(f"SELECT 1 FROM pg_database WHERE datname = '{self.name}' AND NOT datallowconn")
@@ -489,7 +519,8 @@ def app_command(settings: Settings, which: str) -> None:
 def restore(settings: Settings, source: Source, *, yes: bool, dry_run: bool, stop_app: bool = False,
             drop_previous: bool = False, refuse_tables: bool = False, keep_as: str | None = None) -> None:
     """restore-production-db / setup-fresh-production-db: the whole safe restore."""
-    with Multiplexer() as shared:
+    work = files.own_subdir(Path(settings["WORK_DIR"]), f"kw-backup-{os.geteuid()}")
+    with files.lock(work, "kw-restore"), Multiplexer() as shared:
         if source.place is not None:
             source.place = shared(source.place)
         _restore(settings, shared(place(settings, "prod")), source, yes=yes, dry_run=dry_run, stop_app=stop_app,

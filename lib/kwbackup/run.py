@@ -326,3 +326,8 @@ def passthrough(cmd: Cmd) -> int:
         _kill(proc)
         proc.wait()
         raise
+
+
+def background(cmd: Cmd):
+    """Start a command that lives beside this process: stdin and stdout are pipes held by the caller."""
+    return _popen(cmd, stdin=PIPE, stdout=PIPE, stderr=DEVNULL)

@@ -284,3 +284,32 @@ def test_typing_something_else_declines_with_exit_5(kw, pg, db, dumped):
     code, err = run_on_a_terminal(kw, "yes", "--local", "latest")
     assert code == 5 and "not confirmed" in err
     assert state(pg, db) == before and not leftovers(pg, db)
+
+
+def test_two_restores_at_once(kw, pg, big_db, tmp_path):
+    kw.settings["DB_NAME"] = big_db
+    assert kw.run("backup-db", timeout=300).returncode == 0
+    first = subprocess.Popen([str(world.BIN / "restore-production-db"), "--local", "latest", "--yes",
+                              "--drop-previous"], env=kw.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 120
+    while not pg.psql(f"SELECT 1 FROM pg_stat_activity WHERE datname LIKE '{big_db}_restore_%'"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    same_laptop = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert same_laptop.returncode == 4, same_laptop.stderr
+    kw.settings["WORK_DIR"] = str(tmp_path / "another-laptop")
+    other_laptop = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert other_laptop.returncode == 4 and "is running on prod" in other_laptop.stderr
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+
+
+def test_a_shared_work_dir_keeps_its_mode(kw, pg, db, dumped, tmp_path):
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    kw.settings["WORK_DIR"] = str(shared)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert shared.stat().st_mode & 0o7777 == 0o1777

@@ -66,3 +66,25 @@ def test_lock_is_exclusive_across_processes_and_dies_with_its_holder(tmp_path):
     holder.wait()
     with files.lock(tmp_path, "backup-db"):
         assert (tmp_path / ".backup-db.lock").read_text().strip() == str(os.getpid())
+
+
+def test_own_subdir_leaves_the_shared_directory_alone(tmp_path):
+    shared = tmp_path / "tmp"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    mine = files.own_subdir(shared, "kw-backup-0")
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    assert mine.stat().st_mode & 0o777 == 0o700
+    assert files.own_subdir(shared, "kw-backup-0") == mine
+    (shared / "planted").symlink_to(tmp_path)
+    with pytest.raises(Failed, match="not a private directory"):
+        files.own_subdir(shared, "planted")
+
+
+def test_a_shared_directory_is_never_made_private(tmp_path):
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(Failed, match="shared directory"):
+        files.ensure_private_dir(shared)
+    assert shared.stat().st_mode & 0o7777 == 0o1777
