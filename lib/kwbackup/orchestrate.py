@@ -31,7 +31,7 @@ set -e
 cd -- "$1"; shift
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
   name=$1; expected=$2; shift 2
-  got=$(sha256sum -- ".incoming/$name" | cut -d' ' -f1)
+  got=$( (openssl dgst -sha256 -r ".incoming/$name" 2>/dev/null || sha256sum -- ".incoming/$name") | cut -d' ' -f1)
   if [ "$got" != "$expected" ]; then echo "sha256 of $name is $got, not $expected" >&2; exit 3; fi
   chmod 600 -- ".incoming/$name" ".incoming/$name.json"
   sync -- ".incoming/$name" ".incoming/$name.json" 2>/dev/null || sync

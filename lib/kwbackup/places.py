@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -205,6 +206,4 @@ class Multiplexer:
     def __exit__(self, *exc_info) -> None:
         for used in self.used:
             run(Cmd([*used.ssh(), "-O", "exit", used.host], name="ssh -O exit"), check=False, timeout=10)
-        for leftover in os.listdir(self.dir):
-            os.unlink(os.path.join(self.dir, leftover))
-        os.rmdir(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)  # a master may still be removing its socket
