@@ -23,3 +23,5 @@ lint: venv
 
 bench: venv
 	$(VENV)/bin/python bench/backup_db
+	$(VENV)/bin/python bench/transfer
+	$(VENV)/bin/python bench/restore
