@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from plumbum.commands.base import shquote
+
 from . import dumps, files, names, retention
 from .errors import Failed, UsageError, VerificationError
 from .log import dry, log, size
@@ -24,7 +26,6 @@ from .transfer import ATTEMPTS, RsyncSource, receive_verified, remote_spec, rsyn
 
 INCOMING = ".incoming"
 
-PREPARE_SCRIPT = 'mkdir -p -- "$1/.incoming" && chmod 700 -- "$1" "$1/.incoming"'
 # $1: the directory; then pairs NAME SHA256 of dumps waiting in .incoming; then --; then dumps to remove.
 PROMOTE_SCRIPT = r"""
 set -e
@@ -181,7 +182,6 @@ def _push(pi5: Place, nas: Place, summary: Summary) -> None:
         return
     started = time.monotonic()
     if missing:
-        _run_on(nas, nas.script(PREPARE_SCRIPT, nas.remote_path(), name=f"prepare {nas.name}"))
         _send(pi5, nas, missing)
     pairs = [arg for e in missing for arg in (e.name, e.sha256)]
     code, out, err = run(nas.script(PROMOTE_SCRIPT, nas.remote_path(), *pairs, "--", *doomed,
@@ -205,9 +205,16 @@ def _send(pi5: Place, nas: Place, entries: list[Entry]) -> None:
     local = pi5.local_dir()
     sources = [str(local / n) for e in entries for n in (e.name, e.name + names.MANIFEST_SUFFIX)]
     dest = remote_spec(nas, nas.remote_path(INCOMING) + "/")
+    if nas.is_local:
+        files.ensure_private_dir(nas.local_dir() / INCOMING)
+        files.ensure_private_dir(nas.local_dir())
+        prepare = []
+    else:  # the nas's directories are made private by the same ssh session that receives
+        top, incoming = shquote(nas.remote_path()), shquote(nas.remote_path(INCOMING))
+        prepare = [f"--rsync-path=mkdir -p -- {incoming} && chmod 700 -- {top} {incoming} && rsync"]
     for attempt in range(1, ATTEMPTS + 1):
-        argv = [*rsync_base(nas), "--inplace", "--chmod=F600", *(["--append-verify"] if attempt > 1 else []),
-                *sources, dest]
+        argv = [*rsync_base(nas), *prepare, "--inplace", "--chmod=F600",
+                *(["--append-verify"] if attempt > 1 else []), *sources, dest]
         try:
             run(Cmd(argv, name=f"rsync to {nas.name}"))
             return
@@ -217,14 +224,6 @@ def _send(pi5: Place, nas: Place, entries: list[Entry]) -> None:
                              "check the nas; the next run catches up") from exc
             log.warning("pushing to the nas failed (%s); retrying, resuming what arrived", exc.tail or exc.detail)
             time.sleep(attempt)
-
-
-def _run_on(target: Place, cmd: Cmd) -> None:
-    try:
-        run(cmd, timeout=120)
-    except StageFailed as exc:
-        raise Failed(f"{target.name} ({target.host}) unreachable: {exc.tail or exc.detail}",
-                     "check the network, the ssh key and SSH_CONFIG; the next run catches up") from exc
 
 
 def _plan(settings: Settings, prod: Place, pi5: Place, nas: Place, no_push: bool) -> None:
