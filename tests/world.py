@@ -348,7 +348,7 @@ def synthetic_dump(directory: Path, name: str, rows: int = 1000, random_bytes: b
     rng = random.Random(name)
     body = (os.urandom(rows * 48).hex() if random_bytes else "x" * (rows * 96))
     lines = "".join(f"{i}\t{body[i * 96:(i + 1) * 96]}\n" for i in range(rows))
-    sql = ("--\n-- PostgreSQL database dump\n--\n\n-- Dumped from database version 15.18\n"
+    sql = ("--\n-- PostgreSQL database dump\n--\n\n\\restrict k\n\n-- Dumped from database version 15.18\n"
            "-- Dumped by pg_dump version 15.18\n\nCREATE TABLE public.t (id int, v text);\n\n"
            f"COPY public.t (id, v) FROM stdin;\n{lines}\\.\n\n"
            f"-- {rng.random()}\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict k\n\n").encode()

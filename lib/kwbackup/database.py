@@ -54,10 +54,10 @@ class Database:
         """pg_dump of DB_NAME as plain SQL on stdout."""
         return self._tool("pg_dump", ["--no-password", "--format=plain", self.name], output=True)
 
-    def psql(self, dbname: str, *args: str, output: bool = False) -> Cmd:
+    def psql(self, dbname: str, *args: str, output: bool = False, quiet: bool = True) -> Cmd:
         """psql on `dbname` that stops at the first error, reading SQL from stdin."""
-        return self._tool("psql", ["--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dbname, *args],
-                          output=output)
+        return self._tool("psql", ["--no-password", "-X", *(["-q"] if quiet else []), "-v", "ON_ERROR_STOP=1",
+                                   "-d", dbname, *args], output=output)
 
     def shell(self, argv: list[str], name: str = "") -> Cmd:
         """Any command where PostgreSQL runs (its container for docker and kamal), e.g. df."""

@@ -372,3 +372,19 @@ def verify_quick(path: Path) -> Verified:
         pass
     check_against_manifest(path, manifest, reader.size, reader.sha256.hexdigest(), manifest.tables)
     return Verified(Path(path), reader.size, reader.sha256.hexdigest(), manifest, manifest.tables)
+
+
+COPY_TAG_RE = re.compile(r"COPY (\d+)")
+
+
+def copy_counts(psql_echo: bytes) -> dict[str, int]:
+    """Rows each COPY loaded, from psql -e output: the echoed COPY statement, then its `COPY n` tag."""
+    counts: dict[str, int] = {}
+    table = None
+    for line in psql_echo.decode(errors="replace").splitlines():
+        if m := COPY_HEADER_RE.fullmatch(line):
+            table = table_key(m["table"])
+        elif table and (m := COPY_TAG_RE.fullmatch(line)):
+            counts[table] = counts.get(table, 0) + int(m[1])
+            table = None
+    return counts

@@ -193,7 +193,7 @@ class Multiplexer:
     """One ssh connection per place for a whole run (ControlMaster), closed at the end."""
 
     def __enter__(self) -> Multiplexer:
-        self.dir = tempfile.mkdtemp(prefix="kw-ssh-")
+        self.dir = tempfile.mkdtemp(prefix="kw-ssh-", dir="/tmp")  # a short path: sockets' names are limited
         self.used: list[Place] = []
         return self
 

@@ -114,6 +114,7 @@ class Restorer:
         self.stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         self.new = f"{self.name}_restore_{self.stamp}"
         self.previous = f"{self.name}_before_restore_{self.stamp}"
+        self.loaded: dict[str, int] = {}  # rows per table, as the server reported loading them
 
     # --- staging --------------------------------------------------------------------------------
     def stage(self, source: Source) -> Staged:
@@ -322,7 +323,8 @@ class Restorer:
                         f"LC_CTYPE '{target['ctype']}'")
         self.db.query(f'CREATE DATABASE "{self.new}"{options}')
         log.info("restoring into %s", self.new)
-        psql = self.db.psql(self.new, "--single-transaction")
+        # -e echoes each COPY statement and psql prints its `COPY n` tag: the rows the server loaded.
+        psql = self.db.psql(self.new, "--single-transaction", "-e", quiet=False)
         watcher = _SizeWatcher(self.db, self.new, staged.info.get("bytes", 0) * 6)
         watcher.start()
         try:
@@ -334,9 +336,10 @@ class Restorer:
         remote_pipe = not self.prod.is_local and self.db.mode in ("docker", "direct")
         try:
             if remote_pipe:  # decompress and load on prod: the SQL never crosses the network
-                inner = Database(self.settings, None).psql(self.new, "--single-transaction").argv
-                code, _, err = run(self.prod.script(LOAD_SCRIPT, staged.path, *inner, name="restore on prod"),
-                                   check=False, timeout=None)
+                inner = Database(self.settings, None).psql(self.new, "--single-transaction", "-e", quiet=False).argv
+                code, out, err = run(self.prod.script(LOAD_SCRIPT, staged.path, *inner, name="restore on prod"),
+                                     check=False, timeout=None)
+                self.loaded = dumps.copy_counts(out)
                 if code == DECOMPRESS_FAILED:
                     raise VerificationError(f"the dump is damaged: {_last_error(err)}", "use another copy")
                 if code != 0:
@@ -344,7 +347,9 @@ class Restorer:
             else:
                 decompress = (dumps.decompressor() + ["--", staged.path]) if staged.path.endswith(".gz") \
                     else ["cat", "--", staged.path]
-                pipeline([self.prod.command(decompress, name="gzip stream check"), psql])
+                echo = _Collect()
+                pipeline([self.prod.command(decompress, name="gzip stream check"), psql, echo])
+                self.loaded = dumps.copy_counts(bytes(echo.data))
         except StageFailed as exc:
             if exc.stage == "gzip stream check":
                 raise VerificationError(f"the dump is damaged: {exc.tail or exc.detail}", "use another copy") from exc
@@ -364,23 +369,11 @@ class Restorer:
         missing = sorted(set(expected) - set(actual_tables))
         if missing:
             raise VerificationError(f"restored database lacks tables of the dump: {', '.join(missing[:5])}")
-        counts = self._count_rows(sorted(expected))
+        counts = self.loaded
         wrong = [f"{k} ({counts.get(k)} rows, dump has {v})" for k, v in sorted(expected.items()) if counts.get(k) != v]
         if wrong:
             raise VerificationError(f"restored row counts differ from the manifest: {', '.join(wrong[:5])}")
         return f"{len(expected)} tables, {sum(expected.values())} rows, as the manifest says"
-
-    def _count_rows(self, keys: list[str]) -> dict[str, int]:
-        tables = self.db.query("SELECT n.nspname || '.' || c.relname, format('%I.%I', n.nspname, c.relname) "
-                               "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r'",
-                               self.new)
-        quoted = {key: q for key, q in tables}
-        counts: dict[str, int] = {}
-        for start in range(0, len(keys), 200):
-            part = keys[start:start + 200]
-            sql = " UNION ALL ".join(f"SELECT {_literal(k)}, count(*) FROM {quoted[k]}" for k in part)
-            counts.update({k: int(n) for k, n in self.db.query(sql, self.new)})
-        return counts
 
     def _newest_record(self) -> str | None:
         columns = self.db.query(
@@ -461,6 +454,16 @@ class Restorer:
     def drop_previous(self) -> None:
         self.db.query(f'DROP DATABASE IF EXISTS "{self.previous}" WITH (FORCE)')
         log.info("dropped %s (--drop-previous)", self.previous)
+
+
+class _Collect(Tap):
+    name = "psql output"
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def __call__(self, chunk: bytes) -> None:
+        self.data += chunk
 
 
 class _Counter(Tap):
@@ -558,7 +561,10 @@ def _restore(settings: Settings, prod: Place, source: Source, *, yes: bool, dry_
         if drop_previous and target["exists"]:
             restorer.drop_previous()
         if keep_as:
-            restorer.keep(staged, keep_as)
+            try:
+                restorer.keep(staged, keep_as)
+            except KwError as exc:  # the restore itself is done and verified
+                log.warning("the database is restored, but the dump was not kept in PROD_DIR: %s", exc.message)
     finally:
         restorer.cleanup(staged)
 
@@ -594,7 +600,7 @@ def source_from_args(settings: Settings, args) -> Source:
     """--local/--from-nas/--from-pi5 NAME|latest, --from-file PATH, --from-ssh USER@HOST:/PATH."""
     for option, place_name in (("local", "prod"), ("from_nas", "nas"), ("from_pi5", "pi5")):
         value = getattr(args, option, None)
-        if value is not None:
+        if isinstance(value, str):  # setup-fresh's --from-nas/--from-pi5 are flags, not names
             flag = "--" + option.replace("_", "-")
             return Source(flag, place(settings, place_name), names.require(value, flag))
     if getattr(args, "from_file", None):

@@ -185,16 +185,15 @@ def test_docker_and_kamal_command_lines(kw, pg, db, dumped, mode):
     assert result.returncode == 0, result.stderr
     calls = world.standin_calls(kw.standin_log)
     assert "hunter2-secret" not in kw.standin_log.read_text()
+    loads = [c for c in calls if "--single-transaction" in c]
+    assert len(loads) == 1
+    psql = ["psql", "-U", "postgres", "--no-password", "-X", "-v", "ON_ERROR_STOP=1", "-d"]
     if mode == "docker":
-        loads = [c for c in calls if c[-1] == "--single-transaction"]
-        assert len(loads) == 1 and loads[0][:13] == ["docker", "exec", "-i", "kw-app-postgres", "psql", "-U",
-                                                     "postgres", "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                                                     "-d"]
+        assert loads[0][:4] == ["docker", "exec", "-i", "kw-app-postgres"] and loads[0][4:12] == psql
     else:
-        loads = [c for c in calls if c[-1] == "--single-transaction"]
-        assert len(loads) == 1 and loads[0][:8] == ["kamal", "accessory", "exec", "--reuse", "-i", "-d",
-                                                    "production", "postgres"]
-        assert loads[0][8:16] == ["psql", "-U", "postgres", "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+        assert loads[0][:8] == ["kamal", "accessory", "exec", "--reuse", "-i", "-d", "production", "postgres"]
+        assert loads[0][8:16] == psql
+    assert loads[0][-2:] == ["--single-transaction", "-e"]
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,16 +27,24 @@ def prod_reaches_the_test_server(net, pg):
 
 
 @pytest.fixture
-def fresh(net, pg, db):
-    """A real dump of `db` (net.dump, in PROD_DIR); DB_NAME then names a database the server lacks."""
+def laptop(net, pg):
+    """The laptop: prod and the nas over ssh, a private TMPDIR, and prod's /tmp as it was before the run."""
     prod_reaches_the_test_server(net, pg)
-    made = net.run("backup-db")
-    assert made.returncode == 0, made.stderr
-    net.dump = Path(made.stdout.strip().splitlines()[-1])
-    net.expected = pg.row_counts(db)
-    net.settings["DB_NAME"] = f"{db}_fresh"
     net.before = staging_dirs()
-    return net
+    net.laptop_tmp = tempfile.mkdtemp(prefix="kwt-")  # short: ssh control sockets live in it
+    yield net
+    shutil.rmtree(net.laptop_tmp)
+
+
+@pytest.fixture
+def fresh(laptop, pg, db):
+    """A real dump of `db` (laptop.dump, in PROD_DIR); DB_NAME then names a database the server lacks."""
+    made = laptop.run("backup-db")
+    assert made.returncode == 0, made.stderr
+    laptop.dump = Path(made.stdout.strip().splitlines()[-1])
+    laptop.expected = pg.row_counts(db)
+    laptop.settings["DB_NAME"] = f"{db}_fresh"
+    return laptop
 
 
 def place_real_dump(net, directory: Path) -> None:
@@ -51,15 +60,40 @@ def staging_dirs() -> set[str]:
 
 def run(net, *args):
     """The script with a private TMPDIR on the laptop, so that what it leaves there is seen."""
-    laptop_tmp = net.tmp / "laptop-tmp"
-    laptop_tmp.mkdir(exist_ok=True)
-    return net.run("setup-fresh-production-db", *args, env=net.env(TMPDIR=str(laptop_tmp)))
+    return net.run("setup-fresh-production-db", *args, env=net.env(TMPDIR=net.laptop_tmp))
+
+
+def files_in(directory) -> list[str]:
+    """What a run left under `directory`: the private directory and lock file it keeps for the next run do not count."""
+    return [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names if not f.endswith(".lock")]
 
 
 def assert_nothing_left(net) -> None:
-    for laptop in (Path(net.settings["WORK_DIR"]), net.tmp / "laptop-tmp"):
-        assert not laptop.exists() or not os.listdir(laptop), f"left on the laptop: {os.listdir(laptop)}"
+    left = files_in(net.settings["WORK_DIR"]) + os.listdir(net.laptop_tmp)
+    assert not left, f"left on the laptop: {left}"
     assert staging_dirs() <= net.before, f"left on prod: {staging_dirs() - net.before}"
+
+
+def forge_manifest(path: Path) -> None:
+    """Make the manifest agree with a changed file, so only the content itself can tell."""
+    data = path.read_bytes()
+    manifest = json.loads(Path(f"{path}.json").read_text())
+    manifest.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    Path(f"{path}.json").write_text(json.dumps(manifest))
+
+
+def small_dump(directory: Path, name: str, rows: int) -> Path:
+    """A restorable synthetic dump: one table public.t of `rows` rows."""
+    path = world.synthetic_dump(directory, name, rows=rows)
+    sql = gzip.decompress(path.read_bytes()).replace(b"\\unrestrict k\n", b"")  # psql refuses it without \restrict
+    path.write_bytes(gzip.compress(sql))
+    forge_manifest(path)
+    return path
+
+
+def content(pg, dbname) -> tuple:
+    return pg.row_counts(dbname), pg.psql("SELECT md5(string_agg(concat_ws(',', u.email, u.name, o.total, o.details), "
+                                          "',' ORDER BY o.id)) FROM orders o JOIN users u ON u.id = o.user_id", dbname)
 
 
 def databases(pg, db) -> list[str]:
@@ -68,12 +102,12 @@ def databases(pg, db) -> list[str]:
 
 def test_default_takes_the_latest_on_the_nas(fresh, pg, db):
     place_real_dump(fresh, fresh.nas_dir)
-    world.synthetic_dump(fresh.nas_dir, OLDER)
-    world.synthetic_dump(fresh.pi5_dir, NEWER)  # newer, but the nas comes first
+    small_dump(fresh.nas_dir, OLDER, 10)
+    small_dump(fresh.pi5_dir, NEWER, 10)  # newer, but the nas comes first
     result = run(fresh, "--yes")
     assert result.returncode == 0, result.stderr
-    assert pg.row_counts(f"{db}_fresh") == fresh.expected == world.RAILS_TABLE_ROWS
-    assert fresh.dump.name in result.stderr and "pi5" not in result.stderr
+    assert content(pg, f"{db}_fresh") == content(pg, db) and fresh.expected == world.RAILS_TABLE_ROWS
+    assert fresh.dump.name in result.stderr and "taking the pi5" not in result.stderr
     assert databases(pg, db) == [db, f"{db}_fresh"]
     assert_nothing_left(fresh)
 
@@ -92,9 +126,18 @@ def test_the_pi5_when_the_nas_is_unreachable_or_empty(fresh, pg, db, nas):
     assert_nothing_left(fresh)
 
 
+def test_from_nas_does_not_fall_back_to_the_pi5(fresh, pg, db):
+    fresh.settings["NAS_HOST"] = "gone"
+    place_real_dump(fresh, fresh.pi5_dir)
+    result = run(fresh, "--from-nas", "--yes")
+    assert result.returncode == 1, result.stderr
+    assert "unreachable" in result.stderr and databases(pg, db) == [db]
+    assert_nothing_left(fresh)
+
+
 def test_from_nas_with_a_named_dump(fresh, pg, db):
     place_real_dump(fresh, fresh.nas_dir)
-    world.synthetic_dump(fresh.nas_dir, OLDER, rows=1234)
+    small_dump(fresh.nas_dir, OLDER, 1234)
     result = run(fresh, "--from-nas", "--dump", OLDER, "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(f"{db}_fresh") == {"public.t": 1234}
@@ -103,8 +146,8 @@ def test_from_nas_with_a_named_dump(fresh, pg, db):
 
 def test_from_pi5_takes_its_latest_even_when_the_nas_has_dumps(fresh, pg, db):
     place_real_dump(fresh, fresh.nas_dir)
-    world.synthetic_dump(fresh.pi5_dir, OLDER, rows=1111)
-    world.synthetic_dump(fresh.pi5_dir, NEWER, rows=2222)
+    small_dump(fresh.pi5_dir, OLDER, 1111)
+    small_dump(fresh.pi5_dir, NEWER, 2222)
     os.utime(fresh.pi5_dir / OLDER)  # the newest by mtime is the older one: the name decides
     result = run(fresh, "--from-pi5", "--dump", "latest", "--yes")
     assert result.returncode == 0, result.stderr
@@ -125,30 +168,32 @@ def test_from_file(fresh, pg, db):
 def test_from_ssh(fresh, pg, db):
     remote = fresh.tmp / "elsewhere"
     place_real_dump(fresh, remote)
-    result = run(fresh, "--from-ssh", f"{USER}@old-prod:{remote / fresh.dump.name}",
-                       "--yes")
+    result = run(fresh, "--from-ssh", f"{USER}@old-prod:{remote / fresh.dump.name}", "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(f"{db}_fresh") == fresh.expected
     assert sorted(os.listdir(remote)) == [fresh.dump.name, fresh.dump.name + ".json"]
     assert_nothing_left(fresh)
 
 
-def test_from_ssh_path_is_not_run_by_a_shell(fresh, pg, db):
-    result = run(fresh, "--from-ssh", "old-prod:/tmp/x.sql.gz; touch /tmp/pwned", "--yes")
-    assert result.returncode == 1, result.stderr
+@pytest.mark.parametrize("given, status", [("old-prod:/tmp/x.sql.gz; touch /tmp/pwned", 1),
+                                           ("-oProxyCommand=touch /tmp/pwned:/tmp/x.sql.gz", 2),
+                                           ("old-prod:relative/x.sql.gz", 2)])
+def test_from_ssh_refuses_what_is_not_user_host_path_and_runs_no_shell(fresh, pg, db, given, status):
+    result = run(fresh, "--from-ssh", given, "--yes")
+    assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
     assert not os.path.exists("/tmp/pwned") and databases(pg, db) == [db]
     assert_nothing_left(fresh)
 
 
 @pytest.mark.parametrize("hostile", ["../../etc/passwd", "db-2024-01-01.sql.gz; touch /tmp/pwned"])
 @pytest.mark.parametrize("source", [[], ["--from-nas"], ["--from-pi5"]])
-def test_hostile_dump_names_exit_2_and_run_nothing(net, hostile, source):
-    net.settings["DB_EXEC"] = "docker"
-    result = run(net, *source, "--dump", hostile, "--yes")
+def test_hostile_dump_names_exit_2_and_run_nothing(laptop, hostile, source):
+    laptop.settings["DB_EXEC"] = "docker"
+    result = run(laptop, *source, "--dump", hostile, "--yes")
     assert result.returncode == 2, result.stderr
     assert "is not a dump name" in result.stderr
-    assert not net.standin_log.exists() and not os.path.exists("/tmp/pwned")
-    assert not Path(net.settings["WORK_DIR"]).exists()
+    assert not laptop.standin_log.exists() and not os.path.exists("/tmp/pwned")
+    assert not Path(laptop.settings["WORK_DIR"]).exists() and not os.listdir(laptop.laptop_tmp)
 
 
 def test_an_existing_empty_database_is_filled(fresh, pg, db):
@@ -162,7 +207,7 @@ def test_an_existing_empty_database_is_filled(fresh, pg, db):
 
 def test_refuses_a_database_that_holds_tables_unless_force(fresh, pg, db):
     fresh.settings["DB_NAME"] = db
-    world.synthetic_dump(fresh.nas_dir, OLDER, rows=1234)
+    small_dump(fresh.nas_dir, OLDER, 1234)
     refused = run(fresh, "--yes")
     assert refused.returncode == 1, refused.stderr
     assert "already holds tables" in refused.stderr and "--force" in refused.stderr
@@ -194,14 +239,6 @@ def test_no_terminal_and_no_yes_exits_5(fresh, pg, db):
     assert_nothing_left(fresh)
 
 
-def forge_manifest(path: Path) -> None:
-    """Make the manifest agree with a changed file, so only the content itself can tell."""
-    data = path.read_bytes()
-    manifest = json.loads(Path(f"{path}.json").read_text())
-    manifest.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    Path(f"{path}.json").write_text(json.dumps(manifest))
-
-
 def truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 200])
@@ -213,7 +250,7 @@ def add_sql_error(path: Path) -> None:
                                                b"public.users ", 1)))
 
 
-@pytest.mark.parametrize("damage, status, says", [(truncate, 3, "truncated"), (add_sql_error, 1, "no_such_function")])
+@pytest.mark.parametrize("damage, status, says", [(truncate, 3, "corrupt"), (add_sql_error, 1, "no_such_function")])
 def test_a_failure_leaves_nothing_behind(fresh, pg, db, damage, status, says):
     place_real_dump(fresh, fresh.nas_dir)
     dump = fresh.nas_dir / fresh.dump.name
