@@ -393,37 +393,38 @@ class Restorer:
         if not target.get("exists"):
             self.db.query(f'ALTER DATABASE "{self.new}" RENAME TO "{self.name}"')
             return
-        self.db.query(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false')
+        end_sessions = (f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{self.name}' "
+                        f"AND pid <> pg_backend_pid();")
+        self.db.query(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false; {end_sessions}')
         try:
             for attempt in range(20):
-                self.db.query(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
-                              f"'{self.name}' AND pid <> pg_backend_pid()")
                 try:
                     self.db.query(f'BEGIN; ALTER DATABASE "{self.name}" RENAME TO "{self.previous}"; '
-                                  f'ALTER DATABASE "{self.new}" RENAME TO "{self.name}"; {carry} COMMIT;')
+                                  f'ALTER DATABASE "{self.new}" RENAME TO "{self.name}"; {carry} COMMIT; '
+                                  f'ALTER DATABASE "{self.previous}" ALLOW_CONNECTIONS true;')
                     break
-                except StageFailed as exc:
+                except StageFailed as exc:  # a session still ending, or an app reconnecting before the flag
                     if "being accessed by other users" not in exc.tail or attempt == 19:
                         raise
                     time.sleep(0.25)
+                    self.db.query(end_sessions)
         except BaseException:
             self.db.query(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
             raise
-        self.db.query(f'ALTER DATABASE "{self.previous}" ALLOW_CONNECTIONS true')
         log.info("swapped: %s is the restored database; the old one is %s", self.name, self.previous)
 
     def _carried_over(self) -> str:
         """SQL giving the new database DB_NAME's database-level settings, grants and connection limit."""
         statements = []
-        for role, setting in self.db.query(
-                "SELECT coalesce(r.rolname, ''), unnest(s.setconfig) FROM pg_db_role_setting s "
-                "JOIN pg_database d ON d.oid = s.setdatabase LEFT JOIN pg_roles r ON r.oid = s.setrole "
-                f"WHERE d.datname = '{self.name}'"):
+        acl, limit, settings = self.db.query(
+            "SELECT coalesce(datacl::text, ''), datconnlimit, coalesce((SELECT json_agg(json_build_array("
+            "coalesce(r.rolname, ''), cfg)) FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole, "
+            f"unnest(s.setconfig) cfg WHERE s.setdatabase = d.oid), '[]') FROM pg_database d "
+            f"WHERE datname = '{self.name}'")[0]
+        for role, setting in json.loads(settings):
             key, _, value = setting.partition("=")
             in_role = f' IN ROLE "{role}"' if role else ""
             statements.append(f'ALTER DATABASE "{self.name}"{in_role} SET "{key}" = {_literal(value)};')
-        acl, limit = self.db.query(f"SELECT coalesce(datacl::text, ''), datconnlimit FROM pg_database "
-                                   f"WHERE datname = '{self.name}'")[0]
         if acl:
             statements.append(f'REVOKE ALL ON DATABASE "{self.name}" FROM PUBLIC;')
             for item in acl.strip("{}").split(","):
