@@ -237,22 +237,23 @@ class Restorer:
 
     def clean_leftovers(self) -> None:
         """Report and remove what a killed run left: staging dirs, a half-made database, a locked DB_NAME."""
-        code, out, _ = run(self.prod.script(CLEAN_STAGING_SCRIPT, name="clean staging on prod"), check=False,
+        _, out, _ = run(self.prod.script(CLEAN_STAGING_SCRIPT, name="clean staging on prod"), check=False,
                            timeout=60)
         for line in out.decode().split():
             log.warning("removed %s on prod, left by an interrupted restore", line)
         for half, sessions in self.db.query(
                 f"SELECT datname, (SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname) "
-                f"FROM pg_database d WHERE datname LIKE '{self.name}\\_restore\\_%' ORDER BY 1"):
+                f"FROM pg_database d WHERE datname LIKE '{self.name}\\_restore\\_%' "
+                f"OR (datname = '{self.name}' AND NOT datallowconn) ORDER BY 1"):
+            if half == self.name:
+                log.warning("%s did not allow connections (an interrupted swap); allowing them again", self.name)
+                self.db.query(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
+                continue
             if sessions != "0":
                 raise LockHeld(f"a restore into {half} is running on prod ({sessions} sessions)",
                                "wait for it; if it is dead, end its sessions and run again")
             log.warning("dropping %s, a half-made database left by an interrupted restore", half)
             self.db.query(f'DROP DATABASE IF EXISTS "{half}" WITH (FORCE)')
-        locked = self.db.query(f"SELECT 1 FROM pg_database WHERE datname = '{self.name}' AND NOT datallowconn")
-        if locked:
-            log.warning("%s did not allow connections (an interrupted swap); allowing them again", self.name)
-            self.db.query(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
 
     # --- checks ---------------------------------------------------------------------------------
     def verify(self, staged: Staged) -> None:
@@ -283,23 +284,22 @@ class Restorer:
         if dump_major > psql_major:
             raise Failed(f"the dump was made by pg_dump {staged.info['pg_dump_version']}, newer than prod's psql "
                          f"{psql_major}", "restore with a PostgreSQL at least as new as the dump's")
-        roles = {r for (r,) in self.db.query("SELECT rolname FROM pg_roles")}
-        extensions = {e for (e,) in self.db.query("SELECT name FROM pg_available_extensions")}
-        missing_roles = sorted(set(staged.info.get("roles", [])) - roles)
-        missing_ext = sorted(set(staged.info.get("extensions", [])) - extensions)
+        roles, extensions, data_dir, database = self.db.query(
+            "SELECT (SELECT json_agg(rolname) FROM pg_roles), (SELECT json_agg(name) FROM pg_available_extensions), "
+            "current_setting('data_directory'), (SELECT json_build_array(pg_database_size(datname), "
+            "pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype) FROM pg_database "
+            f"WHERE datname = '{self.name}')")[0]
+        missing_roles = sorted(set(staged.info.get("roles", [])) - set(json.loads(roles)))
+        missing_ext = sorted(set(staged.info.get("extensions", [])) - set(json.loads(extensions)))
         if missing_roles or missing_ext:
             parts = ([f"roles {', '.join(missing_roles)}"] if missing_roles else []) + \
                     ([f"extensions {', '.join(missing_ext)}"] if missing_ext else [])
             raise Failed(f"prod lacks what the dump needs: {'; '.join(parts)}",
                          "create the roles (CREATE ROLE ...) / install the extensions, then run again")
-        rows = self.db.query(f"SELECT pg_database_size(datname), pg_get_userbyid(datdba), "
-                             f"pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
-                             f"WHERE datname = '{self.name}'")
-        target = {"exists": bool(rows)}
-        if rows:
-            target.update(size=int(rows[0][0]), owner=rows[0][1], encoding=rows[0][2], collate=rows[0][3],
-                          ctype=rows[0][4])
-            data_dir = self.db.query("SHOW data_directory")[0][0]
+        target = {"exists": bool(database)}
+        if database:
+            size_bytes, owner, encoding, collate, ctype = json.loads(database)
+            target.update(size=int(size_bytes), owner=owner, encoding=encoding, collate=collate, ctype=ctype)
             free = self._free_bytes(self.db.shell(["df", "-Pk", data_dir], name="df data directory"))
             needed = int(target["size"] * 1.1)
             if free is not None and free < needed:

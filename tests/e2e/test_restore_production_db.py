@@ -312,3 +312,45 @@ def test_a_shared_work_dir_keeps_its_mode(kw, pg, db, dumped, tmp_path):
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert shared.stat().st_mode & 0o7777 == 0o1777
+
+
+def test_a_dump_from_a_newer_pg_dump_is_refused(kw, pg, db, dumped):
+    rewrite(dumped, lambda sql: sql.replace(b"-- Dumped by pg_dump version 15", b"-- Dumped by pg_dump version 99", 1))
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 1 and "pg_dump 99" in result.stderr and "newer than prod's psql 15" in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db)
+
+
+def test_a_missing_extension_is_named_before_loading(kw, pg, db, dumped):
+    rewrite(dumped, lambda sql: sql.replace(b"\nCREATE TABLE", b"\nCREATE EXTENSION IF NOT EXISTS kw_no_such_ext "
+                                            b"WITH SCHEMA public;\n\nCREATE TABLE", 1))
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 1 and "extensions kw_no_such_ext" in result.stderr
+    assert not leftovers(pg, db)
+
+
+def test_stop_app_around_a_good_restore(kw, pg, db, dumped):
+    result = kw.run("restore-production-db", "--local", "latest", "--yes", "--stop-app")
+    assert result.returncode == 0, result.stderr
+    assert world.standin_calls(kw.standin_log) == [["kamal", "app", "stop", "-d", "production"],
+                                                   ["kamal", "app", "start", "-d", "production"]]
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
+
+
+def test_from_the_pi5_when_it_is_local(kw, pg, db, dumped):
+    pi5 = kw.tmp / "pi5"
+    pi5.mkdir(mode=0o700)
+    for suffix in ("", ".json"):
+        shutil.copy(dumped + suffix, pi5 / (os.path.basename(dumped) + suffix))
+    result = kw.run("restore-production-db", "--from-pi5", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
+
+
+def test_a_database_left_refusing_connections_by_an_interrupted_swap_is_opened_again(kw, pg, db, dumped):
+    pg.psql(f"ALTER DATABASE {db} ALLOW_CONNECTIONS false")
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "did not allow connections" in result.stderr
+    assert pg.psql(f"SELECT datallowconn FROM pg_database WHERE datname = '{db}'") == "t"
