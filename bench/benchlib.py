@@ -115,7 +115,10 @@ def database_bytes(pg: BenchPostgres, db: str = DB) -> int:
 
 def clean_env(pg: BenchPostgres) -> dict[str, str]:
     """This process's environment without settings that would override an env file, plus the cluster's PG*."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)} | pg.env
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)} | pg.env
+    # The scripts start under the project's python, as installed, not through a version manager's shim.
+    env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"
+    return env
 
 
 def add_scale_options(p) -> None:

@@ -64,7 +64,9 @@ echo "$dir"
 def migrate(settings: Settings, args) -> None:
     if args.dump:
         names.require(args.dump, "--dump", allow_latest=False)
-    with Multiplexer() as shared, work_dir(settings["WORK_DIR"]) as local:
+    local = Path(settings["WORK_DIR"])
+    local.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing one (often /tmp) is left as it is
+    with Multiplexer() as shared:
         old = shared(place(settings, "old-prod"))
         listing = [e for e in old.listing() if not names.parse(e.name).nightly]
         if not listing:
@@ -84,14 +86,21 @@ def migrate(settings: Settings, args) -> None:
         finally:
             if temp_dir:
                 run(old.command(["rm", "-rf", "--", temp_dir], name="cleanup on old-prod"), check=False, timeout=60)
-        verified = dumps.verify_file(path)
-        log.info("verified the migration dump: %s, %d tables", verified.status, len(verified.tables))
-        if args.dry_run:
-            dry("downloaded and verified %s; would upload it to prod and restore it into %s", chosen.name,
-                settings["DB_NAME"])
-            return
-        restore.restore(settings, restore.Source("--from-file", path=str(path), name=path.name), yes=args.yes,
-                        dry_run=False, keep_as=_kept_name(chosen.name) if args.keep_dump else None)
+        try:
+            _verify_and_restore(settings, args, chosen.name, path)
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _verify_and_restore(settings: Settings, args, original: str, path: Path) -> None:
+    verified = dumps.verify_file(path)
+    log.info("verified the migration dump: %s, %d tables", verified.status, len(verified.tables))
+    if args.dry_run:
+        dry("downloaded and verified %s; would upload it to prod and restore it into %s", original,
+            settings["DB_NAME"])
+        return
+    restore.restore(settings, restore.Source("--from-file", path=str(path), name=path.name), yes=args.yes,
+                    dry_run=False, keep_as=_kept_name(original) if args.keep_dump else None)
 
 
 def _kept_name(original: str) -> str:
