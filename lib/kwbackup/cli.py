@@ -42,6 +42,11 @@ def load(args: argparse.Namespace, overrides: dict | None = None, syslog: bool =
     return settings
 
 
+def hide(*values: str | None) -> None:
+    """Values from flags that must never show in logs (a URL with a password)."""
+    logmod.add_secrets([v for v in values if v])
+
+
 def guard(body: Callable[[], int | None]) -> int:
     """Run a script's body; a failure becomes one line on stderr (and the logs) and its exit status."""
     try:
