@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-requirements
 SHELL_FILES = $(shell grep -rlIE '^\#!(/usr/bin/env |/bin/)(ba|da)?sh' --exclude-dir=.venv --exclude-dir=.git \
                 --exclude-dir=.bench --exclude-dir=.demo . )
 
-.PHONY: venv test lint bench
+.PHONY: venv test lint bench demo drill
 venv: $(STAMP)
 
 $(STAMP): requirements.txt
@@ -20,6 +20,12 @@ test: lint
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck $(SHELL_FILES)
+
+demo: venv
+	PYTHONPATH=lib $(VENV)/bin/python -m kwbackup.demo $(if $(DEMO_DIR),--dir $(DEMO_DIR))
+
+drill: venv
+	$(VENV)/bin/python bin/backup-drill $(DRILL_ARGS)
 
 bench: venv
 	$(VENV)/bin/python bench/backup_db

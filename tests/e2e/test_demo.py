@@ -1,0 +1,22 @@
+"""make demo, as a new user runs it on a fresh machine: the whole flow, and nothing left running."""
+
+import glob
+import subprocess
+
+from tests import world
+
+
+def test_make_demo_shows_the_whole_flow_and_leaves_nothing_running(tmp_path):
+    before = set(glob.glob("/tmp/kw-drill-cluster-*"))
+    result = subprocess.run(["make", "-s", "demo", f"DEMO_DIR={tmp_path / 'demo'}"], cwd=world.ROOT,
+                            capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for step in ("$ backup-db", "$ backup-orchestrator", "$ list-backups", "$ restore-production-db --local latest",
+                 "$ backup-drill", "orders now: 100", "orders after the restore: 5000 (the change is gone)",
+                 "result:   ok"):
+        assert step in out, step
+    assert out.count("  verified") >= 3  # the dump listed verified on prod, pi5 and nas
+    assert set(glob.glob("/tmp/kw-drill-cluster-*")) == before
+    running = subprocess.run(["pgrep", "-f", "kw-drill-cluster-"], capture_output=True, text=True).stdout
+    assert running.strip() == ""
