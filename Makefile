@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed-requirements
 SHELL_FILES = $(shell grep -rlIE '^\#!(/usr/bin/env |/bin/)(ba|da)?sh' --exclude-dir=.venv --exclude-dir=.git \
                 --exclude-dir=.bench --exclude-dir=.demo . )
 
-.PHONY: venv test lint bench demo drill
+.PHONY: venv test lint bench demo drill install-prod install-pi5 uninstall-prod uninstall-pi5 authorize-pi5 \
+        pi5-keys
+PREFIX ?= /opt/kw-backup
+# stdlib only: runs with the system's python3 before the venv exists
+INSTALL = PYTHONPATH=lib $(PYTHON) -m kwbackup.install
 venv: $(STAMP)
 
 $(STAMP): requirements.txt
@@ -31,3 +35,12 @@ bench: venv
 	$(VENV)/bin/python bench/backup_db
 	$(VENV)/bin/python bench/transfer
 	$(VENV)/bin/python bench/restore
+
+install-prod install-pi5 uninstall-prod uninstall-pi5:
+	$(INSTALL) $@ --prefix "$(PREFIX)" --destdir "$(DESTDIR)" --host "$(HOST)" --user "$(BACKUP_USER)"
+
+authorize-pi5:
+	$(INSTALL) authorize-pi5 --key "$(KEY)" --authorized-keys "$(AUTHORIZED_KEYS)" --prod-dir "$(PROD_DIR)"
+
+pi5-keys:
+	$(INSTALL) pi5-keys

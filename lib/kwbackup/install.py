@@ -1,0 +1,301 @@
+"""make install-prod / install-pi5 / uninstall-* / authorize-pi5 / pi5-keys.
+
+Standard library only: it runs with the system's python3 before the project's venv exists.
+Idempotent: every step compares before it writes and says what it changed; a second run
+says that nothing changed. DESTDIR is honoured (packaging and tests); the links in
+/usr/local/bin are relative so they work inside DESTDIR and at the final place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import hashlib
+import os
+import pwd
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[2]
+SHIPPED = ["bin", "lib", "cron", "requirements.txt", ".env.example", "Makefile", "README.md"]
+SCRIPTS = ["backup-db", "backup-orchestrator", "list-backups", "pull-prod-backups", "restore-production-db",
+           "setup-fresh-production-db", "migrate-database-to-new-prod", "backup-drill", "verify-backup"]
+CRON = {"prod": ["prod"], "pi5": ["pi5", "drill"]}
+LOGROTATE = """# kw-backup: the orchestrator's and the drill's logs (make install-pi5)
+/var/log/backup-orchestrator.log /var/log/backup-drill.log {{
+    weekly
+    rotate 8
+    compress
+    delaycompress
+    missingok
+    notifempty
+    create 0640 {user} adm
+}}
+"""
+PUBLIC_KEY_RE = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+( [^\n]*)?")
+
+
+class Installer:
+    def __init__(self, role: str, prefix: str, destdir: str, user: str | None):
+        self.role = role
+        self.prefix = prefix
+        self.root = Path(destdir or "/")
+        self.user = user or ("pi" if role == "pi5" and _user_exists("pi") else "root")
+        self.changes: list[str] = []
+
+    def at(self, path: str) -> Path:
+        """`path` (absolute on the target system) inside DESTDIR."""
+        return self.root / path.lstrip("/")
+
+    def changed(self, what: str) -> None:
+        self.changes.append(what)
+        print(f"  {what}", flush=True)
+
+    def install(self) -> None:
+        print(f"installing kw-backup ({self.role}) into {self.at(self.prefix)}", flush=True)
+        self.check_prerequisites()
+        self.copy_tree()
+        self.make_venv()
+        self.link_scripts()
+        self.env_file()
+        self.backup_dir()
+        self.cron()
+        if self.role == "pi5":
+            self.write_if_different(self.at("/etc/logrotate.d/kw-backup"), LOGROTATE.format(user=self.user), 0o644)
+        print("nothing changed: already installed" if not self.changes else f"done: {len(self.changes)} changes",
+              flush=True)
+
+    def check_prerequisites(self) -> None:
+        missing = []
+        if self.role == "prod" and not (shutil.which("pg_dump") or shutil.which("docker")):
+            missing.append("pg_dump or docker (apt-get install postgresql-client, or install Docker)")
+        if not shutil.which("rsync"):
+            missing.append("rsync (apt-get install rsync)")
+        if subprocess.run([sys.executable, "-c", "import ensurepip, venv"], capture_output=True).returncode:
+            missing.append("python3-venv (apt-get install python3-venv)")
+        if missing:
+            sys.exit("kw-backup install: missing: " + "; ".join(missing))
+
+    def copy_tree(self) -> None:
+        target = self.at(self.prefix)
+        target.mkdir(parents=True, exist_ok=True)
+        wanted = set()
+        for item in SHIPPED:
+            source = SOURCE / item
+            for path in ([source] if source.is_file() else sorted(source.rglob("*"))):
+                if "__pycache__" in path.parts or path.is_dir():
+                    continue
+                relative = path.relative_to(SOURCE)
+                wanted.add(relative)
+                dest = target / relative
+                if dest.exists() and filecmp.cmp(path, dest, shallow=False) and \
+                        (dest.stat().st_mode & 0o777) == (path.stat().st_mode & 0o777):
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+                self.changed(f"installed {dest}")
+        for item in ("bin", "lib", "cron"):
+            for path in sorted((target / item).rglob("*")) if (target / item).exists() else []:
+                if path.is_file() and "__pycache__" not in path.parts and path.relative_to(target) not in wanted:
+                    path.unlink()
+                    self.changed(f"removed {path} (no longer shipped)")
+
+    def make_venv(self) -> None:
+        venv = self.at(self.prefix) / ".venv"
+        digest = hashlib.sha256((SOURCE / "requirements.txt").read_bytes()).hexdigest()
+        stamp = venv / ".kw-backup-requirements"
+        if stamp.exists() and stamp.read_text().strip() == digest:
+            return
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "-r",
+                        str(SOURCE / "requirements.txt")], check=True)
+        stamp.write_text(digest + "\n")
+        self.changed(f"made the venv {venv} from the pinned requirements")
+
+    def link_scripts(self) -> None:
+        links = self.at("/usr/local/bin")
+        links.mkdir(parents=True, exist_ok=True)
+        for script in SCRIPTS:
+            link = links / script
+            target = os.path.relpath(self.at(self.prefix) / "bin" / script, links)
+            if link.is_symlink() and os.readlink(link) == target:
+                continue
+            if link.exists() or link.is_symlink():
+                link.unlink()
+            link.symlink_to(target)
+            self.changed(f"linked {link} -> {target}")
+
+    def env_file(self) -> None:
+        path = self.at("/etc/kw-backup/backup.env")
+        if path.exists():
+            return  # the operator's settings: never overwritten
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            text = (SOURCE / ".env.example").read_text()
+            if self.role == "pi5":
+                text = text.replace("PI5_HOST=pi@pi5.local", "PI5_HOST=local")
+            out.write(text)
+        self._own(path)
+        self.changed(f"wrote {path} from .env.example (mode 0600): edit it")
+
+    def backup_dir(self) -> None:
+        setting = "PROD_DIR" if self.role == "prod" else "PI5_DIR"
+        directory = _setting(self.at("/etc/kw-backup/backup.env"), setting) or \
+            ("/var/backups/kw-app" if self.role == "prod" else "/backups/kw-app")
+        path = self.at(directory)
+        if path.is_dir() and path.stat().st_mode & 0o777 == 0o700:
+            return
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.chmod(0o700)
+        self._own(path)
+        self.changed(f"made the backup directory {path} (mode 0700, owner {self.user})")
+
+    def cron(self) -> None:
+        for name in CRON[self.role]:
+            text = (SOURCE / "cron" / name).read_text()
+            text = re.sub(r"^(\S+ \S+ \S+ \S+ \S+ )(\S+)( )", rf"\g<1>{self.user}\3", text, flags=re.M)
+            self.write_if_different(self.at(f"/etc/cron.d/kw-backup-{name}"), text, 0o644)
+
+    def write_if_different(self, path: Path, text: str, mode: int) -> None:
+        if path.exists() and path.read_text() == text:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+        self.changed(f"wrote {path}")
+
+    def _own(self, path: Path) -> None:
+        if os.geteuid() == 0 and _user_exists(self.user):
+            shutil.chown(path, self.user)
+
+    def uninstall(self) -> None:
+        for script in SCRIPTS:
+            link = self.at("/usr/local/bin") / script
+            if link.is_symlink():
+                link.unlink()
+                self.changed(f"removed {link}")
+        for name in CRON[self.role]:
+            self._remove(self.at(f"/etc/cron.d/kw-backup-{name}"))
+        self._remove(self.at("/etc/logrotate.d/kw-backup")) if self.role == "pi5" else None
+        if self.at(self.prefix).exists():
+            shutil.rmtree(self.at(self.prefix))
+            self.changed(f"removed {self.at(self.prefix)}")
+        print("kept /etc/kw-backup/backup.env and the backups", flush=True)
+
+    def _remove(self, path: Path) -> None:
+        if path.exists():
+            path.unlink()
+            self.changed(f"removed {path}")
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _setting(env_file: Path, name: str) -> str | None:
+    if not env_file.exists():
+        return None
+    for line in env_file.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name and value.strip():
+            return shlex.split(value)[0] if value.strip()[0] in "\"'" else value.strip()
+    return None
+
+
+def authorize_pi5(key_file: str, authorized_keys: str | None, prod_dir: str | None) -> None:
+    """Add the pi5's key to authorized_keys once, restricted to reading PROD_DIR through rrsync."""
+    key = Path(key_file).read_text().strip()
+    if not PUBLIC_KEY_RE.fullmatch(key) or "\n" in key:
+        sys.exit(f"authorize-pi5: {key_file} is not one ssh public key")
+    prod_dir = prod_dir or _setting(Path("/etc/kw-backup/backup.env"), "PROD_DIR") or "/var/backups/kw-app"
+    if not prod_dir.startswith("/") or re.search(r"[\s\"'\\]", prod_dir):
+        sys.exit(f"authorize-pi5: PROD_DIR {prod_dir!r} must be an absolute path without spaces or quotes")
+    path = Path(authorized_keys or Path.home() / ".ssh" / "authorized_keys")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    body = key.split()[1]
+    existing = path.read_text().splitlines() if path.exists() else []
+    line = f'restrict,command="rrsync -ro {prod_dir}" {key}'
+    if line in existing:
+        print(f"the pi5 key is already authorized in {path}; nothing changed")
+        return
+    if any(body in other.split() for other in existing):
+        sys.exit(f"authorize-pi5: {path} already has this key with other options; edit that line by hand")
+    with open(path, "a") as out:
+        out.write(("" if not existing or path.read_text().endswith("\n") else "\n") + line + "\n")
+    path.chmod(0o600)
+    print(f"authorized the pi5 key in {path}: read-only rsync of {prod_dir}, nothing else")
+
+
+def pi5_keys(home: str | None) -> None:
+    ssh = Path(home or Path.home()) / ".ssh"
+    ssh.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, comment, what in (("id_prod_backup", "pi5-backup", "on prod: make authorize-pi5 KEY=id_prod_backup.pub"),
+                                ("id_nas_backup", "pi5-to-nas", "on the nas: add it to the backup user's "
+                                 "~/.ssh/authorized_keys (ssh-copy-id -i ~/.ssh/id_nas_backup user@nas.local)")):
+        key = ssh / name
+        if key.exists():
+            print(f"{key} exists; kept")
+        else:
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)], check=True)
+            print(f"made {key}")
+        print(f"  {key}.pub: {what}")
+
+
+def remote(target: str, host: str, make_args: list[str]) -> None:
+    """Copy this tree to HOST over ssh and run the same make target there with sudo."""
+    ssh = ["ssh", *(["-F", os.environ["SSH_CONFIG"]] if os.environ.get("SSH_CONFIG") else []), "-o", "BatchMode=yes"]
+    staging = subprocess.run([*ssh, host, "mktemp -d /tmp/kw-backup-install.XXXXXXXX"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    try:
+        rsync_e = " ".join(shlex.quote(a) for a in ssh)
+        subprocess.run(["rsync", "-a", "-e", rsync_e, *[str(SOURCE / item) for item in SHIPPED], f"{host}:{staging}/"],
+                       check=True)
+        command = ["sh", "-c", 'if [ "$(id -u)" = 0 ]; then exec "$@"; else exec sudo "$@"; fi', "sh",
+                   "make", "-C", staging, target, *make_args]
+        done = subprocess.run([*ssh, "-t" if sys.stdin.isatty() else "-T", host, shlex.join(command)])
+        if done.returncode:
+            sys.exit(done.returncode)
+    finally:
+        subprocess.run([*ssh, host, shlex.join(["rm", "-rf", "--", staging])], check=False)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("action", choices=["install-prod", "install-pi5", "uninstall-prod", "uninstall-pi5",
+                                      "authorize-pi5", "pi5-keys"])
+    p.add_argument("--prefix", default="/opt/kw-backup")
+    p.add_argument("--destdir", default="")
+    p.add_argument("--host", default="")
+    p.add_argument("--user", default="", help="the backup user (owner of the backups; cron's user)")
+    p.add_argument("--key", default="")
+    p.add_argument("--authorized-keys", default="")
+    p.add_argument("--prod-dir", default="")
+    args = p.parse_args(argv)
+    if args.host:
+        make_args = [f"PREFIX={args.prefix}"] + ([f"DESTDIR={args.destdir}"] if args.destdir else []) + \
+            ([f"BACKUP_USER={args.user}"] if args.user else [])
+        remote(args.action, args.host, make_args)
+    elif args.action == "authorize-pi5":
+        if not args.key:
+            p.error("authorize-pi5 needs KEY=file.pub")
+        authorize_pi5(args.key, args.authorized_keys or None, args.prod_dir or None)
+    elif args.action == "pi5-keys":
+        pi5_keys(None)
+    else:
+        verb, role = args.action.split("-", 1)
+        installer = Installer(role, args.prefix, args.destdir, args.user or None)
+        installer.install() if verb == "install" else installer.uninstall()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
