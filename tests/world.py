@@ -364,3 +364,43 @@ def synthetic_dump(directory: Path, name: str, rows: int = 1000, random_bytes: b
             "pg_dump_version": "15.18", "tables": {"public.t": rows}, "tool_version": "test"}, indent=2))
         (directory / (name + ".json")).chmod(0o600)
     return path
+
+
+class Recorder:
+    """A real local HTTP server that records every request (the stand-in for Healthchecks, AppSignal, Slack).
+
+    `mode` "ok" answers 200; "hang" answers only after `hang_seconds` (a slow sink).
+    """
+
+    def __init__(self, mode: str = "ok", hang_seconds: float = 30.0):
+        import http.server
+
+        self.requests: list[dict] = []
+        self.mode, self.hang_seconds = mode, hang_seconds
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                recorder.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+                if recorder.mode == "hang":
+                    time.sleep(recorder.hang_seconds)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def paths(self) -> list[str]:
+        return [r["path"] for r in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -21,25 +21,15 @@ from . import dumps, files, names, retention
 from .database import Database
 from .errors import Failed, VerificationError
 from .log import Progress, dry, log, size
+from .monitor import Monitor
 from .places import Place
-from .run import Cmd, StageFailed, Tap, pipeline
+from .run import Cmd, ProgressTap, StageFailed, pipeline
 from .settings import Settings
 
 
 def compressor() -> list[str]:
     """pigz writes the same gzip format on every core; gzip where pigz is not installed."""
     return ["pigz", "-6", "-c"] if shutil.which("pigz") else ["gzip", "-6", "-c"]
-
-
-class _ProgressTap(Tap):
-    name = "progress"
-
-    def __init__(self, progress: Progress):
-        self.progress = progress
-
-    def __call__(self, chunk: bytes) -> bytes:
-        self.progress.add(len(chunk))
-        return chunk
 
 
 @dataclass
@@ -58,7 +48,7 @@ def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dump
     with files.AtomicFile(directory, name) as out:
         writer = dumps.HashingWriter(out)
         try:
-            pipeline([db.dump(), scanner, _ProgressTap(progress), Cmd(compressor(), name="compress"), writer])
+            pipeline([db.dump(), scanner, ProgressTap(progress), Cmd(compressor(), name="compress"), writer])
         except StageFailed as exc:
             hint = "check DB_NAME, DB_EXEC and that PostgreSQL is running" if exc.stage.startswith("pg_dump") \
                 else "check free space and permissions in the backup directory" if exc.stage == writer.name \
@@ -110,7 +100,7 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
             dry("would create %s (mode 0700)", directory)
         return None
     files.ensure_private_dir(directory)
-    with files.lock(directory, "backup-db"):
+    with files.lock(directory, "backup-db"), Monitor(settings, "backup-db", prod.name) as monitor:
         for stale in files.remove_stale_temps(directory):
             log.warning("removed %s, left by an interrupted run", stale)
         name = names.nightly_name_for(datetime.now(UTC), set(os.listdir(directory)))
@@ -121,5 +111,6 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
         rows = sum(manifest.tables.values())
         log.info("wrote %s: %s, %d rows in %d tables, verified, in %.1fs",
                  name, size(manifest.bytes), rows, len(manifest.tables), seconds)
+        monitor.record(dump=name, bytes=manifest.bytes)
         removed = retention.rotate_local(directory, keep)
         return DumpResult(directory / name, manifest, seconds, removed)

@@ -29,6 +29,7 @@ from . import dumps, names
 from .download import fetch_dump, work_dir
 from .errors import Failed, KwError, VerificationError
 from .log import log, size
+from .monitor import Monitor
 from .places import Multiplexer, place
 from .restore import Source, resolve
 from .run import Cmd, StageFailed, pipeline, run
@@ -117,7 +118,8 @@ def drill(settings: Settings, args) -> dict:
               "result": "failed", "error": None}
     wanted = names.require(args.dump or "latest", "--dump")
     try:
-        with Multiplexer() as shared, work_dir(settings["WORK_DIR"]) as local:
+        with Monitor(settings, "backup-drill", "here"), Multiplexer() as shared, \
+                work_dir(settings["WORK_DIR"]) as local:
             started = time.monotonic()
             if args.from_file:
                 path = Path(args.from_file)

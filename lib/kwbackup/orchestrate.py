@@ -19,6 +19,7 @@ from plumbum.commands.base import shquote
 from . import dumps, files, names, retention
 from .errors import Failed, UsageError, VerificationError
 from .log import dry, log, size
+from .monitor import Monitor
 from .places import Entry, Multiplexer, Place, local_listing, place
 from .run import Cmd, StageFailed, run
 from .settings import Settings
@@ -76,21 +77,27 @@ def orchestrate(settings: Settings, dry_run: bool = False, no_push: bool = False
             _plan(settings, prod, pi5, nas, no_push)
             return summary
         files.ensure_private_dir(directory)
-        with files.lock(directory, "backup-orchestrator"):
+        with files.lock(directory, "backup-orchestrator"), Monitor(settings, "backup-orchestrator", "pi5") as monitor:
             try:
-                _run(settings, prod, pi5, nas, no_push, summary)
+                _run(settings, prod, pi5, nas, no_push, summary, monitor)
             except Exception as exc:
                 log.info(summary.line(f"failed ({type(exc).__name__})"))
                 raise
+            finally:
+                monitor.record(dump=summary.dump if summary.dump != "-" else None, bytes=summary.bytes or None,
+                               pull_seconds=summary.pull_seconds, push_seconds=summary.push_seconds)
             log.info(summary.line("ok" if not summary.warnings else "ok-with-warnings"))
     return summary
 
 
-def _run(settings: Settings, prod: Place, pi5: Place, nas: Place, no_push: bool, summary: Summary) -> None:
+def _run(settings: Settings, prod: Place, pi5: Place, nas: Place, no_push: bool, summary: Summary,
+         monitor: Monitor) -> None:
     directory = pi5.local_dir()
     incoming = files.ensure_private_dir(directory / INCOMING)
     newest = _pull_newest(settings, prod, directory, incoming, summary)
     _warn_on_size_change(settings, directory, newest, summary)
+    for warning in summary.warnings:
+        monitor.warn(f"size change: {warning}")
     if no_push:
         log.info("--no-push: not pushing to the nas, and so not rotating either")
         return

@@ -24,7 +24,7 @@ from .database import Database
 from .errors import Declined, Failed, KwError, LockHeld, UsageError, VerificationError
 from .log import Progress, dry, log, size
 from .places import Multiplexer, Place, place
-from .run import Cmd, StageFailed, Tap, background, pipeline, run
+from .run import Cmd, ProgressTap, StageFailed, Tap, background, pipeline, run
 from .settings import HOST_RE, Settings
 
 STAGING_PREFIX = "kw-restore."
@@ -200,7 +200,7 @@ class Restorer:
         write = self.prod.command(["sh", "-c", 'cat > "$1.partial" && mv -- "$1.partial" "$1"', "sh", target],
                                   name="write on prod")
         try:
-            pipeline([*steps, _Counter(progress), write], stdin=reader)
+            pipeline([*steps, ProgressTap(progress), write], stdin=reader)
         except StageFailed as exc:
             raise Failed(f"copying the dump to prod failed: {exc.message}", "check the source and prod") from exc
         finally:
@@ -465,17 +465,6 @@ class _Collect(Tap):
 
     def __call__(self, chunk: bytes) -> None:
         self.data += chunk
-
-
-class _Counter(Tap):
-    name = "progress"
-
-    def __init__(self, progress: Progress):
-        self.progress = progress
-
-    def __call__(self, chunk: bytes) -> bytes:
-        self.progress.add(len(chunk))
-        return chunk
 
 
 class _SizeWatcher(threading.Thread):

@@ -66,6 +66,19 @@ class Tap:
         pass
 
 
+class ProgressTap(Tap):
+    """Counts the bytes going by into a Progress (bytes, rate, ETA)."""
+
+    name = "progress"
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.progress.add(len(chunk))
+        return chunk
+
+
 class StageFailed(Failed):
     def __init__(self, stage: str, detail: str, tail: str = ""):
         self.stage = stage

@@ -144,6 +144,7 @@ SETTINGS = [
     Setting("DRILL_DATABASE_URL", None, secret=True),
     Setting("DRILL_SQL", None),
     Setting("DRILL_LOG", None, _absolute),
+    Setting("HISTORY_FILE", None, _absolute),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 
