@@ -23,7 +23,8 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parents[2]
 SHIPPED = ["bin", "lib", "cron", "requirements.txt", ".env.example", "Makefile", "README.md"]
 SCRIPTS = ["backup-db", "backup-orchestrator", "list-backups", "pull-prod-backups", "restore-production-db",
-           "setup-fresh-production-db", "migrate-database-to-new-prod", "backup-drill", "verify-backup"]
+           "setup-fresh-production-db", "migrate-database-to-new-prod", "backup-drill", "verify-backup",
+           "backup-report"]
 CRON = {"prod": ["prod"], "pi5": ["pi5", "drill"]}
 LOGROTATE = """# kw-backup: the orchestrator's and the drill's logs (make install-pi5)
 /var/log/backup-orchestrator.log /var/log/backup-drill.log {{
