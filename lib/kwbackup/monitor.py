@@ -28,6 +28,7 @@ from .log import log
 from .settings import Settings
 
 SINK_TIMEOUT = 5.0
+SLOW_RUN_SECONDS = 600  # the seed's "backup taking too long" alert
 TAIL_BYTES = 100 * 1024
 
 
@@ -80,6 +81,9 @@ class Monitor:
     def __exit__(self, exc_type, exc, tb) -> bool:
         duration = time.monotonic() - self.started
         ok = exc_type is None
+        if ok and duration > SLOW_RUN_SECONDS:
+            self.warn(f"slow run: {self.script} on {self.place} took {duration / 60:.0f} minutes "
+                      f"(more than {SLOW_RUN_SECONDS // 60})")
         error = None if ok else (exc.line() if isinstance(exc, KwError) else f"{exc_type.__name__}: {exc}")
         self._healthchecks("" if ok else "/fail")
         if ok:
