@@ -95,7 +95,7 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
         dry("would dump %s with: %s", db.name, db.dump().display())
         dry("would write %s (mode 0600) and its manifest, then verify it", directory / name)
         if directory.is_dir():
-            retention.rotate_local(directory, keep, dry_run=True)
+            retention.rotate_local(directory, keep, dry_run=True, calendar=prod.calendar)
         else:
             dry("would create %s (mode 0700)", directory)
         return None
@@ -112,5 +112,5 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
         log.info("wrote %s: %s, %d rows in %d tables, verified, in %.1fs",
                  name, size(manifest.bytes), rows, len(manifest.tables), seconds)
         monitor.record(dump=name, bytes=manifest.bytes)
-        removed = retention.rotate_local(directory, keep)
+        removed = retention.rotate_local(directory, keep, calendar=prod.calendar)
         return DumpResult(directory / name, manifest, seconds, removed)

@@ -102,7 +102,7 @@ def _run(settings: Settings, prod: Place, pi5: Place, nas: Place, no_push: bool,
         log.info("--no-push: not pushing to the nas, and so not rotating either")
         return
     _push(pi5, nas, summary)
-    for removed in retention.rotate_local(directory, pi5.keep):
+    for removed in retention.rotate_local(directory, pi5.keep, calendar=pi5.calendar):
         summary.removed.append(f"pi5:{removed}")
 
 
@@ -183,7 +183,7 @@ def _push(pi5: Place, nas: Place, summary: Summary) -> None:
                                        and there[e.name].sha256 == e.sha256)]
     valid_there = [(names.parse(e.name), e.status == "verified") for e in there.values()]
     valid_there += [(names.parse(e.name), True) for e in missing if e.name not in there]
-    doomed = [d.name for d in retention.to_remove(valid_there, nas.keep)]
+    doomed = [d.name for d in retention.to_remove(valid_there, nas.keep, nas.calendar)]
     if not missing and not doomed:
         log.info("the nas has every verified dump already")
         return

@@ -21,6 +21,7 @@ from plumbum.commands.base import shquote_list
 
 from . import names
 from .errors import Failed
+from .retention import NO_CALENDAR, Calendar
 from .run import Cmd, StageFailed, run
 from .settings import PLACES, Settings
 
@@ -90,6 +91,7 @@ class Place:
     keep: int | None
     ssh_config: str | None = None
     control_dir: str | None = field(default=None, compare=False)
+    calendar: Calendar = NO_CALENDAR
 
     @property
     def is_local(self) -> bool:
@@ -185,8 +187,10 @@ def _combine(found: dict[str, Entry], manifests: dict[str, dict | None]) -> list
 def place(settings: Settings, name: str) -> Place:
     prefix = PLACES[name]
     keep = settings[f"{prefix}_KEEP"] if f"{prefix}_KEEP" in settings.names() else None
+    calendar = Calendar(*(int(settings[f"{prefix}_KEEP_{period}"] or 0) for period in ("DAILY", "WEEKLY", "MONTHLY"))) \
+        if f"{prefix}_KEEP_DAILY" in settings.names() else NO_CALENDAR
     return Place(name, settings[f"{prefix}_HOST"], settings[f"{prefix}_DIR"],
-                 int(keep) if keep else None, settings["SSH_CONFIG"])
+                 int(keep) if keep else None, settings["SSH_CONFIG"], calendar=calendar)
 
 
 class Multiplexer:

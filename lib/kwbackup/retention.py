@@ -1,13 +1,17 @@
-"""Which dumps a place keeps: its KEEP newest valid dumps.
+"""Which dumps a place keeps: its KEEP newest valid dumps, and optionally a calendar.
 
 Only valid dumps count toward KEEP; only nightly `db-*` dumps are ever removed, and only
 those older than the KEEP-th newest valid one, so the newest valid dump is never removed,
-and invalid or planted "newer" files can never push good dumps out.
+and invalid or planted "newer" files can never push good dumps out. With a calendar
+(`<P>_KEEP_DAILY`, `_WEEKLY`, `_MONTHLY`), the newest valid dump of each of the last so many
+days, ISO weeks and months that have one is kept as well: a monthly copy survives a run of
+bad nights noticed late.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import dumps, files, names
@@ -16,7 +20,32 @@ from .log import dry, log
 from .names import DumpName
 
 
-def to_remove(dumps: list[tuple[DumpName, bool]], keep: int) -> list[DumpName]:
+@dataclass(frozen=True)
+class Calendar:
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+
+    def picks(self, valid_newest_first: list[DumpName]) -> set[str]:
+        """The newest valid dump of each of the last `daily` days, `weekly` weeks, `monthly` months."""
+        kept: set[str] = set()
+        for count, period in ((self.daily, lambda d: d.when.date()),
+                              (self.weekly, lambda d: d.when.isocalendar()[:2]),
+                              (self.monthly, lambda d: (d.when.year, d.when.month))):
+            seen: set = set()
+            for dump in valid_newest_first:
+                if len(seen) >= count:
+                    break
+                if period(dump) not in seen:
+                    seen.add(period(dump))
+                    kept.add(dump.name)
+        return kept
+
+
+NO_CALENDAR = Calendar()
+
+
+def to_remove(dumps: list[tuple[DumpName, bool]], keep: int, calendar: Calendar = NO_CALENDAR) -> list[DumpName]:
     """Given (dump, valid) pairs, the dumps rotation removes, oldest last."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
@@ -25,7 +54,8 @@ def to_remove(dumps: list[tuple[DumpName, bool]], keep: int) -> list[DumpName]:
     if len(valid) <= keep:
         return []
     cutoff = valid[keep - 1].sort_key
-    return [d for d, _ in ordered if d.nightly and d.sort_key < cutoff]
+    kept = calendar.picks(valid)
+    return [d for d, _ in ordered if d.nightly and d.sort_key < cutoff and d.name not in kept]
 
 
 def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
@@ -47,10 +77,10 @@ def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
     return False
 
 
-def rotate_local(directory: Path, keep: int, dry_run: bool = False) -> list[str]:
+def rotate_local(directory: Path, keep: int, dry_run: bool = False, calendar: Calendar = NO_CALENDAR) -> list[str]:
     """Remove dumps beyond the KEEP newest valid ones in a local directory (with manifests)."""
     found = names.dumps_in(os.listdir(directory))
-    doomed = to_remove([(d, is_valid_for_rotation(directory, d)) for d in found], keep)
+    doomed = to_remove([(d, is_valid_for_rotation(directory, d)) for d in found], keep, calendar)
     for dump in doomed:
         if dry_run:
             dry("would remove %s (keeping the %d newest valid dumps)", dump.name, keep)

@@ -139,6 +139,8 @@ SETTINGS = [
     Setting("NAS_HOST", "user@nas.local", _host),
     Setting("NAS_DIR", "/backups/kw-app", _place_dir),
     Setting("NAS_KEEP", "3", _positive_int),
+    *[Setting(f"{p}_KEEP_{period}", None, _non_negative_int) for p in ("PROD", "PI5", "NAS")
+      for period in ("DAILY", "WEEKLY", "MONTHLY")],
     Setting("OLD_PROD_HOST", "deploy@51.68.141.247", _host),
     Setting("OLD_PROD_DIR", "~/baza_dump/sql", _place_dir),
     Setting("DRILL_DATABASE_URL", None, secret=True),

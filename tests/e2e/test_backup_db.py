@@ -310,3 +310,14 @@ def test_env_file_flag(kw, tmp_path):
     result = kw.run("backup-db", "--env-file", str(other), env=env)
     assert result.returncode == 0, result.stderr
     assert last_line(result.stdout).startswith(str(tmp_path / "elsewhere"))
+
+
+def test_calendar_retention_keeps_a_monthly_copy(kw):
+    from datetime import date, timedelta
+    for i in range(40):
+        plant(kw.prod_dir, f"db-{date(2020, 1, 1) + timedelta(days=i)}.sql.gz")
+    kw.settings.update(PROD_KEEP="2", PROD_KEEP_MONTHLY="3")
+    result = kw.run("backup-db")
+    assert result.returncode == 0, result.stderr
+    planted = [n for n in kw.dumps() if n.startswith("db-2020") and n.endswith(".gz")]
+    assert planted == ["db-2020-01-31.sql.gz", "db-2020-02-09.sql.gz"]  # January's newest, then KEEP's second

@@ -33,3 +33,41 @@ def test_only_nightly_dumps_are_removed():
 def test_timed_dump_of_the_same_day_is_newer():
     entries = [("db-2024-01-02.sql.gz", True), ("db-2024-01-02-000000.sql.gz", True)]
     assert plan(entries, 1) == ["db-2024-01-02.sql.gz"]
+
+
+def walk(days: int, keep: int, calendar: retention.Calendar, valid=lambda day: True) -> list[str]:
+    """Rotate after each of `days` nightly dumps from 2024-01-01, as a place would; what remains."""
+    from datetime import date, timedelta
+    present: dict[str, bool] = {}
+    for i in range(days):
+        present[f"db-{date(2024, 1, 1) + timedelta(days=i)}.sql.gz"] = valid(i)
+        doomed = retention.to_remove([(names.parse(n), ok) for n, ok in present.items()], keep, calendar)
+        for dump in doomed:
+            del present[dump.name]
+    return sorted(present)
+
+
+def test_120_days_of_calendar_retention_keep_exactly_these():
+    remaining = walk(120, 3, retention.Calendar(daily=7, weekly=4, monthly=3))
+    # 2024-01-01 + 119 days = 2024-04-29, a Monday (ISO week 18).
+    assert remaining == [
+        "db-2024-02-29.sql.gz",  # newest of February (monthly)
+        "db-2024-03-31.sql.gz",  # newest of March (monthly)
+        "db-2024-04-14.sql.gz",  # newest of ISO week 15 (weekly; weeks 18, 17, 16, 15 are the last 4)
+        "db-2024-04-21.sql.gz",  # newest of ISO week 16 (weekly)
+        "db-2024-04-23.sql.gz", "db-2024-04-24.sql.gz", "db-2024-04-25.sql.gz", "db-2024-04-26.sql.gz",
+        "db-2024-04-27.sql.gz", "db-2024-04-28.sql.gz",  # daily (the 28th is also week 17's newest)
+        "db-2024-04-29.sql.gz",  # the newest: April (monthly), week 18, daily, KEEP
+    ]
+
+
+def test_a_run_of_bad_nights_never_pushes_the_monthly_copies_out():
+    # from day 60 on every dump is invalid (a compromised or broken prod): they never count
+    remaining = walk(120, 3, retention.Calendar(daily=7, weekly=4, monthly=3), valid=lambda day: day < 60)
+    assert "db-2024-02-29.sql.gz" in remaining and "db-2024-01-31.sql.gz" in remaining
+    assert len([n for n in remaining if n <= "db-2024-02-29.sql.gz"]) >= 3  # the last good ones stay
+
+
+def test_without_a_calendar_nothing_changes():
+    assert walk(30, 3, retention.NO_CALENDAR) == ["db-2024-01-28.sql.gz", "db-2024-01-29.sql.gz",
+                                                  "db-2024-01-30.sql.gz"]
