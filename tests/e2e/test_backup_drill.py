@@ -1,8 +1,6 @@
 """bin/backup-drill: a dump restores row for row on a scratch server, which is cleaned up whatever happens."""
 
 import glob
-import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +11,7 @@ import time
 import pytest
 
 from tests import world
+from tests.damage import rewrite, with_sql_error
 
 
 def clusters():
@@ -70,19 +69,8 @@ def test_a_tampered_manifest_exits_3(on_the_nas, net):
     assert json.loads((net.tmp / "drill.log").read_text().splitlines()[-1])["result"] == "failed"
 
 
-def break_sql(path):
-    """A dump that is intact as a file (its manifest agrees) but fails to restore."""
-    sql = gzip.decompress(path.read_bytes()).replace(b"\nCOPY public.users ",
-                                                     b"\nSELECT no_such_function();\nCOPY public.users ", 1)
-    path.write_bytes(gzip.compress(sql))
-    manifest_path = path.parent / (path.name + ".json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-    manifest_path.write_text(json.dumps(manifest))
-
-
 def test_a_dump_that_fails_to_restore_exits_3_and_the_scratch_is_cleaned(on_the_nas, net, pg):
-    break_sql(on_the_nas)
+    rewrite(on_the_nas, with_sql_error)  # intact as a file (its manifest agrees), fails to restore
     before = clusters()
     local = net.run("backup-drill", timeout=300)
     assert local.returncode == 3 and "no_such_function" in local.stderr
@@ -121,8 +109,9 @@ def test_from_a_file_and_hostile_names(kw, pg, db, tmp_path):
     made = kw.run("backup-db")
     copy = tmp_path / "any name.sql.gz"
     shutil.copy(made.stdout.strip().splitlines()[-1], copy)
-    kw.settings["DRILL_LOG"] = str(kw.tmp / "drill.log")
     result = kw.run("backup-drill", "--from-file", str(copy), timeout=300)
     assert result.returncode == 0, result.stderr
+    # DRILL_LOG's default: backup-drill.log beside LOG_FILE
+    assert json.loads((kw.tmp / "backup-drill.log").read_text())["result"] == "ok"
     hostile = kw.run("backup-drill", "--dump", "../../etc/passwd")
     assert hostile.returncode == 2

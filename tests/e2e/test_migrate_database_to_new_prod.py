@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import world
+from tests.damage import content, databases, with_sql_error
 
 NEWEST = "kw_app_production-20240105-120000.sql"  # plain SQL: a real dump of `db`, gunzipped
 OLDER = "kw_app_production-20231201-090000.sql.gz"  # one table public.t of 1234 rows, the newer mtime
@@ -33,7 +34,7 @@ def old_prod(net, pg, db):
     net.old_dir.mkdir(parents=True, mode=0o700)
     (net.old_dir / NEWEST).write_bytes(gzip.decompress(real.read_bytes()))
     os.utime(net.old_dir / NEWEST, (1e9, 1e9))  # by mtime OLDER is newer: the name decides
-    small_dump(net.old_dir, OLDER, 1234)
+    world.synthetic_dump(net.old_dir, OLDER, rows=1234, manifest=False)
     net.settings.update(OLD_PROD_HOST="old-prod", OLD_PROD_DIR=f"~/{top.name}/baza_dump/sql", DB_NAME=f"{db}_new")
     net.expected = pg.row_counts(db)
     net.before = temp_dirs()
@@ -41,14 +42,6 @@ def old_prod(net, pg, db):
     yield net
     shutil.rmtree(top)
     shutil.rmtree(net.laptop_tmp)
-
-
-def small_dump(directory: Path, name: str, rows: int) -> Path:
-    """A restorable dump without a manifest, as old-prod has them: one table public.t of `rows` rows."""
-    path = world.synthetic_dump(directory, name, rows=rows, manifest=False)
-    sql = gzip.decompress(path.read_bytes()).replace(b"\\unrestrict k\n", b"")  # psql refuses it without \restrict
-    path.write_bytes(gzip.compress(sql))
-    return path
 
 
 def temp_dirs() -> set[str]:
@@ -74,15 +67,6 @@ def migrate(net, *args):
     left = files_in(net.settings["WORK_DIR"]) + os.listdir(net.laptop_tmp) + sorted(temp_dirs() - net.before)
     assert not left, f"left behind: {left}\n{result.stderr}"
     return result
-
-
-def content(pg, dbname) -> tuple:
-    return pg.row_counts(dbname), pg.psql("SELECT md5(string_agg(concat_ws(',', u.email, u.name, o.total, o.details), "
-                                          "',' ORDER BY o.id)) FROM orders o JOIN users u ON u.id = o.user_id", dbname)
-
-
-def databases(pg, db) -> list[str]:
-    return sorted(n for n in pg.psql("SELECT datname FROM pg_database").split() if n.startswith(db))
 
 
 def migration_dumps_on_prod(net) -> list[str]:
@@ -121,8 +105,7 @@ def truncate(path: Path) -> None:
 
 
 def add_sql_error(path: Path) -> None:
-    sql = path.read_bytes()
-    path.write_bytes(sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY public.users ", 1))
+    path.write_bytes(with_sql_error(path.read_bytes()))
 
 
 @pytest.mark.parametrize("damage, status", [(truncate, 3), (add_sql_error, 1)])

@@ -1,8 +1,5 @@
 """bin/restore-production-db: a restore completes and is verified, or DB_NAME is exactly as it was."""
 
-import gzip
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -14,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import world
+from tests.damage import forge_manifest, rewrite, with_sql_error
 
 
 @pytest.fixture
@@ -65,14 +63,6 @@ def test_drop_previous(kw, pg, db, dumped):
     assert not [n for n in pg.psql("SELECT datname FROM pg_database").split() if "_before_restore_" in n]
 
 
-def forge_manifest(path):
-    """Make the manifest agree with a damaged file, so only the restore itself can notice."""
-    data = open(path, "rb").read()
-    manifest = json.loads(open(path + ".json").read())
-    manifest.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    open(path + ".json", "w").write(json.dumps(manifest))
-
-
 def test_truncated_dump_leaves_db_as_it_was(kw, pg, db, dumped):
     data = open(dumped, "rb").read()
     open(dumped, "wb").write(data[: len(data) - 200])  # gzip fails at the very end, after most was applied
@@ -84,18 +74,8 @@ def test_truncated_dump_leaves_db_as_it_was(kw, pg, db, dumped):
     assert state(pg, db) == before and not leftovers(pg, db) and not staging_dirs()
 
 
-def rewrite(path, change):
-    sql = change(gzip.decompress(open(path, "rb").read()))
-    open(path, "wb").write(gzip.compress(sql))
-    forge_manifest(path)
-
-
-def add_sql_error(sql: bytes) -> bytes:
-    return sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY public.users ", 1)
-
-
 def test_sql_error_in_the_middle_leaves_db_as_it_was(kw, pg, db, dumped):
-    rewrite(dumped, add_sql_error)
+    rewrite(dumped, with_sql_error)
     before = state(pg, db)
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 1, result.stderr
@@ -171,7 +151,7 @@ def test_dry_run_changes_nothing(kw, pg, db, dumped):
 
 
 def test_stop_app_starts_it_again_also_on_failure(kw, pg, db, dumped):
-    rewrite(dumped, add_sql_error)
+    rewrite(dumped, with_sql_error)
     result = kw.run("restore-production-db", "--local", "latest", "--yes", "--stop-app")
     assert result.returncode == 1
     assert world.standin_calls(kw.standin_log) == [["kamal", "app", "stop", "-d", "production"],

@@ -5,8 +5,6 @@ The laptop runs the script; prod and the nas are real sshd places, the pi5 is lo
 
 import glob
 import gzip
-import hashlib
-import json
 import os
 import pwd
 import shutil
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import world
+from tests.damage import content, databases, forge_manifest, with_sql_error
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
 OLDER, NEWER = "db-2024-01-01.sql.gz", "db-2099-01-01.sql.gz"  # around the real dump, made today
@@ -74,36 +73,10 @@ def assert_nothing_left(net) -> None:
     assert staging_dirs() <= net.before, f"left on prod: {staging_dirs() - net.before}"
 
 
-def forge_manifest(path: Path) -> None:
-    """Make the manifest agree with a changed file, so only the content itself can tell."""
-    data = path.read_bytes()
-    manifest = json.loads(Path(f"{path}.json").read_text())
-    manifest.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    Path(f"{path}.json").write_text(json.dumps(manifest))
-
-
-def small_dump(directory: Path, name: str, rows: int) -> Path:
-    """A restorable synthetic dump: one table public.t of `rows` rows."""
-    path = world.synthetic_dump(directory, name, rows=rows)
-    sql = gzip.decompress(path.read_bytes()).replace(b"\\unrestrict k\n", b"")  # psql refuses it without \restrict
-    path.write_bytes(gzip.compress(sql))
-    forge_manifest(path)
-    return path
-
-
-def content(pg, dbname) -> tuple:
-    return pg.row_counts(dbname), pg.psql("SELECT md5(string_agg(concat_ws(',', u.email, u.name, o.total, o.details), "
-                                          "',' ORDER BY o.id)) FROM orders o JOIN users u ON u.id = o.user_id", dbname)
-
-
-def databases(pg, db) -> list[str]:
-    return sorted(n for n in pg.psql("SELECT datname FROM pg_database").split() if n.startswith(db))
-
-
 def test_default_takes_the_latest_on_the_nas(fresh, pg, db):
     place_real_dump(fresh, fresh.nas_dir)
-    small_dump(fresh.nas_dir, OLDER, 10)
-    small_dump(fresh.pi5_dir, NEWER, 10)  # newer, but the nas comes first
+    world.synthetic_dump(fresh.nas_dir, OLDER, rows=10)
+    world.synthetic_dump(fresh.pi5_dir, NEWER, rows=10)  # newer, but the nas comes first
     result = run(fresh, "--yes")
     assert result.returncode == 0, result.stderr
     assert content(pg, f"{db}_fresh") == content(pg, db) and fresh.expected == world.RAILS_TABLE_ROWS
@@ -137,7 +110,7 @@ def test_from_nas_does_not_fall_back_to_the_pi5(fresh, pg, db):
 
 def test_from_nas_with_a_named_dump(fresh, pg, db):
     place_real_dump(fresh, fresh.nas_dir)
-    small_dump(fresh.nas_dir, OLDER, 1234)
+    world.synthetic_dump(fresh.nas_dir, OLDER, rows=1234)
     result = run(fresh, "--from-nas", "--dump", OLDER, "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(f"{db}_fresh") == {"public.t": 1234}
@@ -146,8 +119,8 @@ def test_from_nas_with_a_named_dump(fresh, pg, db):
 
 def test_from_pi5_takes_its_latest_even_when_the_nas_has_dumps(fresh, pg, db):
     place_real_dump(fresh, fresh.nas_dir)
-    small_dump(fresh.pi5_dir, OLDER, 1111)
-    small_dump(fresh.pi5_dir, NEWER, 2222)
+    world.synthetic_dump(fresh.pi5_dir, OLDER, rows=1111)
+    world.synthetic_dump(fresh.pi5_dir, NEWER, rows=2222)
     os.utime(fresh.pi5_dir / OLDER)  # the newest by mtime is the older one: the name decides
     result = run(fresh, "--from-pi5", "--dump", "latest", "--yes")
     assert result.returncode == 0, result.stderr
@@ -207,7 +180,7 @@ def test_an_existing_empty_database_is_filled(fresh, pg, db):
 
 def test_refuses_a_database_that_holds_tables_unless_force(fresh, pg, db):
     fresh.settings["DB_NAME"] = db
-    small_dump(fresh.nas_dir, OLDER, 1234)
+    world.synthetic_dump(fresh.nas_dir, OLDER, rows=1234)
     refused = run(fresh, "--yes")
     assert refused.returncode == 1, refused.stderr
     assert "already holds tables" in refused.stderr and "--force" in refused.stderr
@@ -245,9 +218,7 @@ def truncate(path: Path) -> None:
 
 
 def add_sql_error(path: Path) -> None:
-    sql = gzip.decompress(path.read_bytes())
-    path.write_bytes(gzip.compress(sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY "
-                                               b"public.users ", 1)))
+    path.write_bytes(gzip.compress(with_sql_error(gzip.decompress(path.read_bytes()))))
 
 
 @pytest.mark.parametrize("damage, status, says", [(truncate, 3, "corrupt"), (add_sql_error, 1, "no_such_function")])
