@@ -115,3 +115,13 @@ def test_from_a_file_and_hostile_names(kw, pg, db, tmp_path):
     assert json.loads((kw.tmp / "backup-drill.log").read_text())["result"] == "ok"
     hostile = kw.run("backup-drill", "--dump", "../../etc/passwd")
     assert hostile.returncode == 2
+
+
+def test_make_drill_runs_the_drill(kw, pg, db, tmp_path):
+    made = kw.run("backup-db")
+    assert made.returncode == 0, made.stderr
+    result = subprocess.run(["make", "-s", "drill", f"DRILL_ARGS=--from prod --report {tmp_path / 'r.json'}"],
+                            cwd=world.ROOT, env=kw.env(), capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "result:   ok" in result.stdout and json.loads((tmp_path / "r.json").read_text())["result"] == "ok"
