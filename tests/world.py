@@ -29,7 +29,9 @@ BIN = ROOT / "bin"
 STANDINS = Path(__file__).resolve().parent / "standins"
 INSTALLED = Path(__file__).resolve().parent / "installed"  # links to bin/, as make install puts them on PATH
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-PLACE_ADDRESSES = {"prod": "127.0.0.2", "pi5": "127.0.0.3", "nas": "127.0.0.4", "old-prod": "127.0.0.5"}
+# "offsite" is an SFTP server for rclone's sftp remote (tests/world.rclone_config), not a kw-backup place.
+PLACE_ADDRESSES = {"prod": "127.0.0.2", "pi5": "127.0.0.3", "nas": "127.0.0.4", "old-prod": "127.0.0.5",
+                   "offsite": "127.0.0.6"}
 SSH_PORT = 2222  # replaced by the running SshWorld's own free port (a bench or another run may hold 2222)
 
 RAILS_SCHEMA = """
@@ -177,7 +179,7 @@ class Sshd:
             f"AuthorizedKeysFile {self.authorized_keys}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
             "PermitUserEnvironment no\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 50\n"
-            f"Subsystem sftp internal-sftp\n"
+            f"Subsystem sftp internal-sftp -u 077\n"  # as README advises for an sftp offsite: private files
             f"SetEnv KW_TEST_PLACE={self.name} PATH={INSTALLED}:/usr/local/bin:/usr/bin:/bin "
             f"KW_BACKUP_ENV={self.env_file} KW_BACKUP_SYSLOG={self.base / 'no-syslog'}\n"
         )
@@ -285,6 +287,20 @@ class SshWorld:
         self.places["prod"].authorize(public, f'restrict,command="rrsync -ro {prod_dir}"')
         return key, public
 
+    def rclone_config(self, path: Path, name: str = "offsite", hashcheck: bool = True, address: str | None = None
+                      ) -> Path:
+        """An rclone config with an sftp remote `name` on the offsite sshd (or another address), checking its host key.
+
+        hashcheck=False: a remote that offers no checksums (a storage box without a shell).
+        """
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        path.write_text(f"[{name}]\ntype = sftp\nhost = {address or self.places['offsite'].address}\n"
+                        f"port = {self.port}\nuser = {user}\nkey_file = {self.key}\n"
+                        f"known_hosts_file = {self.known_hosts}\n"
+                        + ("" if hashcheck else "disable_hashcheck = true\n"))
+        path.chmod(0o600)
+        return path
+
     def ssh(self, place: str, *argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ssh", "-F", str(self.config), "-o", "BatchMode=yes", place, *argv],
                               capture_output=True, text=True, timeout=30)
@@ -336,6 +352,15 @@ PYTHON = sys.executable
 def relay_command(address: str, bytes_per_second: int) -> str:
     """A ProxyCommand that slows a place's link down (see tests/relay.py)."""
     return f"{sys.executable} {Path(__file__).resolve().parent / 'relay.py'} {address} {SSH_PORT} {bytes_per_second}"
+
+
+def age_key(directory: Path, name: str = "age-key.txt") -> tuple[Path, str]:
+    """A new age identity file (0600) and its public key."""
+    path = directory / name
+    subprocess.run(["age-keygen", "-o", str(path)], check=True, capture_output=True)
+    path.chmod(0o600)
+    return path, subprocess.run(["age-keygen", "-y", str(path)], check=True, capture_output=True,
+                                text=True).stdout.strip()
 
 
 def synthetic_dump(directory: Path, name: str, rows: int = 1000, random_bytes: bool = False,

@@ -1,4 +1,4 @@
-"""Copies of dumps on this machine (WORK_DIR): streamed from a place, complete or absent."""
+"""Copies of dumps on this machine (WORK_DIR): streamed from a place or offsite, decrypted, complete or absent."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import files, names
+from . import crypto, dumps, files, names
 from .errors import Failed
 from .log import Progress
+from .offsite import Offsite
 from .places import Place
-from .run import StageFailed, Tap, pipeline, run
+from .run import Cmd, StageFailed, Tap, pipeline, run
+from .settings import Settings
 
 
 class _Writer(Tap):
@@ -25,22 +27,25 @@ class _Writer(Tap):
         self.progress.add(len(chunk))
 
 
-def fetch(origin: Place, remote: str, directory: Path, name: str, total: int | None = None) -> Path:
-    """Stream `remote` from `origin` into `directory/name`; it appears only when complete."""
+def fetch(reader: Cmd, directory: Path, name: str, total: int | None = None, identity_file: str | None = None
+          ) -> Path:
+    """Stream what `reader` prints into `directory/name`, decrypted on the way when given an identity file.
+
+    The file appears only when complete.
+    """
     progress = Progress(f"downloading {name}", total)
+    steps = [reader, *([crypto.decrypt_cmd(identity_file)] if identity_file else [])]
     with files.AtomicFile(directory, name, replace=True) as out:
         try:
-            pipeline([origin.command(["cat", "--", remote], name=f"read from {origin.name}"), _Writer(out, progress)])
+            pipeline([*steps, _Writer(out, progress)])
         except StageFailed as exc:
-            raise Failed(f"downloading {remote} from {origin.name} failed: {exc.message}",
+            if exc.stage == crypto.DECRYPT_STAGE:
+                raise crypto.decryption_error(exc, name) from exc
+            raise Failed(f"downloading {name} ({reader.name}) failed: {exc.message}",
                          "check the place and the network") from exc
         finally:
             progress.finish()
         return out.commit()
-
-
-def exists(origin: Place, remote: str) -> bool:
-    return run(origin.command(["test", "-f", remote], name="test"), check=False, timeout=60)[0] == 0
 
 
 @contextmanager
@@ -54,15 +59,29 @@ def work_dir(base: str):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def fetch_dump(origin: Place, name: str, directory: Path, total: int | None = None) -> Path:
-    """A dump and (when it has one) its manifest from a place's DIR."""
-    if origin.is_local:
-        source = origin.local_dir() / name
-        for suffix in ("", names.MANIFEST_SUFFIX):
-            if (source.parent / (name + suffix)).exists():
-                shutil.copyfile(source.parent / (name + suffix), directory / (name + suffix))
-        return directory / name
-    path = fetch(origin, origin.remote_path(name), directory, name, total)
-    if exists(origin, origin.remote_path(name + names.MANIFEST_SUFFIX)):
-        fetch(origin, origin.remote_path(name + names.MANIFEST_SUFFIX), directory, name + names.MANIFEST_SUFFIX)
+def fetch_dump(origin: Place | Offsite, name: str, directory: Path, settings: Settings, total: int | None = None
+               ) -> Path:
+    """A dump and (when it has one) its manifest from a place's DIR or offsite; an encrypted one arrives decrypted.
+
+    A decrypted dump gets the plain dump's manifest (from the encrypted copy's), so the usual
+    verification checks that it decrypted to exactly the bytes that were backed up.
+    """
+    key = crypto.identity(settings, name) if names.is_encrypted(name) else None
+    plain = names.plain_name(name)
+    manifest_name = name + names.MANIFEST_SUFFIX
+    manifest = run(origin.read(manifest_name), timeout=600)[1] if origin.exists(manifest_name) else None
+    path = fetch(origin.read(name), directory, plain, total, key)
+    if manifest is not None:
+        files.write_atomic(directory, plain + names.MANIFEST_SUFFIX,
+                           dumps.Manifest.from_json(manifest, f"{origin.name}:{manifest_name}").plain().to_json(),
+                           replace=True)
     return path
+
+
+def local_dump(path: Path, directory: Path, settings: Settings) -> Path:
+    """A dump file given by path, ready to read: itself, or decrypted into `directory` when it is a `.age`."""
+    if not path.is_file():
+        raise Failed(f"--from-file: no such file: {path}")
+    if not names.is_encrypted(path.name):
+        return path
+    return crypto.decrypt_file(path, crypto.identity(settings, path.name), directory)

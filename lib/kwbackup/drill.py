@@ -1,7 +1,8 @@
 """backup-drill: prove a backup restores, row for row, on a scratch server; never touches prod.
 
-fetch (default: the nas) -> verify -> throwaway database on a scratch PostgreSQL (DRILL_DATABASE_URL,
-or a temporary cluster started here and removed afterwards, also on failure or Ctrl-C) ->
+fetch (default: the nas; an encrypted copy is decrypted on the way) -> verify -> throwaway
+database on a scratch PostgreSQL (DRILL_DATABASE_URL, or a temporary cluster started here and
+removed afterwards, also on failure or Ctrl-C) ->
 psql ON_ERROR_STOP in one transaction -> every table's count(*) against the manifest ->
 DRILL_SQL checks -> report on stdout and one JSON line in DRILL_LOG.
 """
@@ -26,12 +27,12 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from . import dumps, names
-from .download import fetch_dump, work_dir
+from .download import fetch_dump, local_dump, work_dir
 from .errors import Failed, KwError, VerificationError
 from .log import log, size
 from .monitor import Monitor
 from .places import Multiplexer, place
-from .restore import Source, resolve
+from .restore import Source, offsite_or_fail, resolve
 from .run import Cmd, StageFailed, pipeline, run
 from .settings import Settings
 
@@ -122,15 +123,13 @@ def drill(settings: Settings, args) -> dict:
                 work_dir(settings["WORK_DIR"]) as local:
             started = time.monotonic()
             if args.from_file:
-                path = Path(args.from_file)
-                if not path.is_file():
-                    raise Failed(f"--from-file: no such file: {path}")
-                report["source"] = str(path.resolve())
+                report["source"] = str(Path(args.from_file).resolve())
+                path = local_dump(Path(args.from_file), local, settings)
             else:
-                origin = shared(place(settings, args.source))
+                origin = offsite_or_fail(settings) if args.source == "offsite" else shared(place(settings, args.source))
                 chosen = resolve(Source(f"--from {args.source}", origin, wanted))
                 report["source"] = origin.label
-                path = fetch_dump(origin, chosen.name, local)
+                path = fetch_dump(origin, chosen.name, local, settings)
             report["download_seconds"] = round(time.monotonic() - started, 2)
             verified = dumps.verify_file(path)
             report.update(dump=path.name, bytes=verified.size)

@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -186,15 +186,29 @@ class Manifest:
     pg_dump_version: str | None
     tables: dict[str, int] = field(default_factory=dict)
     tool_version: str = __version__
+    # Only in an encrypted copy's manifest: method, recipients (public keys), and the plain dump's
+    # file, bytes and sha256, checked once it is decrypted. bytes and sha256 above are the encrypted file's.
+    encryption: dict | None = None
 
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n").encode()
+        fields = {k: v for k, v in asdict(self).items() if k != "encryption" or v is not None}
+        return (json.dumps(fields, indent=2, ensure_ascii=False) + "\n").encode()
+
+    def plain(self) -> Manifest:
+        """The manifest of the decrypted dump (itself when not encrypted)."""
+        if not self.encryption:
+            return self
+        return replace(self, file=self.encryption["plain_file"], bytes=self.encryption["plain_bytes"],
+                       sha256=self.encryption["plain_sha256"], encryption=None)
 
     @classmethod
     def from_json(cls, data: bytes, source: str = "manifest") -> Manifest:
         try:
             raw = json.loads(data)
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+            manifest = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+            if manifest.encryption is not None:
+                manifest.plain()  # its plain_* fields must be there
+            return manifest
         except (ValueError, TypeError, KeyError) as exc:
             raise VerificationError(f"{source} is not a valid manifest ({exc})") from exc
 

@@ -9,44 +9,57 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import dumps, names, restore
-from .download import fetch, fetch_dump, work_dir
+from . import crypto, dumps, names, restore
+from .download import fetch, fetch_dump, local_dump, work_dir
 from .errors import Failed, KwError, UsageError
 from .log import dry, log
+from .offsite import Offsite
 from .places import Multiplexer, Place, place
 from .run import run
 from .settings import Settings
 
 
-def pick(origin: Place, wanted: str) -> restore.Source:
+def pick(origin: Place | Offsite, wanted: str) -> restore.Source:
     return restore.resolve(restore.Source(f"--from-{origin.name}", origin, wanted))
 
 
 def default_source(settings: Settings, shared: Multiplexer, wanted: str) -> restore.Source:
-    """Latest on the nas; the pi5 when the nas is unreachable or empty (saying so)."""
+    """Latest on the nas; the pi5 when the nas is unreachable or empty; then offsite if set (saying so)."""
+    offsite = Offsite.from_settings(settings)
     try:
         return pick(shared(place(settings, "nas")), wanted)
     except KwError as exc:
         log.warning("the nas has no usable dump (%s); taking the pi5 instead", exc.message)
-    return pick(shared(place(settings, "pi5")), wanted)
+    try:
+        return pick(shared(place(settings, "pi5")), wanted)
+    except KwError as exc:
+        if offsite is None:
+            raise
+        log.warning("the pi5 has no usable dump either (%s); taking the offsite copy", exc.message)
+    return pick(offsite, wanted)
 
 
 def setup_fresh(settings: Settings, args) -> None:
     wanted = names.require(args.dump or "latest", "--dump")
     with Multiplexer() as shared, work_dir(settings["WORK_DIR"]) as local:
         if args.from_file:
-            path = Path(args.from_file)
-            if not path.is_file():
-                raise Failed(f"--from-file: no such file: {path}")
+            path = local_dump(Path(args.from_file), local, settings)
         elif args.from_ssh:
             source = restore.source_from_args(settings, args)
             host, _, remote = source.path.partition(":")
-            origin = Place("old-prod", host, "/", None, settings["SSH_CONFIG"])
-            path = fetch(shared(origin), remote, local, Path(remote).name)
+            origin = shared(Place("old-prod", host, "/", None, settings["SSH_CONFIG"]))
+            name = Path(remote).name
+            key = crypto.identity(settings, name) if names.is_encrypted(name) else None
+            path = fetch(origin.command(["cat", "--", remote], name=f"read from {host}"), local,
+                         names.plain_name(name), identity_file=key)
         else:
-            chosen = (pick(shared(place(settings, "nas" if args.from_nas else "pi5")), wanted)
-                      if args.from_nas or args.from_pi5 else default_source(settings, shared, wanted))
-            path = fetch_dump(chosen.place, chosen.name, local)
+            if args.from_offsite:
+                chosen = pick(restore.offsite_or_fail(settings), wanted)
+            elif args.from_nas or args.from_pi5:
+                chosen = pick(shared(place(settings, "nas" if args.from_nas else "pi5")), wanted)
+            else:
+                chosen = default_source(settings, shared, wanted)
+            path = fetch_dump(chosen.place, chosen.name, local, settings)
         verified = dumps.verify_file(path)
         log.info("verified %s here: %s", path.name, verified.status)
         restore.restore(settings, restore.Source("--from-file", path=str(path), name=path.name), yes=args.yes,
@@ -82,7 +95,8 @@ def migrate(settings: Settings, args) -> None:
                 _, out, _ = run(old.script(COMPRESS_SCRIPT, remote, gz, name="gzip on old-prod"), timeout=None)
                 temp_dir = out.decode().strip()
                 remote = f"{temp_dir}/{gz}"
-            path = fetch(old, remote, local, "migration-dump.sql.gz", chosen.size or None)
+            path = fetch(old.command(["cat", "--", remote], name="read from old-prod"), local,
+                         "migration-dump.sql.gz", chosen.size or None)
         finally:
             if temp_dir:
                 run(old.command(["rm", "-rf", "--", temp_dir], name="cleanup on old-prod"), check=False, timeout=60)

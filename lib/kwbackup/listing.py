@@ -6,7 +6,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .errors import KwError
+from .errors import KwError, UsageError
+from .offsite import Offsite
 from .places import Entry, Place, place
 from .settings import Settings
 
@@ -15,21 +16,25 @@ JSON_KEYS = ("place", "host", "dir", "name", "bytes", "created_at", "sha256", "s
 
 @dataclass
 class PlaceListing:
-    place: Place
+    place: Place | Offsite
     entries: list[Entry]
     error: str | None = None
 
 
-def places_to_list(settings: Settings, only: list[str] | None) -> list[Place]:
-    chosen = ["prod", "pi5", "nas"] + (["old-prod"] if settings.is_given("OLD_PROD_HOST") else [])
+def places_to_list(settings: Settings, only: list[str] | None) -> list[Place | Offsite]:
+    offsite = Offsite.from_settings(settings)
+    chosen = ["prod", "pi5", "nas"] + (["old-prod"] if settings.is_given("OLD_PROD_HOST") else []) + \
+        (["offsite"] if offsite else [])
     if only:
-        chosen = [name for name in ("prod", "pi5", "nas", "old-prod") if name in only]
-    return [place(settings, name) for name in chosen]
+        if "offsite" in only and offsite is None:
+            raise UsageError("--only offsite: OFFSITE_REMOTE is not set")
+        chosen = [name for name in ("prod", "pi5", "nas", "old-prod", "offsite") if name in only]
+    return [offsite if name == "offsite" else place(settings, name) for name in chosen]
 
 
-def gather(places: list[Place]) -> list[PlaceListing]:
+def gather(places: list[Place | Offsite]) -> list[PlaceListing]:
     """Ask every place at once: the time is the slowest place's, not the sum."""
-    def one(target: Place) -> PlaceListing:
+    def one(target: Place | Offsite) -> PlaceListing:
         try:
             return PlaceListing(target, target.listing(timeout=30))
         except KwError as exc:

@@ -71,7 +71,7 @@ class Monitor:
         return self
 
     def record(self, **fields) -> None:
-        """dump, bytes, and durations (pull_seconds, push_seconds) for metrics and history."""
+        """dump, bytes, and durations (pull_seconds, push_seconds, offsite_seconds) for metrics and history."""
         self.fields.update({k: v for k, v in fields.items() if v is not None})
 
     def warn(self, message: str) -> None:
@@ -127,7 +127,8 @@ class Monitor:
         if self.fields.get("bytes"):
             values["backup.size"] = self.fields["bytes"]
         for leg, field in (("backup.prod_to_pi5.duration", "pull_seconds"),
-                           ("backup.pi5_to_nas.duration", "push_seconds")):
+                           ("backup.pi5_to_nas.duration", "push_seconds"),
+                           ("backup.pi5_to_offsite.duration", "offsite_seconds")):
             if self.fields.get(field):
                 values[leg] = round(self.fields[field], 3)
         body = json.dumps([{"name": n, "metricType": "gauge", "value": v, "tags": tags} for n, v in values.items()])

@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 
 from .errors import UsageError
 
-NIGHTLY_RE = re.compile(r"db-(\d{4}-\d{2}-\d{2})(?:-(\d{6}))?\.sql\.gz")
-MIGRATION_RE = re.compile(r"kw_app_production-(\d{8})-(\d{6})\.sql(\.gz)?")
+# `.age`: the same dump encrypted by the orchestrator for the nas and offsite (issue 8).
+NIGHTLY_RE = re.compile(r"db-(\d{4}-\d{2}-\d{2})(?:-(\d{6}))?\.sql\.gz(\.age)?")
+MIGRATION_RE = re.compile(r"kw_app_production-(\d{8})-(\d{6})\.sql(\.gz(\.age)?)?")
 MANIFEST_SUFFIX = ".json"
+AGE_SUFFIX = ".age"
 
 
 @dataclass(frozen=True, order=False)
@@ -20,10 +22,16 @@ class DumpName:
     timed: bool  # db-DATE-HHMMSS: made later the same day than a bare db-DATE
     nightly: bool  # a db-* dump: the only kind rotation may remove
     compressed: bool
+    encrypted: bool = False
+
+    @property
+    def stem(self) -> str:
+        """The plain dump's name: an encrypted copy and its plain original are the same dump."""
+        return self.name[: -len(AGE_SUFFIX)] if self.encrypted else self.name
 
     @property
     def sort_key(self) -> tuple[datetime, bool, str]:
-        return (self.when, self.timed, self.name)
+        return (self.when, self.timed, self.stem)
 
     @property
     def manifest(self) -> str:
@@ -34,12 +42,12 @@ def parse(name: str) -> DumpName | None:
     """The DumpName for a contract-conforming file name, else None."""
     try:
         if m := NIGHTLY_RE.fullmatch(name):
-            date, time = m.groups()
+            date, time, age = m.groups()
             when = datetime.strptime(date + (time or "000000"), "%Y-%m-%d%H%M%S")
-            return DumpName(name, when.replace(tzinfo=UTC), time is not None, True, True)
+            return DumpName(name, when.replace(tzinfo=UTC), time is not None, True, True, bool(age))
         if m := MIGRATION_RE.fullmatch(name):
             when = datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S")
-            return DumpName(name, when.replace(tzinfo=UTC), True, False, bool(m.group(3)))
+            return DumpName(name, when.replace(tzinfo=UTC), True, False, bool(m.group(3)), bool(m.group(4)))
     except ValueError:  # a well-shaped name with an impossible date
         return None
     return None
@@ -52,7 +60,7 @@ def require(name: str, option: str = "dump name", allow_latest: bool = True) -> 
     if parse(name) is None:
         raise UsageError(
             f"{option}: {name!r} is not a dump name",
-            "use db-YYYY-MM-DD[-HHMMSS].sql.gz, kw_app_production-YYYYMMDD-HHMMSS.sql[.gz]"
+            "use db-YYYY-MM-DD[-HHMMSS].sql.gz[.age], kw_app_production-YYYYMMDD-HHMMSS.sql[.gz[.age]]"
             + (" or latest" if allow_latest else "")
             + " (no paths)",
         )
@@ -63,6 +71,15 @@ def dumps_in(names) -> list[DumpName]:
     """The dump names among arbitrary file names, newest first (by the name's timestamp)."""
     parsed = [d for n in names if (d := parse(n))]
     return sorted(parsed, key=lambda d: d.sort_key, reverse=True)
+
+
+def is_encrypted(name: str) -> bool:
+    return name.endswith(AGE_SUFFIX)
+
+
+def plain_name(name: str) -> str:
+    """The name a dump has once decrypted."""
+    return name[: -len(AGE_SUFFIX)] if is_encrypted(name) else name
 
 
 def newest(names) -> DumpName | None:

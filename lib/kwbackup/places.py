@@ -70,6 +70,12 @@ class Entry:
         return self.manifest.get("sha256") if self.manifest else None
 
     @property
+    def plain_sha256(self) -> str | None:
+        """The sha256 of the dump itself: for an encrypted copy, of what it decrypts to."""
+        encryption = (self.manifest or {}).get("encryption")
+        return encryption.get("plain_sha256") if isinstance(encryption, dict) else self.sha256
+
+    @property
     def created_at(self) -> datetime:
         """The dump's time: its manifest's, else the file's mtime, else its name's."""
         stamp = (self.manifest or {}).get("created_at")
@@ -126,6 +132,15 @@ class Place:
         """A constant sh script run on the place with `args` as $1, $2, ..."""
         return self.command(["sh", "-c", script, "sh", *args], name=name)
 
+    def read(self, name: str) -> Cmd:
+        """A command writing the file `name` of DIR to its standard output."""
+        path = str(self.local_dir() / name) if self.is_local else self.remote_path(name)
+        return self.command(["cat", "--", path], name=f"read from {self.name}")
+
+    def exists(self, name: str) -> bool:
+        path = str(self.local_dir() / name) if self.is_local else self.remote_path(name)
+        return run(self.command(["test", "-f", path], name="test"), check=False, timeout=60)[0] == 0
+
     def listing(self, timeout: float = 60) -> list[Entry]:
         """The dumps in DIR (newest first) with sizes and manifests; Failed when unreachable."""
         if self.is_local:
@@ -152,8 +167,8 @@ def local_listing(directory: Path) -> list[Entry]:
             stat = entry.stat()
             found[entry.name] = Entry(entry.name, stat.st_size, stat.st_mtime)
         elif entry.name.endswith(names.MANIFEST_SUFFIX) and names.parse(entry.name[: -len(names.MANIFEST_SUFFIX)]):
-            manifests[entry.name[: -len(names.MANIFEST_SUFFIX)]] = _manifest_or_none(Path(entry.path).read_bytes())
-    return _combine(found, manifests)
+            manifests[entry.name[: -len(names.MANIFEST_SUFFIX)]] = manifest_or_none(Path(entry.path).read_bytes())
+    return combine_listing(found, manifests)
 
 
 def _parse_listing(text: str) -> list[Entry]:
@@ -165,11 +180,11 @@ def _parse_listing(text: str) -> list[Entry]:
             if names.parse(name) and len(rest) == 2 and rest[0].isdigit():
                 found[name] = Entry(name, int(rest[0]), float(rest[1]) if rest[1].isdigit() else 0.0)
         elif parts[0] == "M" and len(parts) == 3 and parts[1].endswith(names.MANIFEST_SUFFIX):
-            manifests[parts[1][: -len(names.MANIFEST_SUFFIX)]] = _manifest_or_none(parts[2].encode())
-    return _combine(found, manifests)
+            manifests[parts[1][: -len(names.MANIFEST_SUFFIX)]] = manifest_or_none(parts[2].encode())
+    return combine_listing(found, manifests)
 
 
-def _manifest_or_none(data: bytes) -> dict | None:
+def manifest_or_none(data: bytes) -> dict | None:
     try:
         manifest = json.loads(data)
     except ValueError:
@@ -177,7 +192,7 @@ def _manifest_or_none(data: bytes) -> dict | None:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def _combine(found: dict[str, Entry], manifests: dict[str, dict | None]) -> list[Entry]:
+def combine_listing(found: dict[str, Entry], manifests: dict[str, dict | None]) -> list[Entry]:
     for name, entry in found.items():
         entry.manifest = manifests.get(name)
     order = {d.name: i for i, d in enumerate(names.dumps_in(found))}

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import dumps, files, names
+from . import crypto, dumps, files, names
 from .database import Database
 from .errors import Declined, Failed, KwError, LockHeld, UsageError, VerificationError
 from .log import Progress, dry, log, size
+from .offsite import Offsite
 from .places import Multiplexer, Place, place
 from .run import Cmd, ProgressTap, StageFailed, Tap, background, pipeline, run
 from .settings import HOST_RE, Settings
@@ -66,7 +67,7 @@ class Source:
     """Where the dump comes from: a place and a dump name, or a path (a local file or user@host:/path)."""
 
     option: str
-    place: Place | None = None
+    place: Place | Offsite | None = None
     name: str = "latest"
     path: str | None = None
 
@@ -118,15 +119,20 @@ class Restorer:
 
     # --- staging --------------------------------------------------------------------------------
     def stage(self, source: Source) -> Staged:
-        """The dump on prod: in place when it is there already, else streamed into a private temp dir."""
-        if source.place is not None and source.place.name == "prod":
+        """The dump on prod: in place when it is there already, else streamed into a private temp dir.
+
+        An encrypted dump is decrypted on this machine as it streams (the key never leaves it);
+        prod receives the plain dump and its plain manifest.
+        """
+        key = crypto.identity(self.settings, source.name) if names.is_encrypted(source.name) else None
+        if source.place is not None and source.place.name == "prod" and not key:
             path = str(source.place.local_dir() / source.name) if self.prod.is_local \
                 else source.place.remote_path(source.name)
             return Staged(path, source.name)
         local_path = self._local_path(source)
-        if self.prod.is_local and local_path:
+        if self.prod.is_local and local_path and not key:
             return Staged(local_path, Path(local_path).name)
-        return self._upload(source, local_path)
+        return self._upload(source, local_path, key)
 
     def _local_path(self, source: Source) -> str | None:
         if source.option == "--from-file":
@@ -135,17 +141,17 @@ class Restorer:
             return str(source.place.local_dir() / source.name)
         return None
 
-    def _upload(self, source: Source, local_path: str | None) -> Staged:
-        name = source.name if names.parse(source.name) else "dump.sql.gz" if (source.path or "").endswith(".gz") \
-            else "dump.sql"
+    def _upload(self, source: Source, local_path: str | None, key: str | None) -> Staged:
+        plain = names.plain_name(source.name)
+        name = plain if names.parse(plain) else "dump.sql.gz" if plain.endswith(".gz") else "dump.sql"
         size_hint = os.path.getsize(local_path) if local_path else self._remote_size(source)
         self._check_tmp_space(size_hint)
         staging = self._mkdtemp()
         staged = Staged(f"{staging}/{name}", name, size_hint, staging)
         try:
             staged.holder = self._hold(staging)
-            for suffix in ("", names.MANIFEST_SUFFIX):
-                self._stream(source, local_path, suffix, f"{staging}/{name}{suffix}", size_hint)
+            self._stream(source, local_path, f"{staging}/{name}", size_hint, key)
+            self._stream_manifest(source, local_path, f"{staging}/{name}{names.MANIFEST_SUFFIX}", key)
         except BaseException:
             self.cleanup(staged)
             raise
@@ -181,35 +187,38 @@ class Restorer:
             holder.stdin.close()
             holder.wait(30)
 
-    def _stream(self, source: Source, local_path: str | None, suffix: str, target: str, total: int) -> None:
-        """Copy a file to prod through this machine: nothing lands here, nothing partial there."""
-        if local_path:
-            if suffix and not os.path.exists(local_path + suffix):
-                return
-            reader: object = dumps.FileChunks(Path(local_path + suffix))
-            steps: list = []
-        else:
-            origin = source.place or Place("ssh-source", source.path.split(":", 1)[0], "/", None,
-                                           self.settings["SSH_CONFIG"])
-            remote = (source.place.remote_path(source.name) if source.place else source.path.split(":", 1)[1]) + suffix
-            if suffix and not self._exists_at(origin, remote):
-                return
-            reader = None
-            steps = [origin.command(["cat", "--", remote], name=f"read from {origin.host}")]
+    def _write_on_prod(self, target: str) -> Cmd:
+        return self.prod.command(["sh", "-c", 'cat > "$1.partial" && mv -- "$1.partial" "$1"', "sh", target],
+                                 name="write on prod")
+
+    def _stream(self, source: Source, local_path: str | None, target: str, total: int, key: str | None) -> None:
+        """Copy the dump to prod through this machine: nothing lands here, nothing partial there."""
+        reader = dumps.FileChunks(Path(local_path)) if local_path else None
+        steps = ([] if local_path else [source.place.read(source.name)]) + ([crypto.decrypt_cmd(key)] if key else [])
         progress = Progress(f"copying {Path(target).name} to prod", total or None)
-        write = self.prod.command(["sh", "-c", 'cat > "$1.partial" && mv -- "$1.partial" "$1"', "sh", target],
-                                  name="write on prod")
         try:
-            pipeline([*steps, ProgressTap(progress), write], stdin=reader)
+            pipeline([*steps, ProgressTap(progress), self._write_on_prod(target)], stdin=reader)
         except StageFailed as exc:
+            if exc.stage == crypto.DECRYPT_STAGE:
+                raise crypto.decryption_error(exc, source.name) from exc
             raise Failed(f"copying the dump to prod failed: {exc.message}", "check the source and prod") from exc
         finally:
             progress.finish()
 
-    @staticmethod
-    def _exists_at(origin: Place, remote: str) -> bool:
-        code, _, _ = run(origin.command(["test", "-f", remote], name="test"), check=False, timeout=60)
-        return code == 0
+    def _stream_manifest(self, source: Source, local_path: str | None, target: str, key: str | None) -> None:
+        """The dump's manifest beside it on prod; for a decrypted dump, the plain dump's manifest."""
+        name = source.name + names.MANIFEST_SUFFIX
+        if local_path:
+            if not os.path.exists(local_path + names.MANIFEST_SUFFIX):
+                return
+            data = Path(local_path + names.MANIFEST_SUFFIX).read_bytes()
+        elif source.place.exists(name):
+            data = run(source.place.read(name), timeout=600)[1]
+        else:
+            return
+        if key:
+            data = dumps.Manifest.from_json(data, name).plain().to_json()
+        run(self._write_on_prod(target), input=data, timeout=600)
 
     def _check_tmp_space(self, needed: int) -> None:
         free = self._free_bytes(self.prod.command(["df", "-Pk", "/tmp"], name="df on prod"))
@@ -514,7 +523,7 @@ def restore(settings: Settings, source: Source, *, yes: bool, dry_run: bool, sto
     """restore-production-db / setup-fresh-production-db: the whole safe restore."""
     work = files.own_subdir(Path(settings["WORK_DIR"]), f"kw-backup-{os.geteuid()}")
     with files.lock(work, "kw-restore"), Multiplexer() as shared:
-        if source.place is not None:
+        if isinstance(source.place, Place):
             source.place = shared(source.place)
         _restore(settings, shared(place(settings, "prod")), source, yes=yes, dry_run=dry_run, stop_app=stop_app,
                  drop_previous=drop_previous, refuse_tables=refuse_tables, keep_as=keep_as)
@@ -587,12 +596,14 @@ def _last_error(stderr: bytes | str) -> str:
 
 
 def source_from_args(settings: Settings, args) -> Source:
-    """--local/--from-nas/--from-pi5 NAME|latest, --from-file PATH, --from-ssh USER@HOST:/PATH."""
-    for option, place_name in (("local", "prod"), ("from_nas", "nas"), ("from_pi5", "pi5")):
+    """--local/--from-nas/--from-pi5/--from-offsite NAME|latest, --from-file PATH, --from-ssh USER@HOST:/PATH."""
+    for option, place_name in (("local", "prod"), ("from_nas", "nas"), ("from_pi5", "pi5"),
+                               ("from_offsite", "offsite")):
         value = getattr(args, option, None)
-        if isinstance(value, str):  # setup-fresh's --from-nas/--from-pi5 are flags, not names
+        if isinstance(value, str):  # setup-fresh's --from-nas/--from-pi5/--from-offsite are flags, not names
             flag = "--" + option.replace("_", "-")
-            return Source(flag, place(settings, place_name), names.require(value, flag))
+            origin = offsite_or_fail(settings) if place_name == "offsite" else place(settings, place_name)
+            return Source(flag, origin, names.require(value, flag))
     if getattr(args, "from_file", None):
         if not os.path.isfile(args.from_file):
             raise Failed(f"--from-file: no such file: {args.from_file}")
@@ -602,5 +613,12 @@ def source_from_args(settings: Settings, args) -> Source:
         if not sep or not HOST_RE.fullmatch(host) or not path.startswith("/") or "\n" in path:
             raise UsageError(f"--from-ssh: {args.from_ssh!r} is not USER@HOST:/PATH")
         return Source("--from-ssh", path=args.from_ssh, name=Path(path).name)
-    raise UsageError("say where the dump is: --local, --from-nas, --from-pi5 or --from-file")
+    raise UsageError("say where the dump is: --local, --from-nas, --from-pi5, --from-offsite or --from-file")
+
+
+def offsite_or_fail(settings: Settings) -> Offsite:
+    offsite = Offsite.from_settings(settings)
+    if offsite is None:
+        raise UsageError("--from-offsite: OFFSITE_REMOTE is not set", "set it in the env file (an rclone remote)")
+    return offsite
 

@@ -27,7 +27,7 @@ class Calendar:
     monthly: int = 0
 
     def picks(self, valid_newest_first: list[DumpName]) -> set[str]:
-        """The newest valid dump of each of the last `daily` days, `weekly` weeks, `monthly` months."""
+        """The stems of the newest valid dump of each of the last `daily` days, `weekly` weeks, `monthly` months."""
         kept: set[str] = set()
         for count, period in ((self.daily, lambda d: d.when.date()),
                               (self.weekly, lambda d: d.when.isocalendar()[:2]),
@@ -38,7 +38,7 @@ class Calendar:
                     break
                 if period(dump) not in seen:
                     seen.add(period(dump))
-                    kept.add(dump.name)
+                    kept.add(dump.stem)
         return kept
 
 
@@ -50,12 +50,12 @@ def to_remove(dumps: list[tuple[DumpName, bool]], keep: int, calendar: Calendar 
     if keep < 1:
         raise ValueError("keep must be at least 1")
     ordered = sorted(dumps, key=lambda pair: pair[0].sort_key, reverse=True)
-    valid = [d for d, ok in ordered if ok]
+    valid = list({d.stem: d for d, ok in reversed(ordered) if ok}.values())[::-1]  # a plain and an .age copy: one
     if len(valid) <= keep:
         return []
     cutoff = valid[keep - 1].sort_key
     kept = calendar.picks(valid)
-    return [d for d, _ in ordered if d.nightly and d.sort_key < cutoff and d.name not in kept]
+    return [d for d, _ in ordered if d.nightly and d.sort_key < cutoff and d.stem not in kept]
 
 
 def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
@@ -63,6 +63,8 @@ def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
     path = directory / dump.name
     try:
         manifest = dumps.read_manifest(path)
+        if manifest is None and dump.encrypted:
+            raise KwError("an encrypted dump without its manifest cannot be checked")
         if manifest is None:
             dumps.verify_file(path, use_manifest=False)
             return True

@@ -28,6 +28,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # <DB_NAME>_before_restore_<YYYYMMDDHHMMSS> must fit PostgreSQL's 63-byte identifiers.
 DB_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,32}")
 DB_EXEC_MODES = ("docker", "kamal", "direct")
+AGE_RECIPIENT_RE = re.compile(r"age1[02-9ac-hj-np-z]{58}")
+# A remote of the rclone config and a path in it, or a local directory; nothing that rclone would parse as options.
+RCLONE_REMOTE_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*:|/)[^\s\0]*")
 
 
 def _positive_int(value: str) -> str | None:
@@ -93,6 +96,19 @@ def _url(value: str) -> str | None:
     return None if re.fullmatch(r"https?://\S+", value) else "must be an http(s) URL"
 
 
+def _age_recipients(value: str) -> str | None:
+    if all(AGE_RECIPIENT_RE.fullmatch(key) for key in value.split()):
+        return None
+    return "must be age public keys (age1..., as age-keygen -y prints them), separated by spaces"
+
+
+def _rclone_remote(value: str) -> str | None:
+    if RCLONE_REMOTE_RE.fullmatch(value):
+        return None
+    return ("must be NAME:PATH with NAME a remote of your rclone config (rclone config), or an absolute "
+            "directory; not a :backend,option=...: string (those can carry passwords)")
+
+
 def _command(value: str) -> str | None:
     try:
         return None if shlex.split(value) else "must not be empty"
@@ -141,6 +157,12 @@ SETTINGS = [
     Setting("NAS_KEEP", "3", _positive_int),
     *[Setting(f"{p}_KEEP_{period}", None, _non_negative_int) for p in ("PROD", "PI5", "NAS")
       for period in ("DAILY", "WEEKLY", "MONTHLY")],
+    Setting("OFFSITE_REMOTE", None, _rclone_remote),
+    Setting("OFFSITE_KEEP", "3", _positive_int),
+    *[Setting(f"OFFSITE_KEEP_{period}", None, _non_negative_int) for period in ("DAILY", "WEEKLY", "MONTHLY")],
+    Setting("RCLONE_CONFIG", None, _absolute),
+    Setting("AGE_RECIPIENTS", None, _age_recipients),
+    Setting("AGE_IDENTITY_FILE", None, _absolute),
     Setting("OLD_PROD_HOST", "deploy@51.68.141.247", _host),
     Setting("OLD_PROD_DIR", "~/baza_dump/sql", _place_dir),
     Setting("DRILL_DATABASE_URL", None, secret=True),

@@ -1,0 +1,149 @@
+"""age encryption of dumps: the pi5 encrypts what leaves it for the nas and offsite; readers decrypt.
+
+Debian's `age` (the reference implementation; the same command decrypts a copy by hand in a
+disaster, with nothing of kw-backup installed) runs as a pipeline stage: a dump is encrypted
+and decrypted as it streams, and a plain copy exists only where a dump is restored or checked.
+An encrypted copy `<dump>.age` has a manifest in clear with the encrypted file's size and
+sha256 (checkable without the key), the recipients' public keys, and the plain dump's size
+and sha256, checked once it is decrypted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from . import dumps, files, names
+from .errors import Failed, KwError, UsageError, VerificationError
+from .log import log
+from .run import Cmd, StageFailed, Tap, pipeline
+from .settings import Settings
+
+DECRYPT_STAGE = "age decrypt"
+ENCRYPT_STAGE = "age encrypt"
+IDENTITY_HINT = "see README, Encryption: bw get ... into a 0600 file, removed afterwards"
+
+
+def recipients(settings: Settings) -> list[str]:
+    return (settings["AGE_RECIPIENTS"] or "").split()
+
+
+def identity(settings: Settings, what: str) -> str:
+    """AGE_IDENTITY_FILE, needed to read the encrypted `what`; UsageError (exit 2) when unset or missing."""
+    path = settings["AGE_IDENTITY_FILE"]
+    if not path:
+        raise UsageError(f"{what} is encrypted: set AGE_IDENTITY_FILE to the age identity (secret key) file",
+                         IDENTITY_HINT)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UsageError(f"AGE_IDENTITY_FILE {path}: {exc.strerror}", IDENTITY_HINT) from exc
+    if mode & 0o077:
+        log.warning("AGE_IDENTITY_FILE %s can be read by others (mode %o): chmod 600 it", path, mode & 0o777)
+    return path
+
+
+def decrypt_cmd(identity_file: str) -> Cmd:
+    return Cmd(["age", "--decrypt", "-i", identity_file], name=DECRYPT_STAGE)
+
+
+def decryption_error(exc: StageFailed, name: str) -> KwError:
+    """A failed decryption: the wrong key is the operator's to fix (exit 1); a damaged copy is exit 3."""
+    reason = next((line.split("age: error: ", 1)[1] for line in reversed(exc.tail.splitlines())
+                   if "age: error: " in line), exc.tail or exc.detail)
+    if "no identity matched" in reason:
+        return Failed(f"AGE_IDENTITY_FILE cannot decrypt {name}: its key is not one of the dump's recipients",
+                      "use the identity whose public key is in AGE_RECIPIENTS (the manifest lists them)")
+    if reason.startswith("reading "):
+        return UsageError(f"AGE_IDENTITY_FILE is not a usable age identity: {reason}", IDENTITY_HINT)
+    return VerificationError(f"{name}: cannot be decrypted, the copy is damaged or incomplete ({reason})",
+                             "use another copy (list-backups)")
+
+
+class _Hash(Tap):
+    """Size and sha256 of the bytes passing by, passed on unchanged."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+
+def encrypt(source: Path, manifest: dumps.Manifest, directory: Path, keys: list[str]) -> dumps.Manifest:
+    """`source` encrypted to `keys` as directory/<name>.age with its manifest; the source is re-checked on the way."""
+    name = source.name + names.AGE_SUFFIX
+    reader = dumps.FileChunks(source)
+    with files.AtomicFile(directory, name, replace=True) as out:
+        writer = dumps.HashingWriter(out)
+        try:
+            pipeline([Cmd(["age", "--encrypt", *(arg for key in keys for arg in ("-r", key))], name=ENCRYPT_STAGE),
+                      writer], stdin=reader)
+        except StageFailed as exc:
+            raise Failed(f"encrypting {source.name} failed: {exc.message}", "check AGE_RECIPIENTS and the pi5") \
+                from exc
+        if (reader.size, reader.sha256.hexdigest()) != (manifest.bytes, manifest.sha256):
+            raise VerificationError(f"{source} no longer matches its manifest; not encrypting it",
+                                    "the pi5's copy is damaged: check its disk")
+        out.commit()
+    encrypted = dumps.Manifest(**{**vars(manifest), "file": name, "bytes": writer.size,
+                                  "sha256": writer.sha256.hexdigest(),
+                                  "encryption": {"method": "age", "recipients": keys, "plain_file": manifest.file,
+                                                 "plain_bytes": manifest.bytes, "plain_sha256": manifest.sha256}})
+    files.write_atomic(directory, name + names.MANIFEST_SUFFIX, encrypted.to_json(), replace=True)
+    return encrypted
+
+
+def decrypt_file(path: Path, identity_file: str, directory: Path) -> Path:
+    """A local `.age` dump decrypted into `directory` under its plain name, with the plain manifest beside it."""
+    manifest = dumps.read_manifest(path)
+    plain_name = names.plain_name(path.name)
+    with files.AtomicFile(directory, plain_name, replace=True) as out:
+        writer = dumps.HashingWriter(out)
+        try:
+            pipeline([decrypt_cmd(identity_file), writer], stdin=dumps.FileChunks(path))
+        except StageFailed as exc:
+            raise (decryption_error(exc, path.name) if exc.stage == DECRYPT_STAGE else exc) from exc
+        out.commit()
+    if manifest is not None:
+        plain = manifest.plain()
+        if (writer.size, writer.sha256.hexdigest()) != (plain.bytes, plain.sha256):
+            raise VerificationError(f"{path.name} decrypts to other bytes than the dump its manifest describes",
+                                    "use another copy (list-backups)")
+        files.write_atomic(directory, plain_name + names.MANIFEST_SUFFIX, plain.to_json(), replace=True)
+    return directory / plain_name
+
+
+def verify(path: Path, identity_file: str | None, quick: bool = False) -> dumps.Verified:
+    """An encrypted dump: size and sha256 against its manifest; with the key (and not quick), its content too."""
+    manifest = dumps.read_manifest(path)
+    if identity_file is None or quick:
+        if manifest is None:
+            raise Failed(f"{path}: an encrypted dump without a manifest can only be checked with AGE_IDENTITY_FILE")
+        return dumps.verify_quick(path)
+    reader = dumps.FileChunks(path)
+    plain = _Hash("plain sha256")
+    scanner = dumps.DumpScanner()
+    steps = [decrypt_cmd(identity_file), plain]
+    if names.plain_name(path.name).endswith(".gz"):
+        steps.append(Cmd(dumps.decompressor(), name="gzip stream check"))
+    try:
+        pipeline([*steps, scanner], stdin=reader)
+    except StageFailed as exc:
+        if exc.stage == DECRYPT_STAGE:
+            raise decryption_error(exc, path.name) from exc
+        raise VerificationError(f"{path}: corrupt gzip stream inside ({exc.tail or exc.detail})",
+                                "use another copy (list-backups)") from exc
+    problem = scanner.problem()
+    if problem:
+        raise VerificationError(f"{path}: incomplete dump: {problem}", "use another copy (list-backups)")
+    if manifest is not None:
+        dumps.check_against_manifest(path, manifest, reader.size, reader.sha256.hexdigest(), manifest.tables)
+        inner = manifest.plain()
+        dumps.check_against_manifest(inner.file, inner, plain.size, plain.sha256.hexdigest(), scanner.tables)
+    return dumps.Verified(path, reader.size, reader.sha256.hexdigest(), manifest, scanner.tables)

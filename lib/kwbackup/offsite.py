@@ -1,0 +1,187 @@
+"""The offsite tier: any rclone remote (S3, B2, SFTP, a local directory) in OFFSITE_REMOTE.
+
+rclone does the talking (retries, multipart uploads, every storage's API); credentials stay
+in its config file (RCLONE_CONFIG), never on a command line. Like the nas, a copy is uploaded
+into `.incoming/`, its checksum compared with the pi5's file, and only then moved to its final
+name, manifest first: a final name never holds a partial upload, whatever rclone version or
+remote. The checksum is the best one the remote offers (sha256, sha1, md5); a remote with
+none is read back (`--download`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import names
+from .errors import Failed, VerificationError
+from .log import log
+from .places import Entry, combine_listing, manifest_or_none
+from .retention import Calendar
+from .run import Cmd, StageFailed, run
+from .settings import Settings
+
+INCOMING = ".incoming"
+# A dead link fails instead of hanging a night; a remote that is down fails within a minute or so.
+RCLONE_OPTIONS = ["--contimeout", "15s", "--timeout", "60s", "--retries", "2", "--low-level-retries", "3", "-q"]
+HASHES = ("sha256", "sha1", "md5")  # preferred first; all are computed here with hashlib
+DIRECTORY_NOT_FOUND = 3  # rclone's exit status: a remote path nothing was ever written to
+
+
+class Offsite:
+    """OFFSITE_REMOTE, read and written through rclone only."""
+
+    name = "offsite"
+    is_local = False  # a local-directory remote is still reached through rclone
+
+    def __init__(self, remote: str, keep: int, calendar: Calendar, config: str | None = None):
+        self.remote = remote.rstrip("/") if remote.rstrip("/") else remote
+        self.keep = keep
+        self.calendar = calendar
+        self.config = config
+        self._hash: tuple[str, bool] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Offsite | None:
+        if not settings["OFFSITE_REMOTE"]:
+            return None
+        calendar = Calendar(*(int(settings[f"OFFSITE_KEEP_{p}"] or 0) for p in ("DAILY", "WEEKLY", "MONTHLY")))
+        return cls(settings["OFFSITE_REMOTE"], settings.int("OFFSITE_KEEP"), calendar, settings["RCLONE_CONFIG"])
+
+    @property
+    def host(self) -> str:
+        return "local" if self.remote.startswith("/") else self.remote.split(":", 1)[0]
+
+    @property
+    def dir(self) -> str:
+        return self.remote if self.remote.startswith("/") else self.remote.split(":", 1)[1]
+
+    @property
+    def label(self) -> str:
+        return f"Offsite ({self.remote}{'' if self.remote.endswith(':') else '/'})"
+
+    def path(self, name: str = "", sub: str = "") -> str:
+        parts = [p for p in (sub, name) if p]
+        if not parts:
+            return self.remote
+        return self.remote + ("" if self.remote.endswith((":", "/")) else "/") + "/".join(parts)
+
+    def rclone(self, *args: str, name: str) -> Cmd:
+        return Cmd(["rclone", *(["--config", self.config] if self.config else []), *RCLONE_OPTIONS, *args],
+                   name=name)
+
+    def _run(self, *args: str, name: str, input: bytes | None = None, timeout: float = 3600) -> bytes:
+        try:
+            return run(self.rclone(*args, name=name), input=input, timeout=timeout)[1]
+        except StageFailed as exc:
+            raise Failed(f"offsite ({self.remote}): {name} failed: {exc.tail or exc.detail}",
+                         "check the remote (rclone lsd) and the network; the next run catches up") from exc
+
+    # --- reading ----------------------------------------------------------------------------------
+    def listing(self, timeout: float = 60) -> list[Entry]:
+        """The dumps at the remote (newest first) with sizes and manifests; Failed when unreachable."""
+        code, out, err = run(self.rclone("lsjson", "--files-only", "--no-mimetype", self.path(),
+                                         name="list offsite"), check=False, timeout=timeout)
+        if code == DIRECTORY_NOT_FOUND:
+            return []
+        if code != 0:
+            reason = " | ".join(line.strip() for line in err.strip().splitlines()[-2:]) or f"rclone exit {code}"
+            raise Failed(f"offsite ({self.remote}) unreachable: {reason}",
+                          "check the network and the rclone remote (rclone lsd REMOTE:)")
+        found, present = {}, set()
+        for item in json.loads(out or b"[]"):
+            present.add(item["Path"])
+            if names.parse(item["Path"]):
+                found[item["Path"]] = Entry(item["Path"], int(item["Size"]), _timestamp(item.get("ModTime", "")))
+        wanted = [n + names.MANIFEST_SUFFIX for n in found if n + names.MANIFEST_SUFFIX in present]
+        return combine_listing(found, self._manifests(wanted, timeout))
+
+    def _manifests(self, wanted: list[str], timeout: float) -> dict[str, dict | None]:
+        if not wanted:
+            return {}
+        scratch = Path(tempfile.mkdtemp(prefix="kw-offsite-"))
+        try:
+            self._run("copy", "--files-from-raw", "-", self.path(), str(scratch), name="read offsite manifests",
+                      input="\n".join(wanted).encode(), timeout=timeout)
+            return {m[: -len(names.MANIFEST_SUFFIX)]: manifest_or_none((scratch / m).read_bytes())
+                    for m in wanted if (scratch / m).is_file()}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def read(self, name: str) -> Cmd:
+        return self.rclone("cat", self.path(name), name="read from offsite")
+
+    def exists(self, name: str) -> bool:
+        out = self._run("lsf", "--files-only", "--files-from-raw", "-", self.path(), name="look offsite",
+                        input=name.encode(), timeout=120)
+        return name in out.decode(errors="replace").splitlines()
+
+    # --- writing (the orchestrator) ---------------------------------------------------------------
+    def upload(self, sources: list[Path]) -> None:
+        """Copy local files into the remote's .incoming/ (rclone resumes nothing: a failed one is sent again)."""
+        for parent in dict.fromkeys(p.parent for p in sources):
+            batch = [p.name for p in sources if p.parent == parent]
+            self._run("copy", "--files-from-raw", "-", str(parent), self.path(sub=INCOMING), name="upload offsite",
+                      input="\n".join(batch).encode())
+
+    def check_uploaded(self, sources: list[Path]) -> str:
+        """Compare each uploaded copy's checksum with the local file's; VerificationError when one differs."""
+        kind, download = self._hash_kind()
+        out = self._run("hashsum", kind, *(["--download"] if download else []), "--files-from-raw", "-",
+                        self.path(sub=INCOMING), name="checksum offsite", input="\n".join(p.name for p in sources)
+                        .encode())
+        remote = {}
+        for line in out.decode(errors="replace").splitlines():
+            digest, _, name = line.partition("  ")
+            remote[name] = digest.strip().lower()
+        for source in sources:
+            local = _file_hash(source, kind)
+            if remote.get(source.name) != local:
+                raise VerificationError(f"offsite: the uploaded {source.name} has {kind} {remote.get(source.name)}, "
+                                        f"not {local}", "the next run sends it again")
+        return kind + (" (read back)" if download else "")
+
+    def _hash_kind(self) -> tuple[str, bool]:
+        if self._hash is None:
+            features = json.loads(self._run("backend", "features", self.path(), name="offsite features",
+                                            timeout=120) or b"{}")
+            offered = set(features.get("Hashes") or [])
+            kind = next((h for h in HASHES if h in offered), None)
+            self._hash = (kind, False) if kind else ("sha256", True)
+            log.debug("offsite checksums: %s", self._hash)
+        return self._hash
+
+    def promote(self, dumps: list[str]) -> None:
+        """Move checked copies from .incoming/ to their final names, manifest first."""
+        for name in dumps:
+            for final in (name + names.MANIFEST_SUFFIX, name):
+                self._run("moveto", self.path(final, INCOMING), self.path(final), name="promote offsite")
+
+    def remove(self, dumps: list[str]) -> None:
+        if dumps:
+            listed = [n for name in dumps for n in (name, name + names.MANIFEST_SUFFIX)]
+            self._run("delete", "--max-depth", "1", "--files-from-raw", "-", self.path(), name="rotate offsite",
+                      input="\n".join(listed).encode())
+
+
+def _timestamp(text: str) -> float:
+    """rclone's ModTime (RFC 3339, nanoseconds) as a POSIX time; 0 when absent."""
+    trimmed = re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00")
+    try:
+        moment = datetime.fromisoformat(trimmed)
+    except ValueError:
+        return 0.0
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _file_hash(path: Path, kind: str) -> str:
+    digest = hashlib.new(kind)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
