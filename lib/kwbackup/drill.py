@@ -69,7 +69,8 @@ def _as(user: str | None, argv: list[str]) -> list[str]:
 @contextmanager
 def temporary_cluster():
     """A PostgreSQL of its own in a temporary directory, on a free port; removed at the end, whatever happens."""
-    base = Path(tempfile.mkdtemp(prefix="kw-drill-cluster-"))
+    # In /tmp itself, not $TMPDIR: that may be private to this user, and the server runs as another.
+    base = Path(tempfile.mkdtemp(prefix="kw-drill-cluster-", dir="/tmp"))
     base.chmod(0o755)
     user = _service_user()
     if user:

@@ -35,6 +35,8 @@ INSTALL_HINTS = {
     "ssh": "apt-get install openssh-client",
     "pg_dump": "apt-get install postgresql-client",
     "psql": "apt-get install postgresql-client",
+    "age": "apt-get install age",
+    "rclone": "apt-get install rclone",
 }
 
 

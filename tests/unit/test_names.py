@@ -16,10 +16,21 @@ def test_parses_both_nightly_forms_and_migration_dumps():
     assert names.parse("kw_app_production-20260118-000001.sql.gz").compressed
 
 
+def test_an_encrypted_copy_is_the_same_dump():
+    encrypted = names.parse("db-2024-01-15.sql.gz.age")
+    assert encrypted.encrypted and encrypted.nightly and encrypted.stem == "db-2024-01-15.sql.gz"
+    assert encrypted.sort_key == names.parse("db-2024-01-15.sql.gz").sort_key
+    assert names.parse("kw_app_production-20260118-000001.sql.gz.age").encrypted
+    assert names.plain_name("db-2024-01-15-010000.sql.gz.age") == "db-2024-01-15-010000.sql.gz"
+    assert names.require("db-2024-01-15.sql.gz.age") == "db-2024-01-15.sql.gz.age"
+
+
 @pytest.mark.parametrize("name", [
     "db-2024-13-01.sql.gz", "db-2024-02-30.sql.gz", "db-2024-01-15.sql", "db-2024-1-15.sql.gz",
     "db-2024-01-15.sql.gz.json", "db-2024-01-15-25000.sql.gz", "other.sql.gz", "kw_app_production-2026011-000001.sql",
     ".db-2024-01-15.sql.gz.partial-abcd", "db-2024-01-15-246000.sql.gz",
+    "db-2024-01-15.sql.age", "db-2024-01-15.sql.gz.age.age", "db-2024-01-15.sql.gz.age.json",
+    "kw_app_production-20260118-000001.sql.age",
 ])
 def test_refuses_other_names(name):
     assert names.parse(name) is None

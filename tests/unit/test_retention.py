@@ -35,6 +35,21 @@ def test_timed_dump_of_the_same_day_is_newer():
     assert plan(entries, 1) == ["db-2024-01-02.sql.gz"]
 
 
+def test_a_plain_and_an_encrypted_copy_of_a_dump_count_once():
+    entries = [("db-2024-01-03.sql.gz.age", True), ("db-2024-01-03.sql.gz", True),
+               ("db-2024-01-02.sql.gz", True), ("db-2024-01-01.sql.gz.age", True)]
+    assert plan(entries, 2) == ["db-2024-01-01.sql.gz.age"]
+    assert plan(entries, 1) == ["db-2024-01-02.sql.gz", "db-2024-01-01.sql.gz.age"]
+
+
+def test_calendar_keeps_both_forms_of_a_picked_dump():
+    entries = [("db-2024-03-01.sql.gz", True), ("db-2024-02-01.sql.gz.age", True), ("db-2024-02-01.sql.gz", True),
+               ("db-2024-01-01.sql.gz.age", True)]
+    pairs = [(names.parse(n), ok) for n, ok in entries]
+    doomed = [d.name for d in retention.to_remove(pairs, 1, retention.Calendar(monthly=2))]
+    assert doomed == ["db-2024-01-01.sql.gz.age"]
+
+
 def walk(days: int, keep: int, calendar: retention.Calendar, valid=lambda day: True) -> list[str]:
     """Rotate after each of `days` nightly dumps from 2024-01-01, as a place would; what remains."""
     from datetime import date, timedelta

@@ -54,6 +54,10 @@ def test_named_env_file_must_exist(tmp_path):
     ("PROD_HOST", "$(reboot)"), ("OLD_PROD_HOST", "a@b@c"),
     ("DB_NAME", "kw-app"), ("DB_NAME", "x" * 34), ("DB_CONTAINER", "a b"), ("MIN_DUMP_BYTES", "1k"),
     ("WORK_DIR", "tmp"), ("SIZE_CHANGE_ALERT_PCT", "lots"),
+    ("AGE_RECIPIENTS", "ssh-ed25519 AAAA"), ("AGE_RECIPIENTS", "age1short"), ("AGE_IDENTITY_FILE", "key.txt"),
+    ("OFFSITE_REMOTE", ":sftp,host=x,pass=secret:dir"), ("OFFSITE_REMOTE", "relative/dir"),
+    ("OFFSITE_REMOTE", "-vv"), ("OFFSITE_REMOTE", "b2:my bucket"), ("OFFSITE_KEEP", "0"),
+    ("OFFSITE_KEEP_MONTHLY", "x"), ("RCLONE_CONFIG", "rclone.conf"),
 ])
 def test_bad_values_name_the_setting(tmp_path, name, value):
     with pytest.raises(UsageError) as caught:
@@ -93,3 +97,12 @@ def test_db_host_is_a_host_or_a_socket_directory(tmp_path, value, ok):
     else:
         with pytest.raises(UsageError, match="DB_HOST"):
             load({"DB_HOST": value}, tmp_path=tmp_path, file_text="")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("OFFSITE_REMOTE", "b2-kw:kw-backups/kw-app"), ("OFFSITE_REMOTE", "/mnt/usb/kw-app"), ("OFFSITE_REMOTE", "box:"),
+    ("AGE_RECIPIENTS", "age1ze4x5d64ttjyzduq86mzr6k94j0q98hwtgymglau7y2epzua35aswaa8jv "
+                       "age1dmqvxr5vuf6y57gwdsyzy4le80nqvjadv7ftkfmqe8m78xqgzdesnkh46y"),
+])
+def test_good_offsite_and_encryption_values(tmp_path, name, value):
+    assert load({name: value}, tmp_path=tmp_path, file_text="")[name] == value
