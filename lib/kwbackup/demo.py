@@ -3,6 +3,8 @@
 A temporary PostgreSQL with sample data; prod, pi5 and nas are directories under the demo
 directory (every place `local`); then backup-db, backup-orchestrator, list-backups, a change
 to the data, restore-production-db --local latest --yes (the change is gone), backup-drill.
+Where age and rclone are installed, the nas and an offsite directory receive encrypted copies
+(a demo key) and the drill restores the offsite one.
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ def _demo(argv=None) -> int:
             "LOG_FILE": base / "orchestrator.log", "WORK_DIR": base / "work", "DRILL_LOG": base / "drill.log",
             "MIN_DUMP_BYTES": "1024",
         }
+        offsite = bool(shutil.which("age-keygen") and shutil.which("rclone"))
+        if offsite:
+            key = base / "age-key.txt"
+            subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+            public = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True, text=True)
+            settings.update(AGE_RECIPIENTS=public.stdout.strip(), AGE_IDENTITY_FILE=key,
+                            OFFSITE_REMOTE=base / "offsite")
         env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         env_file.chmod(0o600)
         # The demo's env file decides, whatever this shell has set.
@@ -91,9 +100,10 @@ def _demo(argv=None) -> int:
         say("backup-db on prod: one pass dumps, counts every table's rows, compresses, hashes, verifies")
         script("backup-db")
         say("backup-orchestrator on the pi5: pulls the newest dump, verifies it as it arrives, pushes to the nas, "
-            "checks the copy's sha256 there")
+            "checks the copy's sha256 there" + ("; encrypts what leaves the pi5 (age, a demo key) and pushes a "
+                                               "fourth copy offsite (rclone, a directory here)" if offsite else ""))
         script("backup-orchestrator")
-        say("list-backups: the same verified dump in all three places")
+        say("list-backups: the same verified dump in every place" + (" (.age: encrypted)" if offsite else ""))
         script("list-backups")
         say("A bad day: someone deletes most orders")
         sql("DELETE FROM orders WHERE id > 100")
@@ -102,9 +112,9 @@ def _demo(argv=None) -> int:
             "the manifest, then swapped in (the old one is kept)")
         script("restore-production-db", "--local", "latest", "--yes")
         print(f"orders after the restore: {sql('SELECT count(*) FROM orders')} (the change is gone)")
-        say("backup-drill: the nas copy restored into a throwaway database on another temporary PostgreSQL, "
-            "every table compared with the manifest")
-        script("backup-drill", "--from", "nas")
+        say(f"backup-drill: the {'offsite copy decrypted and' if offsite else 'nas copy'} restored into a throwaway "
+            "database on another temporary PostgreSQL, every table compared with the manifest")
+        script("backup-drill", "--from", "offsite" if offsite else "nas")
         say(f"Done. Every step above was checked; the files are in {base}. The temporary PostgreSQL is stopped and "
             "removed now.")
     return 0

@@ -80,6 +80,11 @@ class Installer:
             missing.append("python3-venv (apt-get install python3-venv)")
         if missing:
             sys.exit("kw-backup install: missing: " + "; ".join(missing))
+        if self.role == "pi5":
+            for tool, needed_for in (("age", "AGE_RECIPIENTS (encryption)"), ("rclone", "OFFSITE_REMOTE")):
+                if not shutil.which(tool):
+                    print(f"  note: {tool} is not installed; it is needed only with {needed_for} "
+                          f"(apt-get install {tool})", flush=True)
 
     def copy_tree(self) -> None:
         target = self.at(self.prefix)

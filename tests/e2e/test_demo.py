@@ -16,7 +16,8 @@ def test_make_demo_shows_the_whole_flow_and_leaves_nothing_running(tmp_path):
                  "$ backup-drill", "orders now: 100", "orders after the restore: 5000 (the change is gone)",
                  "result:   ok"):
         assert step in out, step
-    assert out.count("  verified") >= 3  # the dump listed verified on prod, pi5 and nas
+    assert out.count("  verified") >= 4  # the dump listed verified on prod, pi5, nas and offsite
+    assert out.count(".sql.gz.age  ") == 2 and "$ backup-drill --from offsite" in out  # age and rclone are here
     assert set(glob.glob("/tmp/kw-drill-cluster-*")) == before
     running = subprocess.run(["pgrep", "-f", "kw-drill-cluster-"], capture_output=True, text=True).stdout
     assert running.strip() == ""
