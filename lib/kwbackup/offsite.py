@@ -123,11 +123,12 @@ class Offsite:
 
     # --- writing (the orchestrator) ---------------------------------------------------------------
     def upload(self, sources: list[Path]) -> None:
-        """Copy local files into the remote's .incoming/ (rclone resumes nothing: a failed one is sent again)."""
+        """Copy local files into the remote's .incoming/, always whole: a copy left there by a failed run
+        (perhaps damaged, with the same size and time) is never taken for the file."""
         for parent in dict.fromkeys(p.parent for p in sources):
             batch = [p.name for p in sources if p.parent == parent]
-            self._run("copy", "--files-from-raw", "-", str(parent), self.path(sub=INCOMING), name="upload offsite",
-                      input="\n".join(batch).encode())
+            self._run("copy", "--ignore-times", "--files-from-raw", "-", str(parent), self.path(sub=INCOMING),
+                      name="upload offsite", input="\n".join(batch).encode())
 
     def check_uploaded(self, sources: list[Path]) -> str:
         """Compare each uploaded copy's checksum with the local file's; VerificationError when one differs."""
@@ -161,6 +162,13 @@ class Offsite:
         for name in dumps:
             for final in (name + names.MANIFEST_SUFFIX, name):
                 self._run("moveto", self.path(final, INCOMING), self.path(final), name="promote offsite")
+
+    def clear_incoming(self) -> None:
+        """Remove what failed runs left in .incoming/ (only the orchestrator, under its lock, writes there)."""
+        code, _, err = run(self.rclone("delete", self.path(sub=INCOMING), name="clear offsite .incoming"),
+                           check=False, timeout=600)
+        if code not in (0, DIRECTORY_NOT_FOUND):
+            log.warning("offsite: could not clear %s: %s", self.path(sub=INCOMING), err.strip()[-200:])
 
     def remove(self, dumps: list[str]) -> None:
         if dumps:

@@ -328,6 +328,7 @@ def _push_offsite(pi5: Place, offsite: Offsite, summary: Summary, outgoing: Outg
         log.info("pushed %s offsite and checked their %s in %.1fs", ", ".join(e.name for _, e in sending), checked,
                  time.monotonic() - started)
     offsite.remove(doomed)
+    offsite.clear_incoming()
     summary.offsite_seconds = time.monotonic() - started
     summary.removed += [f"offsite:{name}" for name in doomed]
 
