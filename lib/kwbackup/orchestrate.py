@@ -175,7 +175,10 @@ def _plan_for(pi5: Place, there: list[Entry], keep: int, calendar: retention.Cal
     valid_there = [(names.parse(e.name), e.status == "verified") for e in there]
     valid_there += [(names.parse(outgoing.name_for(e)), True) for e in missing
                     if outgoing.name_for(e) not in by_name]
-    return missing, [d.name for d in retention.to_remove(valid_there, keep, calendar)]
+    doomed = {d.name for d in retention.to_remove(valid_there, keep, calendar)}
+    # A dump that rotation would remove at once is not sent: the place keeps newer ones.
+    missing = [e for e in missing if outgoing.name_for(e) not in doomed]
+    return missing, sorted(doomed & set(by_name))
 
 
 def _pull_newest(settings: Settings, prod: Place, directory: Path, incoming: Path, summary: Summary) -> Entry:

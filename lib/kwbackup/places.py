@@ -61,9 +61,11 @@ class Entry:
 
     @property
     def status(self) -> str:
+        """`SIZE MISMATCH` when the file is not what its manifest describes (its size, or another file's name)."""
         if self.manifest is None:
             return "unverified"
-        return "verified" if self.manifest.get("bytes") == self.size else "SIZE MISMATCH"
+        matches = self.manifest.get("bytes") == self.size and self.manifest.get("file") == self.name
+        return "verified" if matches else "SIZE MISMATCH"
 
     @property
     def sha256(self) -> str | None:

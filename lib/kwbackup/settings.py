@@ -122,6 +122,7 @@ class Setting:
     default: str | None
     check: Callable[[str], str | None] | None = None
     secret: bool = False
+    echo_bad_value: bool = True  # False: a wrong value may be a secret pasted in the wrong place
 
 
 SETTINGS = [
@@ -157,11 +158,11 @@ SETTINGS = [
     Setting("NAS_KEEP", "3", _positive_int),
     *[Setting(f"{p}_KEEP_{period}", None, _non_negative_int) for p in ("PROD", "PI5", "NAS")
       for period in ("DAILY", "WEEKLY", "MONTHLY")],
-    Setting("OFFSITE_REMOTE", None, _rclone_remote),
+    Setting("OFFSITE_REMOTE", None, _rclone_remote, echo_bad_value=False),
     Setting("OFFSITE_KEEP", "3", _positive_int),
     *[Setting(f"OFFSITE_KEEP_{period}", None, _non_negative_int) for period in ("DAILY", "WEEKLY", "MONTHLY")],
     Setting("RCLONE_CONFIG", None, _absolute),
-    Setting("AGE_RECIPIENTS", None, _age_recipients),
+    Setting("AGE_RECIPIENTS", None, _age_recipients, echo_bad_value=False),
     Setting("AGE_IDENTITY_FILE", None, _absolute),
     Setting("OLD_PROD_HOST", "deploy@51.68.141.247", _host),
     Setting("OLD_PROD_DIR", "~/baza_dump/sql", _place_dir),
@@ -247,6 +248,6 @@ def load(
             continue
         problem = setting.check(str(value))
         if problem:
-            shown = "(hidden)" if setting.secret else repr(value)
+            shown = repr(value) if setting.echo_bad_value and not setting.secret else "(hidden)"
             raise UsageError(f"setting {setting.name}={shown} {problem}", "fix it in the env file or the environment")
     return Settings(values, given, path)
