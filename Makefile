@@ -35,6 +35,7 @@ bench: venv
 	$(VENV)/bin/python bench/backup_db
 	$(VENV)/bin/python bench/transfer
 	$(VENV)/bin/python bench/restore
+	$(VENV)/bin/python bench/offsite
 
 install-prod install-pi5 uninstall-prod uninstall-pi5:
 	$(INSTALL) $@ --prefix "$(PREFIX)" --destdir "$(DESTDIR)" --host "$(HOST)" --user "$(BACKUP_USER)"

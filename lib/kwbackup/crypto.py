@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 from . import dumps, files, names
@@ -76,27 +77,50 @@ class _Hash(Tap):
 
 
 def encrypt(source: Path, manifest: dumps.Manifest, directory: Path, keys: list[str]) -> dumps.Manifest:
-    """`source` encrypted to `keys` as directory/<name>.age with its manifest; the source is re-checked on the way."""
+    """`source` encrypted to `keys` as directory/<name>.age with its manifest; the source is re-checked meanwhile.
+
+    age reads the source and writes the copy by itself (no bytes through Python); the source's
+    sha256 is taken alongside, the copy's afterwards, both from the page cache.
+    """
     name = source.name + names.AGE_SUFFIX
-    reader = dumps.FileChunks(source)
-    with files.AtomicFile(directory, name, replace=True) as out:
-        writer = dumps.HashingWriter(out)
+    source_check = _Digest(source)
+    source_check.start()
+    # Not fsynced: a copy on its way out, made again if lost; each place makes its own copy durable.
+    with files.AtomicFile(directory, name, replace=True, durable=False) as out, open(source, "rb") as plain:
         try:
-            pipeline([Cmd(["age", "--encrypt", *(arg for key in keys for arg in ("-r", key))], name=ENCRYPT_STAGE),
-                      writer], stdin=reader)
+            pipeline([Cmd(["age", "--encrypt", *(arg for key in keys for arg in ("-r", key))], name=ENCRYPT_STAGE)],
+                     stdin=plain.fileno(), stdout=out.fd)
         except StageFailed as exc:
             raise Failed(f"encrypting {source.name} failed: {exc.message}", "check AGE_RECIPIENTS and the pi5") \
                 from exc
-        if (reader.size, reader.sha256.hexdigest()) != (manifest.bytes, manifest.sha256):
+        finally:
+            source_check.join()
+        if (source_check.size, source_check.hexdigest) != (manifest.bytes, manifest.sha256):
             raise VerificationError(f"{source} no longer matches its manifest; not encrypting it",
                                     "the pi5's copy is damaged: check its disk")
         out.commit()
-    encrypted = dumps.Manifest(**{**vars(manifest), "file": name, "bytes": writer.size,
-                                  "sha256": writer.sha256.hexdigest(),
+    copy = _Digest(directory / name)
+    copy.run()
+    encrypted = dumps.Manifest(**{**vars(manifest), "file": name, "bytes": copy.size, "sha256": copy.hexdigest,
                                   "encryption": {"method": "age", "recipients": keys, "plain_file": manifest.file,
                                                  "plain_bytes": manifest.bytes, "plain_sha256": manifest.sha256}})
     files.write_atomic(directory, name + names.MANIFEST_SUFFIX, encrypted.to_json(), replace=True)
     return encrypted
+
+
+class _Digest(threading.Thread):
+    """Size and sha256 of a file, in a thread of its own (hashlib releases the GIL)."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path = path
+        self.size, self.hexdigest = 0, ""
+
+    def run(self) -> None:
+        reader = dumps.FileChunks(self.path)
+        for _ in reader:
+            pass
+        self.size, self.hexdigest = reader.size, reader.sha256.hexdigest()
 
 
 def decrypt_file(path: Path, identity_file: str, directory: Path) -> Path:

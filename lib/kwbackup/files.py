@@ -75,11 +75,12 @@ class AtomicFile:
     temporary file, so a final name only ever holds a complete, fsynced file.
     """
 
-    def __init__(self, directory: Path, final_name: str, replace: bool = False):
+    def __init__(self, directory: Path, final_name: str, replace: bool = False, durable: bool = True):
         self.directory = Path(directory)
         self.final = self.directory / final_name
         self.temp = self.directory / temp_name_for(final_name)
         self.replace = replace
+        self.durable = durable  # False: a working copy that a crash may lose (it is made again), never a dump
         self.committed = False
         self.fd = -1
 
@@ -94,10 +95,11 @@ class AtomicFile:
             view = view[written:]
 
     def commit(self) -> Path:
-        os.fsync(self.fd)
+        if self.durable:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        publish(self.temp, self.final, self.replace)
+        publish(self.temp, self.final, self.replace, self.durable)
         self.committed = True
         return self.final
 
@@ -109,7 +111,7 @@ class AtomicFile:
             self.temp.unlink(missing_ok=True)
 
 
-def publish(temp: Path, final: Path, replace: bool = False) -> None:
+def publish(temp: Path, final: Path, replace: bool = False, durable: bool = True) -> None:
     """Give a complete temporary file its final name, then make the rename durable."""
     if replace:
         os.rename(temp, final)
@@ -126,7 +128,8 @@ def publish(temp: Path, final: Path, replace: bool = False) -> None:
             os.rename(temp, final)
         else:
             os.unlink(temp)
-    fsync_dir(final.parent)
+    if durable:
+        fsync_dir(final.parent)
 
 
 def write_atomic(directory: Path, name: str, data: bytes, replace: bool = False) -> Path:

@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import tempfile
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class Offsite:
         self.calendar = calendar
         self.config = config
         self._hash: tuple[str, bool] | None = None
+        self.leftovers: list[str] = []  # files in .incoming/ at the last listing: what failed runs left
+        self._local_hashes: dict[Path, str] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Offsite | None:
@@ -85,8 +88,9 @@ class Offsite:
     # --- reading ----------------------------------------------------------------------------------
     def listing(self, timeout: float = 60) -> list[Entry]:
         """The dumps at the remote (newest first) with sizes and manifests; Failed when unreachable."""
-        code, out, err = run(self.rclone("lsjson", "--files-only", "--no-mimetype", self.path(),
-                                         name="list offsite"), check=False, timeout=timeout)
+        # One level down too: what is in .incoming/ comes with the same call.
+        code, out, err = run(self.rclone("lsjson", "-R", "--max-depth", "2", "--files-only", "--no-mimetype",
+                                         self.path(), name="list offsite"), check=False, timeout=timeout)
         if code == DIRECTORY_NOT_FOUND:
             return []
         if code != 0:
@@ -94,7 +98,9 @@ class Offsite:
             raise Failed(f"offsite ({self.remote}) unreachable: {reason}",
                           "check the network and the rclone remote (rclone lsd REMOTE:)")
         found, present = {}, set()
-        for item in json.loads(out or b"[]"):
+        items = json.loads(out or b"[]")
+        self.leftovers = [i["Path"].split("/", 1)[1] for i in items if i["Path"].startswith(INCOMING + "/")]
+        for item in items:
             present.add(item["Path"])
             if names.parse(item["Path"]):
                 found[item["Path"]] = Entry(item["Path"], int(item["Size"]), _timestamp(item.get("ModTime", "")))
@@ -124,7 +130,20 @@ class Offsite:
     # --- writing (the orchestrator) ---------------------------------------------------------------
     def upload(self, sources: list[Path]) -> None:
         """Copy local files into the remote's .incoming/, always whole: a copy left there by a failed run
-        (perhaps damaged, with the same size and time) is never taken for the file."""
+        (perhaps damaged, with the same size and time) is never taken for the file.
+
+        The local files' checksums are computed meanwhile, for check_uploaded.
+        """
+        kind, _ = self._hash_kind()
+        hasher = threading.Thread(target=lambda: self._local_hashes.update(
+            {source: _file_hash(source, kind) for source in sources}), daemon=True)
+        hasher.start()
+        try:
+            self._upload(sources)
+        finally:
+            hasher.join()
+
+    def _upload(self, sources: list[Path]) -> None:
         for parent in dict.fromkeys(p.parent for p in sources):
             batch = [p.name for p in sources if p.parent == parent]
             self._run("copy", "--ignore-times", "--files-from-raw", "-", str(parent), self.path(sub=INCOMING),
@@ -141,13 +160,15 @@ class Offsite:
             digest, _, name = line.partition("  ")
             remote[name] = digest.strip().lower()
         for source in sources:
-            local = _file_hash(source, kind)
+            local = self._local_hashes.pop(source, None) or _file_hash(source, kind)
             if remote.get(source.name) != local:
                 raise VerificationError(f"offsite: the uploaded {source.name} has {kind} {remote.get(source.name)}, "
                                         f"not {local}", "the next run sends it again")
         return kind + (" (read back)" if download else "")
 
     def _hash_kind(self) -> tuple[str, bool]:
+        if self._hash is None and self.remote.startswith("/"):
+            self._hash = ("sha256", False)  # rclone's local backend computes any hash
         if self._hash is None:
             features = json.loads(self._run("backend", "features", self.path(), name="offsite features",
                                             timeout=120) or b"{}")
@@ -163,9 +184,14 @@ class Offsite:
             for final in (name + names.MANIFEST_SUFFIX, name):
                 self._run("moveto", self.path(final, INCOMING), self.path(final), name="promote offsite")
 
-    def clear_incoming(self) -> None:
+    def clear_incoming(self, promoted: list[str]) -> None:
         """Remove what failed runs left in .incoming/ (only the orchestrator, under its lock, writes there)."""
-        code, _, err = run(self.rclone("delete", self.path(sub=INCOMING), name="clear offsite .incoming"),
+        moved = {n for name in promoted for n in (name, name + names.MANIFEST_SUFFIX)}
+        stale = [n for n in self.leftovers if n not in moved]
+        if not stale:
+            return
+        code, _, err = run(self.rclone("delete", "--files-from-raw", "-", self.path(sub=INCOMING),
+                                       name="clear offsite .incoming"), input="\n".join(stale).encode(),
                            check=False, timeout=600)
         if code not in (0, DIRECTORY_NOT_FOUND):
             log.warning("offsite: could not clear %s: %s", self.path(sub=INCOMING), err.strip()[-200:])

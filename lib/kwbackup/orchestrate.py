@@ -71,7 +71,8 @@ class Summary:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return (f"summary: time={now} dump={self.dump} size={self.bytes} pull={self.pull_seconds:.1f}s "
                 f"push={self.push_seconds:.1f}s total={time.monotonic() - self.started:.1f}s "
-                f"pushed={len(self.pushed)} removed={len(self.removed)} offsite={self.offsite} result={result}")
+                f"pushed={len(self.pushed)} removed={len(self.removed)} offsite={self.offsite} "
+                f"offsite_push={self.offsite_seconds:.1f}s result={result}")
 
 
 def orchestrate(settings: Settings, dry_run: bool = False, no_push: bool = False) -> Summary:
@@ -331,7 +332,7 @@ def _push_offsite(pi5: Place, offsite: Offsite, summary: Summary, outgoing: Outg
         log.info("pushed %s offsite and checked their %s in %.1fs", ", ".join(e.name for _, e in sending), checked,
                  time.monotonic() - started)
     offsite.remove(doomed)
-    offsite.clear_incoming()
+    offsite.clear_incoming([e.name for _, e in sending])
     summary.offsite_seconds = time.monotonic() - started
     summary.removed += [f"offsite:{name}" for name in doomed]
 

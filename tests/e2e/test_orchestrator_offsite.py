@@ -144,7 +144,7 @@ def test_only_encrypted_copies_leave_the_pi5_and_decrypt_to_its_bytes(net, key, 
     assert result.stderr.count(f"encrypted {NAME}") == 1
     assert not (net.pi5_dir / ".outgoing").exists()
     assert "AGE-SECRET-KEY" not in (net.tmp / "orchestrator.log").read_text()
-    assert "offsite=ok result=ok" in summary(net)
+    assert re.search(r"offsite=ok offsite_push=[\d.]+s result=ok$", summary(net))
     # verify-backup with the key checks the copy whole: it decrypts to the dump backup-db made
     checked = net.run("verify-backup", str(offsite / AGE), env=net.env(AGE_IDENTITY_FILE=str(identity)))
     assert checked.returncode == 0, checked.stderr
@@ -187,7 +187,7 @@ def test_an_sftp_offsite_on_the_loopback_sshd(net, key, hashcheck):
     else:  # no checksum offered: the copy is read back and hashed here
         assert checked.group(2)
     assert os.listdir(offsite / ".incoming") == []
-    assert "offsite=ok result=ok" in summary(net)
+    assert re.search(r"offsite=ok offsite_push=[\d.]+s result=ok$", summary(net))
 
 
 def test_catch_up_pushes_every_missing_verified_dump_then_nothing(net, key):
@@ -285,7 +285,7 @@ def test_offsite_down_the_run_succeeds_alerts_and_the_next_run_catches_up(net, k
     assert finals(offsite) == with_manifests(*(n + ".age" for n in kept))
     for name in kept:
         assert decrypt(offsite / (name + ".age"), key[0]) == (net.pi5_dir / name).read_bytes()
-    assert "offsite=ok result=ok" in summary(net)
+    assert re.search(r"offsite=ok offsite_push=[\d.]+s result=ok$", summary(net))
     assert len(notes(recorder)) == 1  # no new alert
 
 
@@ -413,7 +413,7 @@ def test_switching_encryption_on_sends_nothing_twice_and_removes_nothing_good(ne
         for path in files_under(place):
             if "03-08" not in path and "03-11" not in path and ".incoming" not in path:
                 assert stamps(place)[path] == before[path], f"{path} was sent again"
-    assert "pushed=1" in summary(net) and "offsite=ok result=ok" in summary(net)
+    assert "pushed=1" in summary(net) and re.search(r"offsite=ok offsite_push=[\d.]+s result=ok$", summary(net))
 
     again = run(net)
     assert again.returncode == 0, again.stderr
