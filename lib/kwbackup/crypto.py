@@ -160,7 +160,7 @@ def verify(path: Path, identity_file: str | None, quick: bool = False) -> dumps.
         pipeline([*steps, scanner], stdin=reader)
     except StageFailed as exc:
         if exc.stage == DECRYPT_STAGE:
-            raise decryption_error(exc, path.name) from exc
+            raise decryption_error(exc, str(path)) from exc
         raise VerificationError(f"{path}: corrupt gzip stream inside ({exc.tail or exc.detail})",
                                 "use another copy (list-backups)") from exc
     problem = scanner.problem()
