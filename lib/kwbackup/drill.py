@@ -79,7 +79,6 @@ def temporary_cluster():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    started = False
     previous = signal.signal(signal.SIGTERM, _interrupt)  # cron or an operator's kill still cleans up
     try:
         run(Cmd(_as(user, [_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
@@ -89,11 +88,12 @@ def temporary_cluster():
                        "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
         run(Cmd(_as(user, [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "120",
                            "start"]), name="pg_ctl start"), timeout=180)
-        started = True
         log.info("started a temporary PostgreSQL in %s", base)
         yield {"host": str(base), "port": str(port), "user": "postgres", "dbname": "postgres"}
     finally:
-        if started:
+        # Also when interrupted during `pg_ctl start`: the server may be up before pg_ctl says so, and
+        # its socket would appear in `base` after rmtree had emptied it.
+        if (data / "postmaster.pid").exists():
             run(Cmd(_as(user, [_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                     name="pg_ctl stop"), check=False, timeout=120)
         shutil.rmtree(base, ignore_errors=True)
