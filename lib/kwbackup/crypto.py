@@ -49,10 +49,15 @@ def decrypt_cmd(identity_file: str) -> Cmd:
     return Cmd(["age", "--decrypt", "-i", identity_file], name=DECRYPT_STAGE)
 
 
+def _reason(exc: StageFailed) -> str:
+    """age's own error line, without its request to report errors upstream."""
+    return next((part.split("age: error: ", 1)[1] for line in reversed(exc.tail.splitlines())
+                 for part in line.split(" | ") if "age: error: " in part), exc.tail or exc.detail)
+
+
 def decryption_error(exc: StageFailed, name: str) -> KwError:
     """A failed decryption: the wrong key is the operator's to fix (exit 1); a damaged copy is exit 3."""
-    reason = next((line.split("age: error: ", 1)[1] for line in reversed(exc.tail.splitlines())
-                   if "age: error: " in line), exc.tail or exc.detail)
+    reason = _reason(exc)
     if "no identity matched" in reason:
         return Failed(f"AGE_IDENTITY_FILE cannot decrypt {name}: its key is not one of the dump's recipients",
                       "use the identity whose public key is in AGE_RECIPIENTS (the manifest lists them)")
@@ -91,8 +96,10 @@ def encrypt(source: Path, manifest: dumps.Manifest, directory: Path, keys: list[
             pipeline([Cmd(["age", "--encrypt", *(arg for key in keys for arg in ("-r", key))], name=ENCRYPT_STAGE)],
                      stdin=plain.fileno(), stdout=out.fd)
         except StageFailed as exc:
-            raise Failed(f"encrypting {source.name} failed: {exc.message}", "check AGE_RECIPIENTS and the pi5") \
-                from exc
+            reason = _reason(exc)
+            hint = "free space in PI5_DIR: the encrypted copy needs as much as the dump" \
+                if "no space left" in reason.lower() else "check AGE_RECIPIENTS and the pi5"
+            raise Failed(f"encrypting {source.name} failed: {reason}", hint) from exc
         finally:
             source_check.join()
         if (source_check.size, source_check.hexdigest) != (manifest.bytes, manifest.sha256):

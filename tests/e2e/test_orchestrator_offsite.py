@@ -574,3 +574,28 @@ def test_list_backups_with_the_offsite_unreachable_lists_the_others_and_exits_1(
 def test_list_backups_only_offsite_without_a_remote_is_a_usage_error(net):
     result = run(net, "list-backups", "--only", "offsite")
     assert result.returncode == 2 and "OFFSITE_REMOTE" in result.stderr
+
+
+def test_a_full_pi5_disk_while_encrypting_fails_cleanly(kw, key):
+    """The pi5 holds its dump but has no room for the encrypted copy: one clear error, nothing partial anywhere."""
+    world.synthetic_dump(kw.prod_dir, NAME, rows=12000, random_bytes=True)  # ~700 kB that does not compress
+    dump_bytes = (kw.prod_dir / NAME).stat().st_size
+    pi5 = kw.tmp / "pi5"
+    pi5.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={dump_bytes * 3 // 2},mode=0700", "tmpfs", str(pi5)],
+                   check=True)
+    try:
+        kw.settings["AGE_RECIPIENTS"] = key[1]
+        offsite = local_offsite(kw)
+        result = run(kw)
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "encrypting" in errors[0] and "no space left" in errors[0], result.stderr
+        assert "free space in PI5_DIR" in errors[0]
+        assert finals(pi5) == with_manifests(NAME)  # the pulled dump stays, verified
+        assert (pi5 / NAME).read_bytes() == (kw.prod_dir / NAME).read_bytes()
+        assert not (pi5 / ".outgoing").exists() or os.listdir(pi5 / ".outgoing") == []
+        assert finals(kw.tmp / "nas") == [] and finals(offsite) == []
+        assert "result=failed" in summary(kw)
+    finally:
+        subprocess.run(["umount", str(pi5)], check=True)
