@@ -88,15 +88,16 @@ def migrate(settings: Settings, args) -> None:
         if chosen is None:
             raise Failed(f"{args.dump} is not in {old.dir} on old-prod", "list-backups --only old-prod")
         log.info("migrating %s from old-prod", chosen.name)
+        key = crypto.identity(settings, chosen.name) if names.is_encrypted(chosen.name) else None
         remote, temp_dir = old.remote_path(chosen.name), None
         try:
-            if not chosen.name.endswith(".gz"):  # compressed into a temporary copy; the original stays as it is
+            if not names.parse(chosen.name).compressed:  # compressed into a temporary copy; the original stays
                 gz = chosen.name + ".gz"
                 _, out, _ = run(old.script(COMPRESS_SCRIPT, remote, gz, name="gzip on old-prod"), timeout=None)
                 temp_dir = out.decode().strip()
                 remote = f"{temp_dir}/{gz}"
             path = fetch(old.command(["cat", "--", remote], name="read from old-prod"), local,
-                         "migration-dump.sql.gz", chosen.size or None)
+                         "migration-dump.sql.gz", chosen.size or None, identity_file=key)
         finally:
             if temp_dir:
                 run(old.command(["rm", "-rf", "--", temp_dir], name="cleanup on old-prod"), check=False, timeout=60)
@@ -118,7 +119,8 @@ def _verify_and_restore(settings: Settings, args, original: str, path: Path) -> 
 
 
 def _kept_name(original: str) -> str:
-    name = original if original.endswith(".gz") else original + ".gz"
+    plain = names.plain_name(original)
+    name = plain if plain.endswith(".gz") else plain + ".gz"
     if not names.parse(name):
         raise UsageError(f"cannot keep {original} under a dump name")
     return name

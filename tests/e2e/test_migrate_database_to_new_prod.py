@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -139,6 +140,21 @@ def test_keep_dump_keeps_it_on_prod_as_a_private_dump(old_prod, pg, db):
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and stat.S_IMODE(old_prod.prod_dir.stat().st_mode) == 0o700
     assert gzip.decompress(kept.read_bytes()) == (old_prod.old_dir / NEWEST).read_bytes()
     assert not [n for n in old_prod.dumps() if "partial" in n]
+
+
+def test_an_encrypted_migration_dump_is_decrypted_on_the_laptop(old_prod, pg, db, tmp_path):
+    key, public = world.age_key(tmp_path)
+    encrypted = "kw_app_production-20240201-000000.sql.gz.age"  # the newest now
+    subprocess.run(["sh", "-c", 'gzip -c -- "$1" | age -r "$2" > "$3"', "sh", str(old_prod.old_dir / NEWEST), public,
+                    str(old_prod.old_dir / encrypted)], check=True)
+    without = migrate(old_prod, "--yes")
+    assert without.returncode == 2 and "set AGE_IDENTITY_FILE" in without.stderr, without.stderr
+    old_prod.settings["AGE_IDENTITY_FILE"] = str(key)
+    result = migrate(old_prod, "--yes", "--keep-dump")
+    assert result.returncode == 0, result.stderr
+    assert f"migrating {encrypted}" in result.stderr
+    assert content(pg, f"{db}_new") == content(pg, db)
+    assert migration_dumps_on_prod(old_prod) == ["kw_app_production-20240201-000000.sql.gz"]  # kept plain
 
 
 @pytest.mark.parametrize("hostile", ["../../etc/passwd", f"{NEWEST}; touch /tmp/pwned", f"../sql/{NEWEST}"])
