@@ -287,16 +287,22 @@ class SshWorld:
         self.places["prod"].authorize(public, f'restrict,command="rrsync -ro {prod_dir}"')
         return key, public
 
-    def rclone_config(self, path: Path, name: str = "offsite", hashcheck: bool = True, address: str | None = None
-                      ) -> Path:
+    def rclone_config(self, path: Path, name: str = "offsite", hashcheck: bool = True, address: str | None = None,
+                      port: int | None = None) -> Path:
         """An rclone config with an sftp remote `name` on the offsite sshd (or another address), checking its host key.
 
-        hashcheck=False: a remote that offers no checksums (a storage box without a shell).
+        hashcheck=False: a remote that offers no checksums (a storage box without a shell). With another
+        address and port (a relay), the offsite's host key is known there too.
         """
+        known_hosts = self.known_hosts
+        if port:
+            known_hosts = path.with_suffix(".known_hosts")
+            host_key = self.places["offsite"].host_key.with_suffix(".pub").read_text().split()
+            known_hosts.write_text(self.known_hosts.read_text() + f"[{address}]:{port} {host_key[0]} {host_key[1]}\n")
         user = pwd.getpwuid(os.geteuid()).pw_name
         path.write_text(f"[{name}]\ntype = sftp\nhost = {address or self.places['offsite'].address}\n"
-                        f"port = {self.port}\nuser = {user}\nkey_file = {self.key}\n"
-                        f"known_hosts_file = {self.known_hosts}\n"
+                        f"port = {port or self.port}\nuser = {user}\nkey_file = {self.key}\n"
+                        f"known_hosts_file = {known_hosts}\n"
                         + ("" if hashcheck else "disable_hashcheck = true\n"))
         path.chmod(0o600)
         return path

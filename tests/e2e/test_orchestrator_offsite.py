@@ -10,7 +10,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -599,3 +602,85 @@ def test_a_full_pi5_disk_while_encrypting_fails_cleanly(kw, key):
         assert "result=failed" in summary(kw)
     finally:
         subprocess.run(["umount", str(pi5)], check=True)
+
+
+class SlowLink:
+    """A real TCP relay to the offsite sshd at `rate` bytes/s each way, whose connections can be cut (rclone's
+    sftp backend speaks ssh itself, so an ssh ProxyCommand cannot slow it down)."""
+
+    def __init__(self, target: tuple[str, int], rate: int):
+        self.target, self.rate = target, rate
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source, sink):
+        started, moved = time.monotonic(), 0
+        try:
+            while data := source.recv(16384):
+                sink.sendall(data)
+                moved += len(data)
+                time.sleep(max(0.0, moved / self.rate - (time.monotonic() - started)))
+        except OSError:
+            pass
+        for end in (source, sink):
+            end.close()
+
+    def cut(self) -> int:
+        """Close every connection open now: a dropped link mid-upload."""
+        cut, self.open = self.open, []
+        for end in cut:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+        return len(cut)
+
+    def close(self):
+        self.server.close()
+        self.cut()
+
+
+def test_a_link_dropped_mid_upload_leaves_nothing_partial_offsite(net, key):
+    world.synthetic_dump(net.prod_dir, NAME, rows=150000, random_bytes=True)  # ~9 MB at 3 MB/s
+    sshd = net.ssh.places["offsite"]
+    link = SlowLink((sshd.address, net.ssh.port), 3_000_000)
+    directory = net.tmp / "sftp-offsite"
+    config = net.ssh.rclone_config(net.tmp / "rclone.conf", address="127.0.0.1", port=link.port)
+    net.settings.update(OFFSITE_REMOTE=f"offsite:{directory}", RCLONE_CONFIG=str(config))
+    try:
+        proc = subprocess.Popen([str(world.BIN / "backup-orchestrator")], env=net.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        partial = directory / ".incoming" / NAME
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 1_000_000):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.01)
+        assert link.cut() > 0
+        assert NAME not in os.listdir(directory)  # never a partial file under its final name
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err  # rclone's retries got it there, or the offsite leg only warned
+        if finals(directory):
+            assert "offsite=ok" in summary(net), err
+        else:
+            assert "offsite=failed" in summary(net), err
+        again = run(net)
+        assert again.returncode == 0, again.stderr
+        assert finals(directory) == with_manifests(NAME)
+        assert (directory / NAME).read_bytes() == (net.pi5_dir / NAME).read_bytes()
+        assert files_under(directory / ".incoming") == []
+    finally:
+        link.close()
