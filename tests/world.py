@@ -360,6 +360,22 @@ def relay_command(address: str, bytes_per_second: int) -> str:
     return f"{sys.executable} {Path(__file__).resolve().parent / 'relay.py'} {address} {SSH_PORT} {bytes_per_second}"
 
 
+def listing_blocks(output: str) -> dict[str, list[str]]:
+    """list-backups' text output as {heading: [lines under it]}."""
+    found, heading = {}, None
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("  "):
+            assert heading is not None, f"a line before any heading: {line!r}"
+            found[heading].append(line)
+        else:
+            assert line.endswith(":"), f"not a heading: {line!r}"
+            heading = line
+            found[heading] = []
+    return found
+
+
 def age_key(directory: Path, name: str = "age-key.txt") -> tuple[Path, str]:
     """A new age identity file (0600) and its public key."""
     path = directory / name

@@ -96,7 +96,11 @@ def temporary_cluster():
         if (data / "postmaster.pid").exists():
             run(Cmd(_as(user, [_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                     name="pg_ctl stop"), check=False, timeout=120)
-        shutil.rmtree(base, ignore_errors=True)
+        for _ in range(100):  # pg_ctl returns once the pid file is gone; the server removes its socket last
+            shutil.rmtree(base, ignore_errors=True)
+            if not base.exists():
+                break
+            time.sleep(0.1)
         signal.signal(signal.SIGTERM, previous)
         log.info("removed the temporary PostgreSQL")
 

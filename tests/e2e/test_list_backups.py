@@ -32,28 +32,12 @@ def at(text):
     return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
 
 
-def blocks(output):
-    """list-backups' text output as {heading: [lines under it]}."""
-    found, heading = {}, None
-    for line in output.splitlines():
-        if not line.strip():
-            continue
-        if line.startswith("  "):
-            assert heading is not None, f"a line before any heading: {line!r}"
-            found[heading].append(line)
-        else:
-            assert line.endswith(":"), f"not a heading: {line!r}"
-            heading = line
-            found[heading] = []
-    return found
-
-
 def block(output, host, directory):
     """The lines under the heading `<label> (<host>:<dir>/):`."""
     ends = f" ({host}:{str(directory).rstrip('/')}/):"
-    matching = [h for h in blocks(output) if h.endswith(ends)]
+    matching = [h for h in world.listing_blocks(output) if h.endswith(ends)]
     assert len(matching) == 1, f"no single heading ending {ends!r} in:\n{output}"
-    return blocks(output)[matching[0]]
+    return world.listing_blocks(output)[matching[0]]
 
 
 def rows(lines):
@@ -99,7 +83,7 @@ def test_text_lists_every_place_newest_first_with_size_time_and_status(laptop, p
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.splitlines()[0] == f"Production Server (prod:{prod_dumps}/):"
-    assert len(blocks(out)) == 3, out
+    assert len(world.listing_blocks(out)) == 3, out
     prod = rows(block(out, "prod", prod_dumps))
     assert [(m["name"], m["time"], m["status"]) for m in prod] == [
         ("db-2024-01-15-010000.sql.gz", "2024-01-15 01:00", "verified"),
@@ -153,7 +137,7 @@ def test_only_lists_the_named_places(laptop, prod_dumps):
     dump(laptop.nas_dir, "db-2024-01-13.sql.gz", at("2024-01-13 02:06"))
     result = laptop.run("list-backups", "--only", "nas", "pi5")
     assert result.returncode == 0, result.stderr
-    assert len(blocks(result.stdout)) == 2, result.stdout
+    assert len(world.listing_blocks(result.stdout)) == 2, result.stdout
     assert [m["name"] for m in rows(block(result.stdout, "pi5", laptop.pi5_dir))] == ["db-2024-01-14.sql.gz"]
     assert [m["name"] for m in rows(block(result.stdout, "nas", laptop.nas_dir))] == ["db-2024-01-13.sql.gz"]
     as_json = laptop.run("list-backups", "--json", "--only", "prod")
@@ -182,11 +166,12 @@ def test_old_prod_is_listed_only_when_its_host_is_set(laptop, old_prod_home):
         os.utime(os.path.join(directory, name), (at(when).timestamp(),) * 2)
     laptop.settings["OLD_PROD_DIR"] = setting
     without = laptop.run("list-backups")
-    assert without.returncode == 0 and len(blocks(without.stdout)) == 3 and "old-prod" not in without.stdout
+    assert without.returncode == 0 and "old-prod" not in without.stdout
+    assert len(world.listing_blocks(without.stdout)) == 3
     laptop.settings["OLD_PROD_HOST"] = "old-prod"
     result = laptop.run("list-backups")
     assert result.returncode == 0, result.stderr
-    assert len(blocks(result.stdout)) == 4, result.stdout
+    assert len(world.listing_blocks(result.stdout)) == 4, result.stdout
     assert [(m["name"], m["time"], m["status"]) for m in rows(block(result.stdout, "old-prod", setting))] == [
         ("kw_app_production-20240110-093000.sql", "2024-01-10 09:30", "unverified"),
         ("kw_app_production-20240103-120000.sql", "2024-01-03 12:00", "unverified"),

@@ -486,21 +486,6 @@ LINE = re.compile(r"  (?P<name>\S+) {2,}\S+ {2,}\d{4}-\d{2}-\d{2} \d{2}:\d{2}  (
                   r"SIZE MISMATCH)")
 
 
-def blocks(output):
-    """list-backups' text output as {heading: [lines under it]}."""
-    found, heading = {}, None
-    for line in output.splitlines():
-        if not line.strip():
-            continue
-        if line.startswith("  "):
-            found[heading].append(line)
-        else:
-            assert line.endswith(":"), f"not a heading: {line!r}"
-            heading = line
-            found[heading] = []
-    return found
-
-
 def listed(lines):
     return [(m["name"], m["status"]) for line in lines if (m := LINE.fullmatch(line))]
 
@@ -523,7 +508,7 @@ def test_list_backups_shows_the_offsite_block_with_its_encrypted_dumps(net, back
     offsite = backed_up
     result = run(net, "list-backups")
     assert result.returncode == 0, result.stderr
-    found = blocks(result.stdout)
+    found = world.listing_blocks(result.stdout)
     heading = f"Offsite (offsite:{offsite}/):"
     assert heading in found, result.stdout
     assert listed(found[heading]) == [(AGE, "verified"), ("db-2024-03-09.sql.gz.age", "SIZE MISMATCH"),
@@ -534,7 +519,7 @@ def test_list_backups_shows_the_offsite_block_with_its_encrypted_dumps(net, back
 
     only = run(net, "list-backups", "--only", "offsite")
     assert only.returncode == 0, only.stderr
-    assert list(blocks(only.stdout)) == [heading]
+    assert list(world.listing_blocks(only.stdout)) == [heading]
 
     as_json = run(net, "list-backups", "--json")
     assert as_json.returncode == 0, as_json.stderr
@@ -556,7 +541,7 @@ def test_list_backups_a_local_directory_offsite(net, key):
     assert run(net).returncode == 0
     result = run(net, "list-backups", "--only", "offsite", "nas")
     assert result.returncode == 0, result.stderr
-    found = blocks(result.stdout)
+    found = world.listing_blocks(result.stdout)
     assert listed(found[f"Offsite ({offsite}/):"]) == [(AGE, "verified")], result.stdout
 
 
@@ -564,7 +549,7 @@ def test_list_backups_with_the_offsite_unreachable_lists_the_others_and_exits_1(
     net.ssh.rclone_config(net.tmp / "rclone.conf", address="127.0.0.9")
     result = run(net, "list-backups")
     assert result.returncode == 1, result.stdout + result.stderr
-    found = blocks(result.stdout)
+    found = world.listing_blocks(result.stdout)
     offsite = found[f"Offsite (offsite:{backed_up}/):"]
     assert len(offsite) == 1 and offsite[0].startswith("  unreachable: "), offsite
     nas = next(lines for h, lines in found.items() if h.endswith(f"(nas:{net.nas_dir}/):"))
