@@ -18,7 +18,7 @@ from pathlib import Path
 from . import dumps, files, names
 from .errors import Failed, KwError, UsageError, VerificationError
 from .log import log
-from .run import Cmd, StageFailed, Tap, pipeline
+from .run import Cmd, StageFailed, Tap, pipeline, run
 from .settings import Settings
 
 DECRYPT_STAGE = "age decrypt"
@@ -55,9 +55,18 @@ def _reason(exc: StageFailed) -> str:
                  for part in line.split(" | ") if "age: error: " in part), exc.tail or exc.detail)
 
 
-def decryption_error(exc: StageFailed, name: str) -> KwError:
-    """A failed decryption: the wrong key is the operator's to fix (exit 1); a damaged copy is exit 3."""
+def decryption_error(exc: StageFailed, name: str, identity_file: str | None = None,
+                     recipients: list[str] | None = None) -> KwError:
+    """A failed decryption: the wrong key is the operator's to fix (exit 1); a damaged copy is exit 3.
+
+    With the identity file and the manifest's recipients, a key that is one of them but does not
+    open the copy's header means a damaged header, not the wrong key.
+    """
     reason = _reason(exc)
+    ours = bool(identity_file and recipients and _public_keys(identity_file) & set(recipients))
+    if "no identity matched" in reason and ours:
+        return VerificationError(f"{name}: cannot be decrypted, the copy is damaged or incomplete (its header does "
+                                 "not open with the key, one of its recipients)", "use another copy (list-backups)")
     if "no identity matched" in reason:
         return Failed(f"AGE_IDENTITY_FILE cannot decrypt {name}: its key is not one of the dump's recipients",
                       "use the identity whose public key is in AGE_RECIPIENTS (the manifest lists them)")
@@ -65,6 +74,11 @@ def decryption_error(exc: StageFailed, name: str) -> KwError:
         return UsageError(f"AGE_IDENTITY_FILE is not a usable age identity: {reason}", IDENTITY_HINT)
     return VerificationError(f"{name}: cannot be decrypted, the copy is damaged or incomplete ({reason})",
                              "use another copy (list-backups)")
+
+
+def _public_keys(identity_file: str) -> set[str]:
+    code, out, _ = run(Cmd(["age-keygen", "-y", identity_file], name="age-keygen -y"), check=False, timeout=30)
+    return set(out.decode(errors="replace").split()) if code == 0 else set()
 
 
 class _Hash(Tap):
@@ -130,6 +144,10 @@ class _Digest(threading.Thread):
         self.size, self.hexdigest = reader.size, reader.sha256.hexdigest()
 
 
+def _recipients(manifest: dumps.Manifest | None) -> list[str] | None:
+    return (manifest.encryption or {}).get("recipients") if manifest else None
+
+
 def decrypt_file(path: Path, identity_file: str, directory: Path) -> Path:
     """A local `.age` dump decrypted into `directory` under its plain name, with the plain manifest beside it."""
     manifest = dumps.read_manifest(path)
@@ -139,7 +157,8 @@ def decrypt_file(path: Path, identity_file: str, directory: Path) -> Path:
         try:
             pipeline([decrypt_cmd(identity_file), writer], stdin=dumps.FileChunks(path))
         except StageFailed as exc:
-            raise (decryption_error(exc, path.name) if exc.stage == DECRYPT_STAGE else exc) from exc
+            raise (decryption_error(exc, path.name, identity_file, _recipients(manifest))
+                   if exc.stage == DECRYPT_STAGE else exc) from exc
         out.commit()
     if manifest is not None:
         plain = manifest.plain()
@@ -167,7 +186,7 @@ def verify(path: Path, identity_file: str | None, quick: bool = False) -> dumps.
         pipeline([*steps, scanner], stdin=reader)
     except StageFailed as exc:
         if exc.stage == DECRYPT_STAGE:
-            raise decryption_error(exc, str(path)) from exc
+            raise decryption_error(exc, str(path), identity_file, _recipients(manifest)) from exc
         raise VerificationError(f"{path}: corrupt gzip stream inside ({exc.tail or exc.detail})",
                                 "use another copy (list-backups)") from exc
     problem = scanner.problem()

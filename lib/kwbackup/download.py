@@ -27,8 +27,8 @@ class _Writer(Tap):
         self.progress.add(len(chunk))
 
 
-def fetch(reader: Cmd, directory: Path, name: str, total: int | None = None, identity_file: str | None = None
-          ) -> Path:
+def fetch(reader: Cmd, directory: Path, name: str, total: int | None = None, identity_file: str | None = None,
+          recipients: list[str] | None = None) -> Path:
     """Stream what `reader` prints into `directory/name`, decrypted on the way when given an identity file.
 
     The file appears only when complete.
@@ -40,7 +40,7 @@ def fetch(reader: Cmd, directory: Path, name: str, total: int | None = None, ide
             pipeline([*steps, _Writer(out, progress)])
         except StageFailed as exc:
             if exc.stage == crypto.DECRYPT_STAGE:
-                raise crypto.decryption_error(exc, name) from exc
+                raise crypto.decryption_error(exc, name, identity_file, recipients) from exc
             raise Failed(f"downloading {name} ({reader.name}) failed: {exc.message}",
                          "check the place and the network") from exc
         finally:
@@ -69,12 +69,12 @@ def fetch_dump(origin: Place | Offsite, name: str, directory: Path, settings: Se
     key = crypto.identity(settings, name) if names.is_encrypted(name) else None
     plain = names.plain_name(name)
     manifest_name = name + names.MANIFEST_SUFFIX
-    manifest = run(origin.read(manifest_name), timeout=600)[1] if origin.exists(manifest_name) else None
-    path = fetch(origin.read(name), directory, plain, total, key)
+    raw = run(origin.read(manifest_name), timeout=600)[1] if origin.exists(manifest_name) else None
+    manifest = dumps.Manifest.from_json(raw, f"{origin.name}:{manifest_name}") if raw is not None else None
+    path = fetch(origin.read(name), directory, plain, total, key, (manifest.encryption or {}).get("recipients")
+                 if manifest else None)
     if manifest is not None:
-        files.write_atomic(directory, plain + names.MANIFEST_SUFFIX,
-                           dumps.Manifest.from_json(manifest, f"{origin.name}:{manifest_name}").plain().to_json(),
-                           replace=True)
+        files.write_atomic(directory, plain + names.MANIFEST_SUFFIX, manifest.plain().to_json(), replace=True)
     return path
 
 
