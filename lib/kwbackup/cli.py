@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -47,8 +48,37 @@ def hide(*values: str | None) -> None:
     logmod.add_secrets([v for v in values if v])
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGHUP, SIGINT or SIGTERM: unwinds the script like Ctrl-C, so every `finally` cleans up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+
+
+def _on_signal(signum, frame) -> None:
+    # Only the first one unwinds: a second (a closed terminal sends SIGHUP to all, cron a TERM then a
+    # KILL) must not cut the cleanup short.
+    for other in STOP_SIGNALS:
+        signal.signal(other, _late_signal)
+    raise Interrupted(signum)
+
+
+def _late_signal(signum, frame) -> None:
+    logmod.log.warning("%s received while cleaning up; finishing the cleanup first", signal.Signals(signum).name)
+
+
 def guard(body: Callable[[], int | None]) -> int:
-    """Run a script's body; a failure becomes one line on stderr (and the logs) and its exit status."""
+    """Run a script's body; a failure becomes one line on stderr (and the logs) and its exit status.
+
+    SIGHUP, SIGINT and SIGTERM are alike: the body unwinds (temporary files, a half-made database,
+    a stopped app: each `finally` puts back what it changed), then exit 128 + the signal.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_signal)
     try:
         return body() or 0
     except KwError as exc:
@@ -58,9 +88,10 @@ def guard(body: Callable[[], int | None]) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         _error(f"{exc.strerror or exc}{where}")
         return 1
-    except KeyboardInterrupt:
-        _error("interrupted; nothing was left under a final name")
-        return 1
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _error(f"interrupted by {signal.Signals(signum).name}; cleaned up, nothing was left under a final name")
+        return 128 + signum
 
 
 def _error(line: str) -> None:

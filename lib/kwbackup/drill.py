@@ -14,7 +14,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -79,7 +78,6 @@ def temporary_cluster():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # cron or an operator's kill still cleans up
     try:
         run(Cmd(_as(user, [_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                            "--locale=C.UTF-8", "--no-sync"]), name="initdb"), timeout=300)
@@ -101,12 +99,7 @@ def temporary_cluster():
             if not base.exists():
                 break
             time.sleep(0.1)
-        signal.signal(signal.SIGTERM, previous)
         log.info("removed the temporary PostgreSQL")
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _libpq_env(params: dict) -> dict[str, str]:

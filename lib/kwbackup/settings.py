@@ -31,6 +31,7 @@ DB_EXEC_MODES = ("docker", "kamal", "direct")
 AGE_RECIPIENT_RE = re.compile(r"age1[02-9ac-hj-np-z]{58}")
 # A remote of the rclone config and a path in it, or a local directory; nothing that rclone would parse as options.
 RCLONE_REMOTE_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*:|/)[^\s\0]*")
+DOCKER_IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._/-]*(?::[A-Za-z0-9_][A-Za-z0-9_.-]*)?(?:@sha256:[0-9a-f]{64})?")
 
 
 def _positive_int(value: str) -> str | None:
@@ -46,6 +47,31 @@ def _percent(value: str) -> str | None:
         return None if float(value) > 0 else "must be a positive number"
     except ValueError:
         return "must be a positive number"
+
+
+def _number(value: str) -> str | None:
+    try:
+        return None if float(value) >= 0 else "must be a number, 0 or more"
+    except ValueError:
+        return "must be a number, 0 or more"
+
+
+def _positive_number(value: str) -> str | None:
+    return _percent(value)
+
+
+def _minutes(value: str) -> str | None:
+    return None if value.isdigit() else "must be a whole number of minutes"
+
+
+def _jobs(value: str) -> str | None:
+    return None if value.isdigit() and 1 <= int(value) <= 64 else "must be a whole number from 1 to 64"
+
+
+def _docker_image(value: str) -> str | None:
+    if DOCKER_IMAGE_RE.fullmatch(value):
+        return None
+    return "must be a docker image reference such as postgres:17"
 
 
 def _port(value: str) -> str | None:
@@ -147,6 +173,11 @@ SETTINGS = [
     Setting("NOTIFY_URLS", None, secret=True),
     Setting("SIZE_CHANGE_ALERT_PCT", "50", _percent),
     Setting("MIN_DUMP_BYTES", "1024", _non_negative_int),
+    Setting("MIN_FREE_DUMPS", "2", _number),
+    Setting("ROW_DROP_ALERT_PCT", "50", _percent),
+    Setting("MAX_DUMP_AGE_HOURS", "26", _positive_number),
+    Setting("FUTURE_SLACK_MINUTES", "60", _minutes),
+    Setting("RESTORE_JOBS", None, _jobs),
     Setting("PROD_HOST", "ubuntu@146.59.44.70", _host),
     Setting("PROD_DIR", "/var/backups/kw-app", _place_dir),
     Setting("PROD_KEEP", "2", _positive_int),
@@ -169,6 +200,8 @@ SETTINGS = [
     Setting("DRILL_DATABASE_URL", None, secret=True),
     Setting("DRILL_SQL", None),
     Setting("DRILL_LOG", None, _absolute),
+    Setting("DRILL_PG_BINDIR", None, _absolute),
+    Setting("DRILL_DOCKER_IMAGE", None, _docker_image),
     Setting("HISTORY_FILE", None, _absolute),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -1,0 +1,42 @@
+"""cli.guard: SIGHUP, SIGINT and SIGTERM unwind the script alike and exit 128 + the signal."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.world import ROOT
+
+BODY = """
+import sys, time
+sys.path.insert(0, {lib!r})
+from kwbackup import cli
+
+def body():
+    try:
+        print("ready", flush=True)
+        time.sleep(30)
+    finally:
+        time.sleep(0.3)  # a cleanup that takes a moment: a second signal must not cut it short
+        open({marker!r}, "w").write("cleaned")
+
+sys.exit(cli.guard(body))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_runs_the_cleanup_and_exits_128_plus_the_signal(tmp_path, signum):
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", BODY.format(lib=str(ROOT / "lib"), marker=str(marker))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signum)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # cron's second word, or a closed terminal's second signal
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum
+    assert marker.read_text() == "cleaned"
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and signal.Signals(signum).name in errors[0]
