@@ -340,10 +340,27 @@ def write_env(path: Path, settings: dict[str, str]) -> Path:
     return path
 
 
-def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    """Run bin/<name> as a user would: a plain process, its own environment, no terminal."""
-    return subprocess.run([str(BIN / name), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120, at: str | None = None,
+               **kw) -> subprocess.CompletedProcess:
+    """Run bin/<name> as a user would: a plain process, its own environment, no terminal.
+
+    `at` ("2024-03-10 03:00:00", UTC) runs it with the machine's clock there, ticking on (clocked()).
+    """
+    argv, env = clocked([str(BIN / name), *args], env, at)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          **kw)
+
+
+def clocked(argv: list[str], env: dict[str, str], at: str | None) -> tuple[list[str], dict[str, str]]:
+    """A command run with its wall clock (and its children's) moved to `at` UTC, ticking on: no test hook in the code.
+
+    Debian's datefudge preloads a library that moves only the wall clock; waits and timeouts (CLOCK_MONOTONIC)
+    stay real. libfaketime 0.9.10 moves those too, and Python 3.11's sleeps and thread waits then hang or fail
+    with EINVAL.
+    """
+    if at is None:
+        return argv, env
+    return ["datefudge", f"{at} UTC", *argv], env
 
 
 def standin_calls(log: Path) -> list[list[str]]:

@@ -14,7 +14,6 @@ import shutil
 import struct
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from . import dumps, files, names, retention
@@ -84,18 +83,35 @@ def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dump
     return manifest
 
 
+def new_name(directory: Path, clock: names.Clock) -> str:
+    """The name of tonight's dump; Failed when a nightly dump there is dated after it.
+
+    Names come from this machine's clock: a later name means the clock is behind (or a
+    future-dated file was put there), and a dump under an earlier name would be the first one
+    rotation removes.
+    """
+    existing = os.listdir(directory) if directory.is_dir() else []
+    name = names.nightly_name_for(clock.now, set(existing))
+    later = [d for d in names.dumps_in(existing) if d.nightly and d.sort_key > names.parse(name).sort_key]
+    if later:
+        raise Failed(f"not dumping: {later[0].name} in {directory} is dated after this clock "
+                     f"({clock.now:%Y-%m-%d %H:%M:%S} UTC), so the new dump {name} would sort before it",
+                     "fix the clock (timedatectl), or remove the future-dated dump by hand")
+    return name
+
+
 def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) -> DumpResult | None:
     """The whole of backup-db on this machine (prod)."""
     db = Database(settings)
     directory = Path(os.path.expanduser(prod.dir))
     min_bytes = settings.int("MIN_DUMP_BYTES")
+    clock = names.Clock.from_settings(settings)
     if dry_run:
-        existing = os.listdir(directory) if directory.is_dir() else []
-        name = names.nightly_name_for(datetime.now(UTC), set(existing))
+        name = new_name(directory, clock)
         dry("would dump %s with: %s", db.name, db.dump().display())
         dry("would write %s (mode 0600) and its manifest, then verify it", directory / name)
         if directory.is_dir():
-            retention.rotate_local(directory, keep, dry_run=True, calendar=prod.calendar)
+            retention.rotate_local(directory, keep, clock, dry_run=True, calendar=prod.calendar)
         else:
             dry("would create %s (mode 0700)", directory)
         return None
@@ -103,7 +119,7 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
     with files.lock(directory, "backup-db"), Monitor(settings, "backup-db", prod.name) as monitor:
         for stale in files.remove_stale_temps(directory):
             log.warning("removed %s, left by an interrupted run", stale)
-        name = names.nightly_name_for(datetime.now(UTC), set(os.listdir(directory)))
+        name = new_name(directory, clock)
         started = time.monotonic()
         log.info("dumping %s into %s", db.name, directory / name)
         manifest = write_dump(db, directory, name, min_bytes)
@@ -112,5 +128,5 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
         log.info("wrote %s: %s, %d rows in %d tables, verified, in %.1fs",
                  name, size(manifest.bytes), rows, len(manifest.tables), seconds)
         monitor.record(dump=name, bytes=manifest.bytes)
-        removed = retention.rotate_local(directory, keep, calendar=prod.calendar)
+        removed = retention.rotate_local(directory, keep, clock, calendar=prod.calendar)
         return DumpResult(directory / name, manifest, seconds, removed)

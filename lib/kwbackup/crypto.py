@@ -10,7 +10,6 @@ and sha256, checked once it is decrypted.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from . import dumps, files, names
 from .errors import Failed, KwError, UsageError, VerificationError
 from .log import log
-from .run import Cmd, StageFailed, Tap, pipeline, run
+from .run import Cmd, StageFailed, pipeline, run
 from .settings import Settings
 
 DECRYPT_STAGE = "age decrypt"
@@ -79,20 +78,6 @@ def decryption_error(exc: StageFailed, name: str, identity_file: str | None = No
 def _public_keys(identity_file: str) -> set[str]:
     code, out, _ = run(Cmd(["age-keygen", "-y", identity_file], name="age-keygen -y"), check=False, timeout=30)
     return set(out.decode(errors="replace").split()) if code == 0 else set()
-
-
-class _Hash(Tap):
-    """Size and sha256 of the bytes passing by, passed on unchanged."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def __call__(self, chunk: bytes) -> bytes:
-        self.sha256.update(chunk)
-        self.size += len(chunk)
-        return chunk
 
 
 def encrypt(source: Path, manifest: dumps.Manifest, directory: Path, keys: list[str]) -> dumps.Manifest:
@@ -175,25 +160,8 @@ def verify(path: Path, identity_file: str | None, quick: bool = False) -> dumps.
     if identity_file is None or quick:
         if manifest is None:
             raise Failed(f"{path}: an encrypted dump without a manifest can only be checked with AGE_IDENTITY_FILE")
-        return dumps.verify_quick(path)
-    reader = dumps.FileChunks(path)
-    plain = _Hash("plain sha256")
-    scanner = dumps.DumpScanner()
-    steps = [decrypt_cmd(identity_file), plain]
-    if names.plain_name(path.name).endswith(".gz"):
-        steps.append(Cmd(dumps.decompressor(), name="gzip stream check"))
+        return dumps.verify_file(path, manifest, whole=False)
     try:
-        pipeline([*steps, scanner], stdin=reader)
-    except StageFailed as exc:
-        if exc.stage == DECRYPT_STAGE:
-            raise decryption_error(exc, str(path), identity_file, _recipients(manifest)) from exc
-        raise VerificationError(f"{path}: corrupt gzip stream inside ({exc.tail or exc.detail})",
-                                "use another copy (list-backups)") from exc
-    problem = scanner.problem()
-    if problem:
-        raise VerificationError(f"{path}: incomplete dump: {problem}", "use another copy (list-backups)")
-    if manifest is not None:
-        dumps.check_against_manifest(path, manifest, reader.size, reader.sha256.hexdigest(), manifest.tables)
-        inner = manifest.plain()
-        dumps.check_against_manifest(inner.file, inner, plain.size, plain.sha256.hexdigest(), scanner.tables)
-    return dumps.Verified(path, reader.size, reader.sha256.hexdigest(), manifest, scanner.tables)
+        return dumps.verify_file(path, manifest, decrypt=decrypt_cmd(identity_file))
+    except StageFailed as exc:  # only age's own failure comes back as it is
+        raise decryption_error(exc, str(path), identity_file, _recipients(manifest)) from exc

@@ -2,9 +2,12 @@
 
 `DumpScanner` reads the uncompressed SQL as it streams by, in large chunks (bytes.find and
 bytes.count, never line by line in Python): it counts the rows of every table's COPY data,
-notes the versions in the header, and keeps the tail to check pg_dump's completion line.
-`verify_file` reads a dump once: sha256 and size of the file while a decompressor feeds a
-scanner.
+notes the versions in the header, and keeps the tail to check pg_dump's completion line. Its
+memory is bounded whatever the content: no line is ever held whole.
+`verify_file` is the one check of a dump file, used by the pull, verify-backup, the restores
+and the drill: it reads the file once, sha256 and size while a decompressor (and, for an
+encrypted copy, age) feeds the scanner, and compares everything with the manifest.
+A manifest is validated by type and size (at most 1 MiB) before anything trusts it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from .run import CHUNK, Cmd, StageFailed, Tap, pipeline
 COMPLETION_LINE = b"-- PostgreSQL database dump complete"
 TAIL_BYTES = 64 * 1024
 HEAD_BYTES = 8 * 1024
+# A COPY header names a table and its columns: far below this even at PostgreSQL's 1600 columns.
+LINE_LIMIT = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 20
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 COPY_HEADER_RE = re.compile(r"COPY (?P<table>.+?) (?:\(.*\) )?FROM stdin;")
 IDENT = r'"(?:[^"]|"")*"|[^."\s]+'
 QUALIFIED_RE = re.compile(rf"(?P<schema>{IDENT})\.(?P<table>{IDENT})")
@@ -128,6 +135,9 @@ class DumpScanner(Tap):
         if buf.startswith(b"COPY ", pos):
             newline = buf.find(b"\n", pos)
             if newline < 0:
+                if len(buf) - pos > LINE_LIMIT:
+                    raise VerificationError(f"a line beginning with COPY is longer than {LINE_LIMIT} bytes: "
+                                            "not pg_dump's output")
                 self.partial = buf[pos:]
                 return len(buf)
             m = COPY_HEADER_RE.fullmatch(buf[pos:newline].decode(errors="replace"))
@@ -203,17 +213,59 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes, source: str = "manifest") -> Manifest:
+        """A manifest from its bytes; VerificationError (exit 3) for anything but a valid one."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise VerificationError(f"{source} is not a valid manifest (larger than {MAX_MANIFEST_BYTES} bytes)")
         try:
             raw = json.loads(data)
-            manifest = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-            if manifest.encryption is not None:
-                manifest.plain()  # its plain_* fields must be there
-            return manifest
-        except (ValueError, TypeError, KeyError) as exc:
-            raise VerificationError(f"{source} is not a valid manifest ({exc})") from exc
+        except ValueError as exc:
+            raise VerificationError(f"{source} is not a valid manifest (not JSON: {exc})") from exc
+        problem = manifest_problem(raw)
+        if problem:
+            raise VerificationError(f"{source} is not a valid manifest ({problem})")
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
     def write_beside(self, directory: Path) -> Path:
         return files.write_atomic(directory, self.file + names.MANIFEST_SUFFIX, self.to_json())
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _sha256(value) -> bool:
+    return isinstance(value, str) and SHA256_RE.fullmatch(value) is not None
+
+
+def manifest_problem(raw) -> str | None:
+    """What keeps parsed JSON from being a manifest (every field of its natural type), or None."""
+    if not isinstance(raw, dict):
+        return "not a JSON object"
+    if not isinstance(raw.get("file"), str):
+        return "file is not a string"
+    if not _count(raw.get("bytes")):
+        return "bytes is not a non-negative integer"
+    if not _sha256(raw.get("sha256")):
+        return "sha256 is not 64 hex digits"
+    if not isinstance(raw.get("created_at"), str):
+        return "created_at is not a string"
+    try:
+        datetime.fromisoformat(raw["created_at"].replace("Z", "+00:00"))
+    except ValueError:
+        return "created_at is not an ISO 8601 time"
+    for key in ("database", "server_version", "pg_dump_version", "tool_version"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            return f"{key} is not a string"
+    tables = raw.get("tables")
+    if not isinstance(tables, dict) or not all(isinstance(k, str) and _count(v) for k, v in tables.items()):
+        return "tables is not an object of table names to non-negative row counts"
+    encryption = raw.get("encryption")
+    if encryption is not None:
+        if not isinstance(encryption, dict) or not isinstance(encryption.get("plain_file"), str) \
+                or not _count(encryption.get("plain_bytes")) or not _sha256(encryption.get("plain_sha256")) \
+                or not isinstance(encryption.get("recipients", []), list):
+            return "encryption lacks plain_file, plain_bytes or plain_sha256"
+    return None
 
 
 def now_iso() -> str:
@@ -221,10 +273,14 @@ def now_iso() -> str:
 
 
 def read_manifest(dump_path: Path) -> Manifest | None:
+    """The manifest beside a dump, None when there is none; VerificationError when it is not valid."""
     path = Path(str(dump_path) + names.MANIFEST_SUFFIX)
-    if not path.exists():
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)  # never more, whatever its size
+    except FileNotFoundError:
         return None
-    return Manifest.from_json(path.read_bytes(), str(path))
+    return Manifest.from_json(data, str(path))
 
 
 def decompressor() -> list[str]:
@@ -280,29 +336,16 @@ class Verified:
         return "verified" if self.manifest else "unverified"
 
 
-def check_stream(reader: FileChunks, compressed: bool, shown: str) -> DumpScanner:
-    """Decompress and scan what `reader` yields; VerificationError when it is no valid dump."""
-    scanner = DumpScanner()
-    steps = [Cmd(decompressor(), name="gzip stream check"), scanner] if compressed else [scanner]
-    try:
-        pipeline(steps, stdin=reader)
-    except StageFailed as exc:
-        if exc.stage == reader.name:
-            raise Failed(f"{shown}: cannot read: {exc.detail}") from exc
-        raise VerificationError(f"{shown}: corrupt gzip stream ({exc.tail or exc.detail})",
-                                "use another copy (list-backups)") from exc
-    problem = scanner.problem()
-    if problem:
-        raise VerificationError(f"{shown}: incomplete dump: {problem}", "use another copy (list-backups)")
-    return scanner
+def verify_file(path: Path, manifest: Manifest | None = None, *, use_manifest: bool = True, whole: bool = True,
+                reader: FileChunks | None = None, name: str | None = None, decrypt: Cmd | None = None) -> Verified:
+    """The one check of a dump: VerificationError (exit 3) says what is wrong with it.
 
-
-def verify_file(path: Path, manifest: Manifest | None = None, use_manifest: bool = True,
-                reader: FileChunks | None = None, name: str | None = None) -> Verified:
-    """Check a dump in one pass; VerificationError (exit 3) says what is wrong with it.
-
-    `reader` may be a FileChunks following a file still being received; `name` is the
-    dump's final name when `path` is a temporary one.
+    Whole (the default): the gzip stream, pg_dump's completion line and every table's row count,
+    plus size and sha256, all against the manifest (the one beside `path` unless given or
+    `use_manifest` is False). `whole=False` with a manifest checks size and sha256 only. `reader`
+    may follow a file still being received; `name` is the dump's final name when `path` is a
+    temporary one. With `decrypt` (age -d for an encrypted copy) the content is checked inside,
+    against the plain dump's part of the manifest; its StageFailed is raised as it is.
     """
     path = Path(path)
     if reader is None and not path.is_file():
@@ -311,14 +354,59 @@ def verify_file(path: Path, manifest: Manifest | None = None, use_manifest: bool
         manifest = read_manifest(path)
     reader = reader or FileChunks(path)
     name = name or path.name
-    scanner = check_stream(reader, name.endswith(".gz"), str(path) if name == path.name else name)
+    shown = str(path) if name == path.name else name
+    if not whole and manifest is not None:
+        for _ in reader:
+            pass
+        check_against_manifest(shown, manifest, reader.size, reader.sha256.hexdigest(), None)
+        return Verified(path, reader.size, reader.sha256.hexdigest(), manifest, manifest.tables)
+    plain = _Measure() if decrypt else None
+    scanner = DumpScanner()
+    steps = [decrypt, plain] if decrypt else []
+    if names.plain_name(name).endswith(".gz"):
+        steps.append(Cmd(decompressor(), name="gzip stream check"))
+    try:
+        pipeline([*steps, scanner], stdin=reader)
+    except StageFailed as exc:
+        if exc.stage == reader.name or isinstance(exc.__cause__, OSError):
+            raise Failed(f"{shown}: cannot read: {exc.detail}") from exc
+        if decrypt is not None and exc.stage == decrypt.name:
+            raise
+        if isinstance(exc.__cause__, VerificationError):
+            raise VerificationError(f"{shown}: {exc.__cause__.message}", "use another copy (list-backups)") from exc
+        raise VerificationError(f"{shown}: corrupt gzip stream ({exc.tail or exc.detail})",
+                                "use another copy (list-backups)") from exc
+    problem = scanner.problem()
+    if problem:
+        raise VerificationError(f"{shown}: incomplete dump: {problem}", "use another copy (list-backups)")
     digest = reader.sha256.hexdigest()
     if manifest is not None:
-        check_against_manifest(name, manifest, reader.size, digest, scanner.tables)
+        if plain is not None:
+            check_against_manifest(shown, manifest, reader.size, digest, None)
+            inner = manifest.plain()
+            check_against_manifest(inner.file, inner, plain.size, plain.sha256.hexdigest(), scanner.tables)
+        else:
+            check_against_manifest(shown, manifest, reader.size, digest, scanner.tables)
     return Verified(path, reader.size, digest, manifest, scanner.tables)
 
 
-def check_against_manifest(path, manifest: Manifest, size: int, sha256: str, tables: dict[str, int]) -> None:
+class _Measure(Tap):
+    """sha256 and size of a decrypted stream on its way to the decompressor."""
+
+    name = "plain sha256"
+
+    def __init__(self):
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+
+def check_against_manifest(path, manifest: Manifest, size: int, sha256: str, tables: dict[str, int] | None) -> None:
+    """The file is exactly what its manifest describes; `tables` (when the content was scanned) too."""
     if manifest.file != Path(path).name:
         raise VerificationError(f"{path}: its manifest describes {manifest.file}")
     if manifest.bytes != size:
@@ -327,9 +415,12 @@ def check_against_manifest(path, manifest: Manifest, size: int, sha256: str, tab
     if manifest.sha256 != sha256:
         raise VerificationError(f"{path}: sha256 differs from the manifest's",
                                 "the copy is damaged: use another copy")
-    if manifest.tables and manifest.tables != tables:
+    if tables is not None and manifest.tables != tables:
         differ = sorted(k for k in set(manifest.tables) | set(tables) if manifest.tables.get(k) != tables.get(k))
-        raise VerificationError(f"{path}: row counts differ from the manifest's for {', '.join(differ[:5])}")
+        shown = ", ".join(f"{k} ({tables.get(k, 'absent')} rows, manifest {manifest.tables.get(k, 'absent')})"
+                          for k in differ[:5])
+        raise VerificationError(f"{path}: row counts differ from the manifest's: {shown}",
+                                "the dump is not what backup-db wrote: use another copy")
 
 
 OWNER_RE = re.compile(rb"^ALTER [A-Z ]+ .* OWNER TO (\"(?:[^\"]|\"\")+\"|[^\s;]+);$", re.M)
@@ -345,7 +436,7 @@ class HeadReader(Tap):
 
     name = "head"
 
-    def __init__(self, limit: int = 256 * 1024 * 1024):
+    def __init__(self, limit: int = 32 * 1024 * 1024):  # a schema this large is rare; memory stays bounded
         self.limit = limit
         self.data = bytearray()
 
@@ -374,18 +465,6 @@ def requirements(path: Path) -> dict:
     version = re.search(rb"^-- Dumped by pg_dump version (\S+)", data, re.M)
     return {"roles": sorted(roles), "extensions": sorted(extensions),
             "pg_dump_version": version.group(1).decode() if version else None}
-
-
-def verify_quick(path: Path) -> Verified:
-    """With a manifest: size and sha256 in one read (the content was checked whole when it was made)."""
-    manifest = read_manifest(Path(path))
-    if manifest is None:
-        return verify_file(path)
-    reader = FileChunks(Path(path))
-    for _ in reader:
-        pass
-    check_against_manifest(path, manifest, reader.size, reader.sha256.hexdigest(), manifest.tables)
-    return Verified(Path(path), reader.size, reader.sha256.hexdigest(), manifest, manifest.tables)
 
 
 COPY_TAG_RE = re.compile(r"COPY (\d+)")

@@ -126,6 +126,8 @@ class Monitor:
         values = {"backup.duration": round(duration, 3), "backup.success": 1 if ok else 0}
         if self.fields.get("bytes"):
             values["backup.size"] = self.fields["bytes"]
+        if self.fields.get("age_hours") is not None:
+            values["backup.age_hours"] = self.fields["age_hours"]
         for leg, field in (("backup.prod_to_pi5.duration", "pull_seconds"),
                            ("backup.pi5_to_nas.duration", "push_seconds"),
                            ("backup.pi5_to_offsite.duration", "offsite_seconds")):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from .errors import UsageError
 
@@ -12,6 +12,7 @@ from .errors import UsageError
 NIGHTLY_RE = re.compile(r"db-(\d{4}-\d{2}-\d{2})(?:-(\d{6}))?\.sql\.gz(\.age)?")
 MIGRATION_RE = re.compile(r"kw_app_production-(\d{8})-(\d{6})\.sql(\.gz(\.age)?)?")
 MANIFEST_SUFFIX = ".json"
+PIN_SUFFIX = ".pin"
 AGE_SUFFIX = ".age"
 
 
@@ -88,9 +89,35 @@ def newest(names) -> DumpName | None:
 
 
 def nightly_name_for(now: datetime, taken) -> str:
-    """db-YYYY-MM-DD.sql.gz for the UTC date, or db-YYYY-MM-DD-HHMMSS.sql.gz when taken."""
+    """db-YYYY-MM-DD.sql.gz for the UTC date, or db-YYYY-MM-DD-HHMMSS.sql.gz when taken.
+
+    Also timed when a dump of the same day with a time exists (its untimed first one rotated away):
+    an untimed name would sort before it.
+    """
     now = now.astimezone(UTC)
-    name = f"db-{now:%Y-%m-%d}.sql.gz"
-    if name in taken or name + MANIFEST_SUFFIX in taken:
-        name = f"db-{now:%Y-%m-%d-%H%M%S}.sql.gz"
+    day = f"db-{now:%Y-%m-%d}"
+    name = f"{day}.sql.gz"
+    same_day = any(t.startswith(day + "-") and parse(t) for t in taken)
+    if name in taken or name + MANIFEST_SUFFIX in taken or same_day:
+        name = f"{day}-{now:%H%M%S}.sql.gz"
     return name
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The reading machine's clock: a dump name dated more than `slack` ahead of it is future-dated."""
+
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    slack: timedelta = timedelta(minutes=60)
+
+    @classmethod
+    def from_settings(cls, settings) -> Clock:
+        return cls(datetime.now(UTC), timedelta(minutes=settings.int("FUTURE_SLACK_MINUTES")))
+
+    def is_future(self, name: str) -> bool:
+        dump = parse(name)
+        return dump is not None and dump.when > self.now + self.slack
+
+    def age_hours(self, name: str) -> float:
+        """How old a dump is by its name's timestamp."""
+        return (self.now - parse(name).when).total_seconds() / 3600

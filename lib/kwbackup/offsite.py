@@ -5,7 +5,7 @@ in its config file (RCLONE_CONFIG), never on a command line. Like the nas, a cop
 into `.incoming/`, its checksum compared with the pi5's file, and only then moved to its final
 name, manifest first: a final name never holds a partial upload, whatever rclone version or
 remote. The checksum is the best one the remote offers (sha256, sha1, md5); a remote with
-none is read back (`--download`).
+none is read back (`--download`). It is a `destinations.Destination`, like the nas.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import names
+from . import dumps, names
 from .errors import Failed, VerificationError
 from .log import log
 from .places import Entry, combine_listing, manifest_or_none
@@ -47,6 +47,7 @@ class Offsite:
         self.config = config
         self._hash: tuple[str, bool] | None = None
         self.leftovers: list[str] = []  # files in .incoming/ at the last listing: what failed runs left
+        self.promoted: list[str] = []
         self._local_hashes: dict[Path, str] = {}
 
     @classmethod
@@ -97,15 +98,20 @@ class Offsite:
             reason = " | ".join(line.strip() for line in err.strip().splitlines()[-2:]) or f"rclone exit {code}"
             raise Failed(f"offsite ({self.remote}) unreachable: {reason}",
                           "check the network and the rclone remote (rclone lsd REMOTE:)")
-        found, present = {}, set()
+        found, sizes = {}, {}
         items = json.loads(out or b"[]")
         self.leftovers = [i["Path"].split("/", 1)[1] for i in items if i["Path"].startswith(INCOMING + "/")]
         for item in items:
-            present.add(item["Path"])
+            sizes[item["Path"]] = int(item["Size"])
             if names.parse(item["Path"]):
                 found[item["Path"]] = Entry(item["Path"], int(item["Size"]), _timestamp(item.get("ModTime", "")))
-        wanted = [n + names.MANIFEST_SUFFIX for n in found if n + names.MANIFEST_SUFFIX in present]
-        return combine_listing(found, self._manifests(wanted, timeout))
+        present = [n + names.MANIFEST_SUFFIX for n in found if n + names.MANIFEST_SUFFIX in sizes]
+        # A manifest over the limit is invalid, and never fetched.
+        wanted = [m for m in present if sizes[m] <= dumps.MAX_MANIFEST_BYTES]
+        manifests = {m[: -len(names.MANIFEST_SUFFIX)]: {} for m in present if m not in wanted}
+        manifests.update(self._manifests(wanted, timeout))
+        pins = {n for n in found if n + names.PIN_SUFFIX in sizes}
+        return combine_listing(found, manifests, pins)
 
     def _manifests(self, wanted: list[str], timeout: float) -> dict[str, dict | None]:
         if not wanted:
@@ -128,12 +134,13 @@ class Offsite:
         return name in out.decode(errors="replace").splitlines()
 
     # --- writing (the orchestrator) ---------------------------------------------------------------
-    def upload(self, sources: list[Path]) -> None:
-        """Copy local files into the remote's .incoming/, always whole: a copy left there by a failed run
-        (perhaps damaged, with the same size and time) is never taken for the file.
+    def send(self, parcels) -> None:
+        """Copy dumps and manifests into the remote's .incoming/, always whole: a copy left there by a failed
+        run (perhaps damaged, with the same size and time) is never taken for the file.
 
-        The local files' checksums are computed meanwhile, for check_uploaded.
+        The local files' checksums are computed meanwhile, for check.
         """
+        sources = [path for parcel in parcels for path in parcel.paths]
         kind, _ = self._hash_kind()
         hasher = threading.Thread(target=lambda: self._local_hashes.update(
             {source: _file_hash(source, kind) for source in sources}), daemon=True)
@@ -149,8 +156,9 @@ class Offsite:
             self._run("copy", "--ignore-times", "--files-from-raw", "-", str(parent), self.path(sub=INCOMING),
                       name="upload offsite", input="\n".join(batch).encode())
 
-    def check_uploaded(self, sources: list[Path]) -> str:
+    def check(self, parcels) -> str:
         """Compare each uploaded copy's checksum with the local file's; VerificationError when one differs."""
+        sources = [path for parcel in parcels for path in parcel.paths]
         kind, download = self._hash_kind()
         out = self._run("hashsum", kind, *(["--download"] if download else []), "--files-from-raw", "-",
                         self.path(sub=INCOMING), name="checksum offsite", input="\n".join(p.name for p in sources)
@@ -179,14 +187,26 @@ class Offsite:
         return self._hash
 
     def promote(self, dumps: list[str]) -> None:
-        """Move checked copies from .incoming/ to their final names, manifest first."""
+        """Move checked copies from .incoming/ to their final names, manifest first, never over a dump."""
         for name in dumps:
-            for final in (name + names.MANIFEST_SUFFIX, name):
-                self._run("moveto", self.path(final, INCOMING), self.path(final), name="promote offsite")
+            self._run("moveto", self.path(name + names.MANIFEST_SUFFIX, INCOMING),
+                      self.path(name + names.MANIFEST_SUFFIX), name="promote offsite")
+            self._run("moveto", "--ignore-existing", self.path(name, INCOMING), self.path(name),
+                      name="promote offsite")
+            self.promoted.append(name)
 
-    def clear_incoming(self, promoted: list[str]) -> None:
+    def pin(self, pins: dict[str, bytes]) -> None:
+        for dump, content in pins.items():
+            self._run("rcat", self.path(dump + names.PIN_SUFFIX), name="pin offsite", input=content, timeout=120)
+
+    def unpin(self, dumps: list[str]) -> None:
+        if dumps:
+            self._run("delete", "--max-depth", "1", "--files-from-raw", "-", self.path(), name="release offsite pins",
+                      input="\n".join(d + names.PIN_SUFFIX for d in dumps).encode())
+
+    def finish(self) -> None:
         """Remove what failed runs left in .incoming/ (only the orchestrator, under its lock, writes there)."""
-        moved = {n for name in promoted for n in (name, name + names.MANIFEST_SUFFIX)}
+        moved = {n for name in self.promoted for n in (name, name + names.MANIFEST_SUFFIX)}
         stale = [n for n in self.leftovers if n not in moved]
         if not stale:
             return

@@ -1,12 +1,16 @@
-"""backup-orchestrator's work, on the pi5: pull the newest prod dump, verify, push to the nas and offsite, rotate.
+"""backup-orchestrator's work, on the pi5: pull what prod has new, verify it whole, pin, push, rotate, check freshness.
 
-Incoming files wait in `<DIR>/.incoming/` (0700, never listed as dumps) until verified; a
-verified dump gets its final name by a rename in the same filesystem, manifest first. The
-nas receives the same way: rsync into its `.incoming/`, then one remote step checks each
-copy's sha256 against the manifest, renames it into place and only then rotates. The
-offsite remote (OFFSITE_REMOTE) follows the nas the same way through rclone; when it fails,
-the run still succeeds with a warning and an alert. With AGE_RECIPIENTS, only encrypted
-copies (made in `<DIR>/.outgoing/`) leave the pi5.
+The pi5 trusts nothing it cannot check. Every dump on prod newer than the pi5's newest verified
+copy (and not future-dated) is pulled into `<DIR>/.incoming/` (0700, never listed as dumps) and
+checked whole while it arrives: gzip stream, completion line, every table's row count, size and
+sha256, all against the manifest. Only then does it get its final name, by a rename in the same
+filesystem, manifest first, never over another file. A new dump that looks wrong against the one
+before it (size, a table gone, rows lost) pins that one everywhere (pins.py). Then every
+verified pi5 dump a destination lacks is pushed (destinations.py: the nas, then the offsite
+remote, whose failure is only a warning), and the pi5 is rotated. A run ends failed when a dump
+failed its checks, a name was held with other bytes, or the newest verified dump is older than
+MAX_DUMP_AGE_HOURS. With AGE_RECIPIENTS, only encrypted copies (made in `<DIR>/.outgoing/`)
+leave the pi5.
 """
 
 from __future__ import annotations
@@ -19,39 +23,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from plumbum.commands.base import shquote
-
-from . import crypto, dumps, files, names, retention
+from . import crypto, destinations, dumps, files, names, pins, retention
+from .destinations import NasDestination, Parcel
 from .errors import Failed, KwError, UsageError, VerificationError
 from .log import dry, log, size
 from .monitor import Monitor
 from .offsite import Offsite
 from .places import Entry, Multiplexer, Place, local_listing, place
-from .run import Cmd, StageFailed, run
 from .settings import Settings
-from .transfer import ATTEMPTS, RsyncSource, receive_verified, remote_spec, rsync_base
+from .transfer import RsyncSource, receive_verified
 
 INCOMING = ".incoming"
 OUTGOING = ".outgoing"
-
-# $1: the directory; then pairs NAME SHA256 of dumps waiting in .incoming; then --; then dumps to remove.
-PROMOTE_SCRIPT = r"""
-set -e
-cd -- "$1"; shift
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-  name=$1; expected=$2; shift 2
-  got=$( (openssl dgst -sha256 -r ".incoming/$name" 2>/dev/null || sha256sum -- ".incoming/$name") | cut -d' ' -f1)
-  if [ "$got" != "$expected" ]; then echo "sha256 of $name is $got, not $expected" >&2; exit 3; fi
-  chmod 600 -- ".incoming/$name" ".incoming/$name.json"
-  sync -- ".incoming/$name" ".incoming/$name.json" 2>/dev/null || sync
-  mv -f -- ".incoming/$name.json" "$name.json"
-  mv -f -- ".incoming/$name" "$name"
-  echo "promoted $name"
-done
-sync . 2>/dev/null || sync
-[ $# -gt 0 ] && shift
-for name in "$@"; do rm -f -- "$name" "$name.json"; echo "removed $name"; done
-"""
 
 
 @dataclass
@@ -64,6 +47,7 @@ class Summary:
     offsite: str = "off"  # off (no OFFSITE_REMOTE), ok, failed
     pushed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -71,11 +55,41 @@ class Summary:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return (f"summary: time={now} dump={self.dump} size={self.bytes} pull={self.pull_seconds:.1f}s "
                 f"push={self.push_seconds:.1f}s total={time.monotonic() - self.started:.1f}s "
-                f"pushed={len(self.pushed)} removed={len(self.removed)} offsite={self.offsite} "
+                f"pushed={len(self.pushed)} removed={len(self.removed)} pinned={','.join(self.pinned) or '-'} "
+                f"offsite={self.offsite} "
                 f"offsite_push={self.offsite_seconds:.1f}s result={result}")
 
 
-def orchestrate(settings: Settings, dry_run: bool = False, no_push: bool = False) -> Summary:
+class Run:
+    """One orchestrator run's shared state: settings, clock, monitor, summary, and what went wrong."""
+
+    def __init__(self, settings: Settings, monitor: Monitor | None, summary: Summary):
+        self.settings = settings
+        self.clock = names.Clock.from_settings(settings)
+        self.monitor = monitor
+        self.summary = summary
+        self.problems: list[KwError] = []
+        self.in_question: set[str] = set()  # names held here with other bytes than prod's: kept, never counted
+
+    def warn(self, message: str) -> None:
+        """A warning in the log, the summary's result and an alert."""
+        log.warning("%s", message)
+        self.summary.warnings.append(message)
+        if self.monitor:
+            self.monitor.warn(message)
+
+    def fail_if_any(self) -> None:
+        """The run's failure: a verification problem (exit 3) comes first; every problem is named."""
+        if not self.problems:
+            return
+        first = next((p for p in self.problems if isinstance(p, VerificationError)), self.problems[0])
+        if len(self.problems) == 1:
+            raise first
+        raise type(first)("; ".join(p.message for p in self.problems), first.hint)
+
+
+def orchestrate(settings: Settings, dry_run: bool = False, no_push: bool = False,
+                release_pins: bool = False) -> Summary:
     pi5 = place(settings, "pi5")
     if not pi5.is_local:
         raise UsageError("backup-orchestrator runs on the pi5 itself: set PI5_HOST=local there")
@@ -85,12 +99,13 @@ def orchestrate(settings: Settings, dry_run: bool = False, no_push: bool = False
     with Multiplexer() as shared:
         prod, nas = shared(place(settings, "prod")), shared(place(settings, "nas"))
         if dry_run:
-            _plan(settings, prod, pi5, nas, no_push)
+            _plan(Run(settings, None, summary), prod, pi5, nas, no_push, release_pins)
             return summary
         files.ensure_private_dir(directory)
         with files.lock(directory, "backup-orchestrator"), Monitor(settings, "backup-orchestrator", "pi5") as monitor:
+            this = Run(settings, monitor, summary)
             try:
-                _run(settings, prod, pi5, nas, no_push, summary, monitor)
+                _run(this, prod, pi5, nas, no_push, release_pins)
             except Exception as exc:
                 log.info(summary.line(f"failed ({type(exc).__name__})"))
                 raise
@@ -102,29 +117,177 @@ def orchestrate(settings: Settings, dry_run: bool = False, no_push: bool = False
     return summary
 
 
-def _run(settings: Settings, prod: Place, pi5: Place, nas: Place, no_push: bool, summary: Summary,
-         monitor: Monitor) -> None:
+def _run(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release_pins: bool) -> None:
     directory = pi5.local_dir()
     incoming = files.ensure_private_dir(directory / INCOMING)
-    newest = _pull_newest(settings, prod, directory, incoming, summary)
-    _warn_on_size_change(settings, directory, newest, summary)
-    for warning in summary.warnings:
-        monitor.warn(f"size change: {warning}")
+    offsite = Offsite.from_settings(this.settings)
+    targets = [NasDestination(nas), *([offsite] if offsite else [])]
+    if release_pins:
+        _release_pins(this, directory, targets)
+    pulled = _pull(this, prod, directory, incoming)
+    _pin_before_anomalies(this, directory, pulled)
     if no_push:
         log.info("--no-push: not pushing to the nas, and so not rotating either")
-        return
-    outgoing = Outgoing(directory, crypto.recipients(settings))
+    else:
+        _push_everywhere(this, pi5, nas, offsite)
+        for removed in retention.rotate_local(directory, pi5.keep, this.clock, calendar=pi5.calendar,
+                                              held=this.in_question):
+            this.summary.removed.append(f"pi5:{removed}")
+    this.summary.pinned = sorted(retention.pinned_in(directory))
+    if this.summary.pinned:
+        log.info("pinned (kept beyond KEEP until --release-pins): %s", ", ".join(this.summary.pinned))
+    _check_freshness(this, directory)
+    this.fail_if_any()
+
+
+# --- pull ---------------------------------------------------------------------------------------
+def _verified_here(this: Run, directory: Path) -> list[Entry]:
+    """The pi5's verified dumps, newest first, future-dated ones left out."""
+    return [e for e in local_listing(directory) if e.status == "verified" and not this.clock.is_future(e.name)]
+
+
+def _to_pull(this: Run, listing: list[Entry], directory: Path) -> list[Entry]:
+    """Prod's dumps newer than the pi5's newest verified copy, oldest first, with future-dated names warned about."""
+    for entry in listing:
+        if this.clock.is_future(entry.name):
+            this.warn(f"prod has {entry.name}, dated ahead of this clock ({this.clock.now:%Y-%m-%d %H:%M} UTC): "
+                      "not pulling it; remove or rename it on prod if it is wrong")
+    listing = [e for e in listing if not this.clock.is_future(e.name)]
+    here = _verified_here(this, directory)
+    newest = names.parse(here[0].name).sort_key if here else None
+    return [e for e in reversed(listing) if newest is None or names.parse(e.name).sort_key > newest]
+
+
+def _pull(this: Run, prod: Place, directory: Path, incoming: Path) -> list[Entry]:
+    """Pull and verify what prod has new; the newly verified dumps, oldest first."""
+    source = RsyncSource(prod)
+    listing = source.listing()
+    if not listing:
+        raise Failed(f"no dump in {prod.dir} on prod", "check that backup-db ran on prod (cron 02:00 UTC)")
+    wanted = _to_pull(this, listing, directory)
+    newest_on_prod = next((e for e in listing if not this.clock.is_future(e.name)), None)
+    if newest_on_prod:
+        this.summary.dump, this.summary.bytes = newest_on_prod.name, newest_on_prod.size
+    if not wanted:
+        log.info("nothing to pull: the pi5 has prod's newest dump, verified")
+        return []
+    keep = {n for e in wanted for n in (e.name, e.name + names.MANIFEST_SUFFIX)}
+    for stale in os.listdir(incoming):
+        if stale not in keep:
+            os.unlink(incoming / stale)
+            log.info("removed %s from %s, left by an interrupted run", stale, incoming)
+    pulled = []
+    for entry in wanted:
+        try:
+            pulled.append(_pull_one(this, source, entry, directory, incoming))
+        except _Conflict as exc:
+            this.in_question.add(entry.name)
+            this.problems.append(exc)
+        except (VerificationError, _TooSmall) as exc:
+            log.warning("not promoted: %s", exc.line())
+            this.problems.append(exc)
+    return pulled
+
+
+class _TooSmall(Failed):
+    """A dump under MIN_DUMP_BYTES: a failed dump (exit 1), not a transfer problem."""
+
+
+class _Conflict(VerificationError):
+    """A name the pi5 holds with other bytes (exit 3): its copy is left as it was."""
+
+
+def _pull_one(this: Run, source: RsyncSource, entry: Entry, directory: Path, incoming: Path) -> Entry:
+    min_bytes = this.settings.int("MIN_DUMP_BYTES")
+    if entry.size < min_bytes:
+        raise _TooSmall(f"the prod dump {entry.name} is only {entry.size} bytes (MIN_DUMP_BYTES={min_bytes})",
+                        "a failed dump: check backup-db on prod")
+    manifest_size = source.seen.get(entry.name + names.MANIFEST_SUFFIX)
+    if manifest_size is not None and manifest_size > dumps.MAX_MANIFEST_BYTES:
+        raise VerificationError(f"prod's manifest of {entry.name} is {manifest_size} bytes, more than a manifest "
+                                f"may be ({dumps.MAX_MANIFEST_BYTES}): not fetching it", "check backup-db on prod")
+    started = time.monotonic()
+    log.info("pulling %s (%s) from prod", entry.name, size(entry.size))
     try:
-        _push(pi5, nas, summary, outgoing)
-        offsite = Offsite.from_settings(settings)
-        if offsite is not None:
-            _push_offsite_or_warn(pi5, offsite, summary, outgoing, monitor)
+        verified = receive_verified(source, entry.name, manifest_size is not None, incoming)
+    except VerificationError:
+        for leftover in (entry.name, entry.name + names.MANIFEST_SUFFIX):
+            (incoming / leftover).unlink(missing_ok=True)
+        raise
+    seconds = time.monotonic() - started
+    this.summary.pull_seconds += seconds
+    manifest = verified.manifest or _manifest_from(verified, entry.name)
+    _promote_local(incoming, directory, entry.name, manifest)
+    log.info("pulled and verified %s in %.1fs (%s)", entry.name, seconds, verified.status)
+    return Entry(entry.name, verified.size, manifest=json.loads(manifest.to_json()))
+
+
+def _manifest_from(verified: dumps.Verified, name: str) -> dumps.Manifest:
+    """A dump that came without a manifest gets one from its own verification on the pi5."""
+    return dumps.Manifest(file=name, bytes=verified.size, sha256=verified.sha256, created_at=dumps.now_iso(),
+                          database=None, server_version=None, pg_dump_version=None, tables=verified.tables)
+
+
+def _promote_local(incoming: Path, directory: Path, name: str, manifest: dumps.Manifest) -> None:
+    """Give a verified dump its final name on the pi5: fsynced, manifest first, never over another file."""
+    dump_path, final = incoming / name, directory / name
+    if final.exists():
+        held = dumps.FileChunks(final)
+        for _ in held:
+            pass
+        for leftover in (name, name + names.MANIFEST_SUFFIX):
+            (incoming / leftover).unlink(missing_ok=True)
+        if held.sha256.hexdigest() != manifest.sha256:
+            raise _Conflict(f"the pi5 already holds {name} with other bytes than prod's: not replacing it",
+                            "compare the two by hand; the pi5's copy is as it was")
+        if not final.with_name(name + names.MANIFEST_SUFFIX).exists():  # the same dump: only its manifest was lost
+            files.write_atomic(directory, name + names.MANIFEST_SUFFIX, manifest.to_json())
+        log.info("%s is already here with the same bytes", name)
+        return
+    fd = os.open(dump_path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        outgoing.clear()
-    for removed in retention.rotate_local(directory, pi5.keep, calendar=pi5.calendar):
-        summary.removed.append(f"pi5:{removed}")
+        os.close(fd)
+    os.chmod(dump_path, files.FILE_MODE)
+    # No dump under this name: a manifest there is an orphan of a crash between the two renames.
+    files.write_atomic(directory, name + names.MANIFEST_SUFFIX, manifest.to_json(), replace=True)
+    (incoming / (name + names.MANIFEST_SUFFIX)).unlink(missing_ok=True)
+    files.publish(dump_path, final)
 
 
+# --- anomalies and pins -------------------------------------------------------------------------
+def _pin_before_anomalies(this: Run, directory: Path, pulled: list[Entry]) -> None:
+    """For each new dump that looks wrong against the one before it, pin that one on the pi5 (before rotation)."""
+    verified = _verified_here(this, directory)
+    for new in pulled:
+        key = names.parse(new.name).sort_key
+        previous = next((e for e in verified if names.parse(e.name).sort_key < key), None)
+        found = pins.anomalies(previous, new, this.settings) if previous else []
+        if not found:
+            continue
+        figures = "; ".join(found)
+        if not previous.pinned:
+            pins.pin_local(directory, previous.name, pins.pin_content(f"the next dump, {new.name}: {figures}"))
+            previous.pinned = True
+        this.warn(f"anomaly: {new.name} against {previous.name}: {figures}; pinned {previous.name} on the pi5 and "
+                  "the destinations until backup-orchestrator --release-pins (list-backups --tables shows the rows)")
+
+
+def _release_pins(this: Run, directory: Path, targets: list) -> None:
+    released = pins.release_local(directory)
+    log.info("released the pins on the pi5: %s", ", ".join(released) or "none")
+    for target in targets:
+        try:
+            log.info("released the pins on the %s: %s", target.name, ", ".join(destinations.release(target)) or "none")
+        except KwError as exc:
+            if isinstance(target, Offsite):
+                this.warn(f"offsite: could not release its pins: {exc.message}")
+            else:
+                raise
+
+
+# --- push ---------------------------------------------------------------------------------------
 class Outgoing:
     """What leaves the pi5 for a dump: the file itself, or with AGE_RECIPIENTS its encrypted copy.
 
@@ -142,229 +305,101 @@ class Outgoing:
     def name_for(self, entry: Entry) -> str:
         return entry.name + names.AGE_SUFFIX if self.keys else entry.name
 
-    def copy_of(self, entry: Entry) -> tuple[Path, Entry]:
-        """The directory holding the file to send for `entry`, and that file's entry."""
+    def parcel_for(self, entry: Entry) -> Parcel:
         if not self.keys:
-            return self.directory, entry
+            return Parcel(self.directory, entry)
         if entry.name not in self.made:
             files.ensure_private_dir(self.dir)
             encrypted = crypto.encrypt(self.directory / entry.name, dumps.read_manifest(self.directory / entry.name),
                                        self.dir, self.keys)
             log.info("encrypted %s for %d recipient(s)", entry.name, len(self.keys))
             self.made[entry.name] = Entry(encrypted.file, encrypted.bytes, manifest=json.loads(encrypted.to_json()))
-        return self.dir, self.made[entry.name]
+        return Parcel(self.dir, self.made[entry.name])
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _lacks(there: dict[str, Entry], entry: Entry) -> bool:
-    """True unless a place has a verified copy of the pi5's `entry`, plain or encrypted."""
-    for name in (entry.name, entry.name + names.AGE_SUFFIX):
-        copy = there.get(name)
-        if copy is not None and copy.status == "verified" and copy.plain_sha256 == entry.sha256:
-            return False
-    return True
-
-
-def _plan_for(pi5: Place, there: list[Entry], keep: int, calendar: retention.Calendar, outgoing: Outgoing
-              ) -> tuple[list[Entry], list[str]]:
-    """The verified pi5 dumps a place lacks, and what rotation removes there once they have arrived."""
-    here = [e for e in local_listing(pi5.local_dir()) if e.status == "verified"]
-    by_name = {e.name: e for e in there}
-    missing = [e for e in here if _lacks(by_name, e)]
-    valid_there = [(names.parse(e.name), e.status == "verified") for e in there]
-    valid_there += [(names.parse(outgoing.name_for(e)), True) for e in missing
-                    if outgoing.name_for(e) not in by_name]
-    doomed = {d.name for d in retention.to_remove(valid_there, keep, calendar)}
-    # A dump that rotation would remove at once is not sent: the place keeps newer ones.
-    missing = [e for e in missing if outgoing.name_for(e) not in doomed]
-    return missing, sorted(doomed & set(by_name))
-
-
-def _pull_newest(settings: Settings, prod: Place, directory: Path, incoming: Path, summary: Summary) -> Entry:
-    source = RsyncSource(prod)
-    listing = source.listing()
-    if not listing:
-        raise Failed(f"no dump in {prod.dir} on prod", "check that backup-db ran on prod (cron 02:00 UTC)")
-    newest = listing[0]
-    summary.dump, summary.bytes = newest.name, newest.size
-    min_bytes = settings.int("MIN_DUMP_BYTES")
-    if newest.size < min_bytes:
-        raise Failed(f"the newest prod dump {newest.name} is only {newest.size} bytes (MIN_DUMP_BYTES={min_bytes})",
-                     "a failed dump: check backup-db on prod")
-    here = {e.name: e for e in local_listing(directory)}
-    copy = here.get(newest.name)
-    if copy and copy.status == "verified" and copy.size == newest.size:
-        log.info("%s is already here, verified; nothing to pull", newest.name)
-        return copy
-    for stale in os.listdir(incoming):
-        if stale not in (newest.name, newest.name + names.MANIFEST_SUFFIX):
-            os.unlink(incoming / stale)
-            log.info("removed %s from %s, left by an interrupted run", stale, incoming)
-    has_manifest = newest.name + names.MANIFEST_SUFFIX in source.seen
-    started = time.monotonic()
-    log.info("pulling %s (%s) from prod", newest.name, size(newest.size))
+def _push_everywhere(this: Run, pi5: Place, nas: Place, offsite: Offsite | None) -> None:
+    directory = pi5.local_dir()
+    here = _verified_here(this, directory)
+    pinned = {e.name: pins.read_local(directory, e.name) for e in here if e.pinned}
+    outgoing = Outgoing(directory, crypto.recipients(this.settings))
     try:
-        verified = receive_verified(source, newest.name, has_manifest, incoming)
-    except VerificationError:
-        for leftover in (newest.name, newest.name + names.MANIFEST_SUFFIX):
-            (incoming / leftover).unlink(missing_ok=True)
-        raise
-    summary.pull_seconds = time.monotonic() - started
-    manifest = verified.manifest or _manifest_from(verified, newest.name)
-    _promote_local(incoming, directory, newest.name, manifest)
-    log.info("pulled and verified %s in %.1fs (%s)", newest.name, summary.pull_seconds, verified.status)
-    return Entry(newest.name, verified.size, manifest=vars(manifest))
-
-
-def _manifest_from(verified: dumps.Verified, name: str) -> dumps.Manifest:
-    """A dump that came without a manifest gets one from its own verification on the pi5."""
-    return dumps.Manifest(file=name, bytes=verified.size, sha256=verified.sha256, created_at=dumps.now_iso(),
-                          database=None, server_version=None, pg_dump_version=None, tables=verified.tables)
-
-
-def _promote_local(incoming: Path, directory: Path, name: str, manifest: dumps.Manifest) -> None:
-    """Give a verified dump its final name on the pi5: fsynced, manifest first."""
-    dump_path = incoming / name
-    fd = os.open(dump_path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
+        steps, this.summary.push_seconds = destinations.push(NasDestination(nas), here, outgoing.parcel_for,
+                                                              outgoing.name_for, pinned, this.clock)
+        this.summary.pushed = [e.name for e in steps.send]
+        this.summary.removed += [f"nas:{name}" for name in steps.remove]
+        _conflicts(this, "nas", steps.conflicts)
+        if offsite is not None:
+            try:
+                steps, this.summary.offsite_seconds = destinations.push(offsite, here, outgoing.parcel_for,
+                                                                        outgoing.name_for, pinned, this.clock)
+            except KwError as exc:  # the fourth copy: the run still succeeds, with a warning and an alert
+                this.summary.offsite = "failed"
+                this.warn(f"offsite copy failed: {exc.message}; the pi5 and the nas are done, the next run catches up")
+            else:
+                this.summary.offsite = "ok"
+                this.summary.removed += [f"offsite:{name}" for name in steps.remove]
+                _conflicts(this, "offsite", steps.conflicts)
     finally:
-        os.close(fd)
-    os.chmod(dump_path, files.FILE_MODE)
-    files.write_atomic(directory, name + names.MANIFEST_SUFFIX, manifest.to_json(), replace=True)
-    (incoming / (name + names.MANIFEST_SUFFIX)).unlink(missing_ok=True)
-    files.publish(dump_path, directory / name, replace=True)
+        outgoing.clear()
 
 
-def _warn_on_size_change(settings: Settings, directory: Path, newest: Entry, summary: Summary) -> None:
-    previous = [e for e in local_listing(directory) if e.name != newest.name and e.status == "verified"
-                and names.parse(e.name).sort_key < names.parse(newest.name).sort_key]
-    if not previous or not previous[0].size:
-        return
-    change = 100.0 * (newest.size - previous[0].size) / previous[0].size
-    if abs(change) > float(settings["SIZE_CHANGE_ALERT_PCT"]):
-        message = (f"{newest.name} is {size(newest.size)}, {change:+.0f}% against {previous[0].name} "
-                   f"({size(previous[0].size)}); SIZE_CHANGE_ALERT_PCT={settings['SIZE_CHANGE_ALERT_PCT']}")
-        log.warning("size change: %s", message)
-        summary.warnings.append(message)
+def _conflicts(this: Run, where: str, conflicting: list[str]) -> None:
+    for name in conflicting:
+        this.problems.append(VerificationError(
+            f"the {where} already holds {name} with other bytes than the pi5's verified copy: not replacing it",
+            "compare the copies by hand; the existing one is as it was"))
 
 
-def _push(pi5: Place, nas: Place, summary: Summary, outgoing: Outgoing) -> None:
-    """Push every verified pi5 dump the nas lacks, check the copies' sha256, then rotate the nas."""
-    missing, doomed = _plan_for(pi5, nas.listing(), nas.keep, nas.calendar, outgoing)
-    if not missing and not doomed:
-        log.info("the nas has every verified dump already")
-        return
-    started = time.monotonic()
-    sending = [outgoing.copy_of(e) for e in missing]
-    if sending:
-        _send(nas, [folder / n for folder, e in sending for n in (e.name, e.name + names.MANIFEST_SUFFIX)])
-    pairs = [arg for _, e in sending for arg in (e.name, e.sha256)]
-    code, out, err = run(nas.script(PROMOTE_SCRIPT, nas.remote_path(), *pairs, "--", *doomed,
-                                    name=f"verify on {nas.name}"), check=False, timeout=3600)
-    for line in out.decode(errors="replace").splitlines():
-        log.info("nas: %s", line)
-    if code == 3:
-        raise VerificationError(f"the nas copy failed its sha256 check: {err.strip()}", "run the orchestrator again")
-    if code != 0:
-        raise Failed(f"nas ({nas.host}): could not verify and promote the copies: {err.strip()}",
-                     "check the nas and run the orchestrator again")
-    summary.push_seconds = time.monotonic() - started
-    summary.pushed = [e.name for _, e in sending]
-    summary.removed += [f"nas:{name}" for name in doomed]
-    if sending:
-        log.info("pushed %s to the nas and checked their sha256 in %.1fs", ", ".join(summary.pushed),
-                 summary.push_seconds)
+# --- freshness ----------------------------------------------------------------------------------
+def _check_freshness(this: Run, directory: Path) -> None:
+    """Fail (and alert) when the pi5's newest verified dump is older than MAX_DUMP_AGE_HOURS by its name."""
+    here = _verified_here(this, directory)
+    if not here:
+        return  # the pull has failed already, saying why
+    age = this.clock.age_hours(here[0].name)
+    if this.monitor:
+        this.monitor.record(age_hours=round(age, 2))
+    limit = float(this.settings["MAX_DUMP_AGE_HOURS"])
+    if age > limit:
+        this.problems.append(Failed(
+            f"no new dump for {age:.0f} hours: the pi5's newest verified dump is {here[0].name} "
+            f"(MAX_DUMP_AGE_HOURS={limit:g})", "check backup-db and the clock on prod, and list-backups"))
 
 
-def _send(nas: Place, sources: list[Path]) -> None:
-    dest = remote_spec(nas, nas.remote_path(INCOMING) + "/")
-    if nas.is_local:
-        files.ensure_private_dir(nas.local_dir() / INCOMING)
-        files.ensure_private_dir(nas.local_dir())
-        prepare = []
-    else:  # the nas's directories are made private by the same ssh session that receives
-        top, incoming = shquote(nas.remote_path()), shquote(nas.remote_path(INCOMING))
-        prepare = [f"--rsync-path=mkdir -p -- {incoming} && chmod 700 -- {top} {incoming} && rsync"]
-    for attempt in range(1, ATTEMPTS + 1):
-        argv = [*rsync_base(nas), *prepare, "--inplace", "--chmod=F600",
-                *(["--append-verify"] if attempt > 1 else []), *map(str, sources), dest]
-        try:
-            run(Cmd(argv, name=f"rsync to {nas.name}"))
-            return
-        except StageFailed as exc:
-            if attempt == ATTEMPTS:
-                raise Failed(f"nas ({nas.host}): push failed after {ATTEMPTS} attempts: {exc.tail or exc.detail}",
-                             "check the nas; the next run catches up") from exc
-            log.warning("pushing to the nas failed (%s); retrying, resuming what arrived", exc.tail or exc.detail)
-            time.sleep(attempt)
-
-
-def _push_offsite_or_warn(pi5: Place, offsite: Offsite, summary: Summary, outgoing: Outgoing,
-                          monitor: Monitor) -> None:
-    """The offsite copy is the fourth: when it fails, the run still succeeds, with a warning and an alert."""
-    try:
-        _push_offsite(pi5, offsite, summary, outgoing)
-        summary.offsite = "ok"
-    except KwError as exc:
-        summary.offsite = "failed"
-        message = f"offsite copy failed: {exc.message}; the pi5 and the nas are done, the next run catches up"
-        log.warning("%s", message)
-        summary.warnings.append(message)
-        monitor.warn(message)
-
-
-def _push_offsite(pi5: Place, offsite: Offsite, summary: Summary, outgoing: Outgoing) -> None:
-    """Upload every verified pi5 dump the remote lacks into its .incoming/, check, promote, then rotate."""
-    missing, doomed = _plan_for(pi5, offsite.listing(), offsite.keep, offsite.calendar, outgoing)
-    if not missing and not doomed:
-        log.info("offsite has every verified dump already")
-        return
-    started = time.monotonic()
-    sending = [outgoing.copy_of(e) for e in missing]
-    if sending:
-        paths = [folder / n for folder, e in sending for n in (e.name, e.name + names.MANIFEST_SUFFIX)]
-        offsite.upload(paths)
-        checked = offsite.check_uploaded(paths)
-        offsite.promote([e.name for _, e in sending])
-        log.info("pushed %s offsite and checked their %s in %.1fs", ", ".join(e.name for _, e in sending), checked,
-                 time.monotonic() - started)
-    offsite.remove(doomed)
-    offsite.clear_incoming([e.name for _, e in sending])
-    summary.offsite_seconds = time.monotonic() - started
-    summary.removed += [f"offsite:{name}" for name in doomed]
-
-
-def _plan(settings: Settings, prod: Place, pi5: Place, nas: Place, no_push: bool) -> None:
+# --- dry run ------------------------------------------------------------------------------------
+def _plan(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release_pins: bool) -> None:
+    directory = pi5.local_dir()
+    if release_pins:
+        dry("would release every pin (on the pi5: %s)", ", ".join(sorted(retention.pinned_in(directory)))
+            if directory.is_dir() else "none")
     listing = RsyncSource(prod).listing()
+    wanted = _to_pull(this, listing, directory)
     if not listing:
         dry("prod has no dump; nothing would be pulled")
-        return
-    newest = listing[0]
-    here = {e.name: e for e in local_listing(pi5.local_dir())}
-    if newest.name in here and here[newest.name].status == "verified":
-        dry("%s is already on the pi5, verified; nothing would be pulled", newest.name)
-    else:
-        dry("would pull %s (%s) from prod into %s and verify it", newest.name, size(newest.size), pi5.dir)
+    elif not wanted:
+        dry("the pi5 has prod's newest dump, verified; nothing would be pulled")
+    for entry in wanted:
+        dry("would pull %s (%s) from prod into %s and verify it whole", entry.name, size(entry.size), pi5.dir)
     if no_push:
         dry("--no-push: would not push or rotate")
         return
-    keys = crypto.recipients(settings)
+    keys = crypto.recipients(this.settings)
     if keys:
         dry("would encrypt what it sends for %d age recipient(s)", len(keys))
-    offsite = Offsite.from_settings(settings)
+    here = _verified_here(this, directory) + wanted  # the wanted ones have no manifest yet: held nowhere
+    offsite = Offsite.from_settings(this.settings)
     for target in filter(None, (nas, offsite)):
         try:
             there = {e.name: e for e in target.listing()}
         except KwError as exc:
             dry("%s: %s", target.name, exc.message)
             continue
-        for name in sorted(set(here) | {newest.name}):
-            if name in here and not _lacks(there, here[name]):
-                continue
-            dry("would push %s to %s and check its checksum there", name + (names.AGE_SUFFIX if keys else ""),
-                target.name)
+        for entry in here:
+            if not destinations.holds(entry, there):
+                dry("would push %s to %s and check its checksum there",
+                    entry.name + (names.AGE_SUFFIX if keys else ""), target.name)
     dry("would rotate the pi5 to %d and the nas to %d valid dumps%s", pi5.keep, nas.keep,
         f", offsite to {offsite.keep}" if offsite else "")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from plumbum.commands.base import shquote_list
 
-from . import names
+from . import dumps, names
 from .errors import Failed
 from .retention import NO_CALENDAR, Calendar
 from .run import Cmd, StageFailed, run
@@ -30,13 +30,17 @@ LABELS = {"prod": "Production Server", "pi5": "Raspberry Pi 5", "nas": "CM3588 N
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
                "-o", "ServerAliveCountMax=3"]
 
-# Lists dump files with size and mtime, and manifests with their JSON on one line.
+# Lists dump files with size and mtime, manifests of at most $2 bytes with their JSON on one line
+# (a larger one is only named: it is invalid, and never read), and pins.
 LIST_SCRIPT = r"""
 cd -- "$1" 2>/dev/null || { echo NODIR; exit 0; }
 for f in db-* kw_app_production-*; do
   [ -f "$f" ] || continue
   case "$f" in
-    *.json) printf 'M\t%s\t' "$f"; tr -d '\n\r' < "$f"; printf '\n' ;;
+    *.json)
+      if [ "$(wc -c < "$f" | tr -d ' ')" -le "$2" ]; then printf 'M\t%s\t' "$f"; tr -d '\n\r' < "$f"; printf '\n'
+      else printf 'B\t%s\n' "$f"; fi ;;
+    *.pin) printf 'P\t%s\n' "$f" ;;
     *) printf 'F\t%s\t%s\t%s\n' "$f" "$(wc -c < "$f" | tr -d ' ')" "$(date -r "$f" +%s 2>/dev/null || echo 0)" ;;
   esac
 done
@@ -57,7 +61,8 @@ class Entry:
     name: str
     size: int
     mtime: float = 0.0
-    manifest: dict | None = None
+    manifest: dict | None = None  # validated: {} when present but not a valid manifest
+    pinned: bool = False  # a <name>.pin beside it: kept beyond KEEP (see orchestrate.py)
 
     @property
     def status(self) -> str:
@@ -148,7 +153,8 @@ class Place:
         if self.is_local:
             return local_listing(self.local_dir())
         try:
-            _, out, _ = run(self.script(LIST_SCRIPT, self.remote_path(), name=f"list {self.name}"), timeout=timeout)
+            _, out, _ = run(self.script(LIST_SCRIPT, self.remote_path(), str(dumps.MAX_MANIFEST_BYTES),
+                                        name=f"list {self.name}"), timeout=timeout)
         except StageFailed as exc:
             raise Failed(f"{self.name} ({self.host}) unreachable: {exc.tail or exc.detail}",
                          "check the network, the ssh key and SSH_CONFIG") from exc
@@ -158,45 +164,62 @@ class Place:
         return self if self.is_local else replace(self, control_dir=control_dir)
 
 
+def _dump_of(file_name: str, suffix: str) -> str | None:
+    """The dump a manifest or pin file belongs to."""
+    if file_name.endswith(suffix) and names.parse(file_name[: -len(suffix)]):
+        return file_name[: -len(suffix)]
+    return None
+
+
 def local_listing(directory: Path) -> list[Entry]:
     if not directory.is_dir():
         return []
-    found, manifests = {}, {}
+    found, manifests, pins = {}, {}, set()
     for entry in os.scandir(directory):
         if not entry.is_file(follow_symlinks=False):
             continue
         if names.parse(entry.name):
             stat = entry.stat()
             found[entry.name] = Entry(entry.name, stat.st_size, stat.st_mtime)
-        elif entry.name.endswith(names.MANIFEST_SUFFIX) and names.parse(entry.name[: -len(names.MANIFEST_SUFFIX)]):
-            manifests[entry.name[: -len(names.MANIFEST_SUFFIX)]] = manifest_or_none(Path(entry.path).read_bytes())
-    return combine_listing(found, manifests)
+        elif dump := _dump_of(entry.name, names.MANIFEST_SUFFIX):
+            too_big = entry.stat().st_size > dumps.MAX_MANIFEST_BYTES
+            manifests[dump] = {} if too_big else manifest_or_none(Path(entry.path).read_bytes())
+        elif dump := _dump_of(entry.name, names.PIN_SUFFIX):
+            pins.add(dump)
+    return combine_listing(found, manifests, pins)
 
 
 def _parse_listing(text: str) -> list[Entry]:
-    found, manifests = {}, {}
+    found, manifests, pins = {}, {}, set()
     for line in text.splitlines():
         parts = line.split("\t", 2)
         if parts[0] == "F" and len(parts) == 3:
             name, rest = parts[1], parts[2].split("\t")
             if names.parse(name) and len(rest) == 2 and rest[0].isdigit():
                 found[name] = Entry(name, int(rest[0]), float(rest[1]) if rest[1].isdigit() else 0.0)
-        elif parts[0] == "M" and len(parts) == 3 and parts[1].endswith(names.MANIFEST_SUFFIX):
-            manifests[parts[1][: -len(names.MANIFEST_SUFFIX)]] = manifest_or_none(parts[2].encode())
-    return combine_listing(found, manifests)
+        elif parts[0] == "M" and len(parts) == 3 and (dump := _dump_of(parts[1], names.MANIFEST_SUFFIX)):
+            manifests[dump] = manifest_or_none(parts[2].encode())
+        elif parts[0] == "B" and len(parts) == 2 and (dump := _dump_of(parts[1], names.MANIFEST_SUFFIX)):
+            manifests[dump] = {}  # over the size limit: not valid, and not read
+        elif parts[0] == "P" and len(parts) == 2 and (dump := _dump_of(parts[1], names.PIN_SUFFIX)):
+            pins.add(dump)
+    return combine_listing(found, manifests, pins)
 
 
-def manifest_or_none(data: bytes) -> dict | None:
+def manifest_or_none(data: bytes) -> dict:
+    """A listed manifest: its fields when valid, else {} (present but never "verified")."""
     try:
-        manifest = json.loads(data)
+        manifest = json.loads(data) if len(data) <= dumps.MAX_MANIFEST_BYTES else None
     except ValueError:
-        return {}  # present but unreadable: never "verified"
-    return manifest if isinstance(manifest, dict) else {}
+        return {}
+    return manifest if dumps.manifest_problem(manifest) is None else {}
 
 
-def combine_listing(found: dict[str, Entry], manifests: dict[str, dict | None]) -> list[Entry]:
+def combine_listing(found: dict[str, Entry], manifests: dict[str, dict | None], pins: set[str] = frozenset()
+                    ) -> list[Entry]:
     for name, entry in found.items():
         entry.manifest = manifests.get(name)
+        entry.pinned = name in pins
     order = {d.name: i for i, d in enumerate(names.dumps_in(found))}
     return sorted(found.values(), key=lambda e: order[e.name])
 

@@ -268,7 +268,7 @@ class Restorer:
     def verify(self, staged: Staged) -> None:
         """Integrity, completion and manifest; the roles, extensions and pg_dump version it needs."""
         if self.prod.is_local:
-            verified = dumps.verify_quick(Path(staged.path))
+            verified = dumps.verify_file(Path(staged.path), whole=False)
             staged.info = {"status": verified.status, "bytes": verified.size, "tables": verified.tables,
                            **dumps.requirements(Path(staged.path))}
         else:

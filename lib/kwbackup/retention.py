@@ -1,8 +1,10 @@
 """Which dumps a place keeps: its KEEP newest valid dumps, and optionally a calendar.
 
-Only valid dumps count toward KEEP; only nightly `db-*` dumps are ever removed, and only
-those older than the KEEP-th newest valid one, so the newest valid dump is never removed,
-and invalid or planted "newer" files can never push good dumps out. With a calendar
+Only valid nightly `db-*` dumps count toward KEEP (migration dumps and other names neither
+count nor are ever removed); only nightly dumps older than the KEEP-th newest valid one are
+removed, so the newest valid dump is never removed, and invalid or planted "newer" files can
+never push good dumps out. Pinned dumps (a `.pin` beside them) and future-dated names neither
+count nor are removed. With a calendar
 (`<P>_KEEP_DAILY`, `_WEEKLY`, `_MONTHLY`), the newest valid dump of each of the last so many
 days, ISO weeks and months that have one is kept as well: a monthly copy survives a run of
 bad nights noticed late.
@@ -45,17 +47,28 @@ class Calendar:
 NO_CALENDAR = Calendar()
 
 
-def to_remove(dumps: list[tuple[DumpName, bool]], keep: int, calendar: Calendar = NO_CALENDAR) -> list[DumpName]:
-    """Given (dump, valid) pairs, the dumps rotation removes, oldest last."""
+def to_remove(dumps: list[tuple[DumpName, bool]], keep: int, calendar: Calendar = NO_CALENDAR,
+              exclude: set[str] = frozenset()) -> list[DumpName]:
+    """Given (dump, valid) pairs, the dumps rotation removes, oldest last.
+
+    `exclude`: stems that neither count nor go (pinned and future-dated dumps).
+    """
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    ordered = sorted(dumps, key=lambda pair: pair[0].sort_key, reverse=True)
+    ordered = [(d, ok) for d, ok in sorted(dumps, key=lambda pair: pair[0].sort_key, reverse=True)
+               if d.nightly and d.stem not in exclude]
     valid = list({d.stem: d for d, ok in reversed(ordered) if ok}.values())[::-1]  # a plain and an .age copy: one
     if len(valid) <= keep:
         return []
     cutoff = valid[keep - 1].sort_key
     kept = calendar.picks(valid)
-    return [d for d, _ in ordered if d.nightly and d.sort_key < cutoff and d.stem not in kept]
+    return [d for d, _ in ordered if d.sort_key < cutoff and d.stem not in kept]
+
+
+def pinned_in(directory: Path) -> set[str]:
+    """The dumps of a local directory with a `.pin` beside them."""
+    return {n[: -len(names.PIN_SUFFIX)] for n in os.listdir(directory)
+            if n.endswith(names.PIN_SUFFIX) and names.parse(n[: -len(names.PIN_SUFFIX)])}
 
 
 def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
@@ -79,10 +92,20 @@ def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
     return False
 
 
-def rotate_local(directory: Path, keep: int, dry_run: bool = False, calendar: Calendar = NO_CALENDAR) -> list[str]:
-    """Remove dumps beyond the KEEP newest valid ones in a local directory (with manifests)."""
+def rotate_local(directory: Path, keep: int, clock: names.Clock, dry_run: bool = False,
+                 calendar: Calendar = NO_CALENDAR, held: set[str] = frozenset()) -> list[str]:
+    """Remove dumps beyond the KEEP newest valid ones in a local directory (with manifests).
+
+    `held`: stems whose copy here is in question (another copy has other bytes): neither counted nor removed.
+    """
     found = names.dumps_in(os.listdir(directory))
-    doomed = to_remove([(d, is_valid_for_rotation(directory, d)) for d in found], keep, calendar)
+    future = {d.stem for d in found if clock.is_future(d.name)}
+    for name in sorted(future):
+        log.warning("%s in %s is future-dated: not counted or removed by rotation (remove it by hand if wrong)",
+                    name, directory)
+    exclude = future | set(held) | {names.parse(n).stem for n in pinned_in(directory)}
+    valid = [(d, d.stem not in exclude and is_valid_for_rotation(directory, d)) for d in found]
+    doomed = to_remove(valid, keep, calendar, exclude)
     for dump in doomed:
         if dry_run:
             dry("would remove %s (keeping the %d newest valid dumps)", dump.name, keep)

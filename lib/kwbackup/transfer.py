@@ -1,4 +1,4 @@
-"""rsync between places: listing by rsync alone, resumable transfers, verified while receiving.
+"""rsync between places: listing by rsync alone, resumable transfers, verified while receiving, one retry rule.
 
 The pi5's key on prod may be restricted to `rrsync -ro PROD_DIR`: then the only thing it can
 do is read PROD_DIR through rsync, with every path rooted there (PROD_DIR itself is `/`).
@@ -10,19 +10,38 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from plumbum.commands.base import shquote_list
 
 from . import dumps, names
-from .errors import Failed
+from .errors import Failed, VerificationError
 from .log import log
 from .places import Entry, Place
 from .run import Cmd, StageFailed, run
 
 IO_TIMEOUT = 60  # seconds without data before rsync gives up (a dead link never hangs a night)
 ATTEMPTS = 3
+T = TypeVar("T")
+
+
+def with_retries(action: Callable[[int], T], what: str, hint: str, attempts: int = ATTEMPTS) -> T:
+    """`action(attempt)` until it does not fail with StageFailed (a dropped link), waiting a little longer each time.
+
+    After the last attempt: Failed naming `what`. An action resumes what arrived (rsync --append-verify).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return action(attempt)
+        except StageFailed as exc:
+            if attempt == attempts:
+                raise Failed(f"{what} failed after {attempts} attempts: {exc.tail or exc.detail}", hint) from exc
+            log.warning("%s failed (%s); retrying, resuming what arrived", what, exc.tail or exc.detail)
+            time.sleep(attempt)
+    raise AssertionError("unreachable")
 
 
 def rsync_base(place: Place) -> list[str]:
@@ -42,7 +61,7 @@ class RsyncSource:
     def __init__(self, place: Place):
         self.place = place
         self.rooted = False  # True when the key is restricted by rrsync to PROD_DIR
-        self.seen: set[str] = set()  # every file name in the last listing, manifests included
+        self.seen: dict[str, int] = {}  # every file's size in the last listing, manifests included
 
     def path(self, name: str = "") -> str:
         if self.place.is_local:
@@ -79,12 +98,12 @@ class RsyncSource:
         run(Cmd(argv, name=f"rsync from {self.place.name}"))
 
 
-def _parse_list_only(text: str) -> tuple[list[Entry], set[str]]:
-    found, seen = {}, set()
+def _parse_list_only(text: str) -> tuple[list[Entry], dict[str, int]]:
+    found, seen = {}, {}
     for line in text.splitlines():
         parts = line.split(None, 4)
-        if len(parts) == 5 and parts[0].startswith("-"):
-            seen.add(parts[4])
+        if len(parts) == 5 and parts[0].startswith("-") and parts[1].isdigit():
+            seen[parts[4]] = int(parts[1])
         if len(parts) == 5 and parts[0].startswith("-") and parts[1].isdigit() and names.parse(parts[4]):
             try:
                 mtime = datetime.strptime(f"{parts[2]} {parts[3]}", "%Y/%m/%d %H:%M:%S").timestamp()
@@ -96,58 +115,50 @@ def _parse_list_only(text: str) -> tuple[list[Entry], set[str]]:
 
 
 def receive_verified(source: RsyncSource, name: str, with_manifest: bool, incoming: Path) -> dumps.Verified:
-    """Pull `name` (and its manifest) into `incoming`, verifying the dump while it arrives.
+    """Pull `name` (and its manifest) into `incoming`, checking the dump whole while it arrives.
 
-    With a manifest, its size and sha256 are checked as the bytes arrive: equal bytes are the
-    ones backup-db checked whole (gzip stream, completion line, row counts) before it wrote the
-    manifest. Without one, the content itself is checked as it arrives. A dropped connection is
-    retried (resuming what arrived), and then the file is checked whole from disk.
+    The gzip stream, pg_dump's completion line and every table's rows are checked as the bytes
+    arrive (the scanner follows the growing file), then size, sha256 and row counts against the
+    manifest: a manifest that matches junk makes nothing valid. A dropped connection is retried
+    (resuming what arrived), and then the file is checked whole from disk.
     VerificationError when the dump is not valid; Failed when it cannot be fetched.
     """
-    files = [name] + ([name + names.MANIFEST_SUFFIX] if with_manifest else [])
+    wanted = [name] + ([name + names.MANIFEST_SUFFIX] if with_manifest else [])
     target = incoming / name
     resumed = target.exists()  # left by an interrupted run: append to it, then check it whole
-    for attempt in range(1, ATTEMPTS + 1):
+    checked: dict = {}
+
+    def attempt(number: int) -> None:
         received, stop = threading.Event(), threading.Event()
         reader = dumps.FileChunks(target, growing=received, abandon=stop)
-        outcome: dict = {}
-        checker = threading.Thread(target=_check_into, args=(reader, target, name, not with_manifest, outcome),
-                                   daemon=True)
+        checker = threading.Thread(target=_check_into, args=(reader, target, name, checked), daemon=True)
         checker.start()
         try:
-            source.fetch(files, incoming, append=resumed or attempt > 1)
-        except StageFailed as exc:
+            source.fetch(wanted, incoming, append=resumed or number > 1)
+        except StageFailed:
             stop.set()
-            checker.join()
-            if attempt == ATTEMPTS:
-                raise Failed(f"could not fetch {name} from {source.place.name} after {ATTEMPTS} attempts: "
-                             f"{exc.tail or exc.detail}", "check the network and the place; run again") from exc
-            log.warning("fetching %s from %s failed (%s); retrying, resuming what arrived", name,
-                        source.place.name, exc.tail or exc.detail)
-            time.sleep(attempt)
-            continue
+            raise
         finally:
             received.set()
-        checker.join()
-        manifest = dumps.read_manifest(target) if with_manifest else None
-        if attempt == 1 and not resumed and "error" not in outcome:
-            verified = outcome["verified"]
-            if manifest is not None:
-                dumps.check_against_manifest(name, manifest, verified.size, verified.sha256, manifest.tables)
-                verified.tables = manifest.tables
-            return dumps.Verified(target, verified.size, verified.sha256, manifest, verified.tables)
-        # A resumed or rewritten file: check what is on disk now, from the start.
-        return dumps.verify_file(target, manifest, use_manifest=False, name=name)
-    raise AssertionError("unreachable")
+            checker.join()
+        checked["whole"] = number == 1 and not resumed
+
+    with_retries(attempt, f"fetching {name} from {source.place.name}", "check the network and the place; run again")
+    manifest = dumps.read_manifest(target) if with_manifest else None
+    if checked.get("whole") and "error" not in checked:
+        verified = checked["verified"]
+        if manifest is not None:
+            dumps.check_against_manifest(name, manifest, verified.size, verified.sha256, verified.tables)
+        return dumps.Verified(target, verified.size, verified.sha256, manifest, verified.tables)
+    if isinstance(checked.get("error"), VerificationError) and checked.get("whole"):
+        raise checked["error"]
+    # A resumed or rewritten file: check what is on disk now, from the start.
+    return dumps.verify_file(target, manifest, use_manifest=False, name=name)
 
 
-def _check_into(reader: dumps.FileChunks, target: Path, name: str, content: bool, outcome: dict) -> None:
+def _check_into(reader: dumps.FileChunks, target: Path, name: str, outcome: dict) -> None:
+    outcome.pop("error", None)
     try:
-        if content:
-            outcome["verified"] = dumps.verify_file(target, use_manifest=False, reader=reader, name=name)
-        else:
-            for _ in reader:  # size and sha256 only
-                pass
-            outcome["verified"] = dumps.Verified(target, reader.size, reader.sha256.hexdigest(), None, {})
+        outcome["verified"] = dumps.verify_file(target, use_manifest=False, reader=reader, name=name)
     except Exception as exc:  # noqa: BLE001 - decided by the caller once the transfer is over
         outcome["error"] = exc

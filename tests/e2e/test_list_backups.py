@@ -13,9 +13,10 @@ import pytest
 from tests import world
 
 LINE = re.compile(r"  (?P<name>\S+) {2,}(?P<size>(?P<number>\d+(?:\.\d+)?)(?P<unit>B|kB|MB|GB|TB)) {2,}"
-                  r"(?P<time>\d{4}-\d{2}-\d{2} \d{2}:\d{2})  (?P<status>verified|unverified|SIZE MISMATCH)")
+                  r"(?P<time>\d{4}-\d{2}-\d{2} \d{2}:\d{2})  (?P<status>verified|unverified|SIZE MISMATCH|FUTURE)"
+                  r"(?P<pinned>  pinned)?")
 UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
-JSON_KEYS = {"place", "host", "dir", "name", "bytes", "created_at", "sha256", "status"}
+JSON_KEYS = {"place", "host", "dir", "name", "bytes", "created_at", "sha256", "status", "pinned"}
 
 
 def dump(directory, name, when, manifest=True, **kw):

@@ -67,14 +67,14 @@ def test_a_failed_run_pings_fail_sends_no_finish_and_notifies(kw, recorder):
     assert history["result"] == "failed" and "no_such_database" in history["error"]
 
 
-def test_a_size_change_warning_is_notified(net, recorder):
+def test_an_anomaly_warning_is_notified(net, recorder):
     monitored(net, recorder.url)
     world.synthetic_dump(net.pi5_dir, "db-2024-03-09.sql.gz", rows=1000)
     world.synthetic_dump(net.prod_dir, "db-2024-03-10.sql.gz", rows=5000)
     result = net.run("backup-orchestrator")
     assert result.returncode == 0, result.stderr
     note = json.loads(next(r["body"] for r in recorder.requests if r["path"].startswith("/notify")))
-    assert "warning" in note["title"] and "size change" in note["message"]
+    assert "warning" in note["title"] and "anomaly" in note["message"] and "SIZE_CHANGE_ALERT_PCT" in note["message"]
     metrics = json.loads(next(r["body"] for r in recorder.requests if r["path"].startswith("/appsignal/metrics/json")))
     names = {m["name"] for m in metrics}
     assert {"backup.prod_to_pi5.duration", "backup.pi5_to_nas.duration", "backup.size"} <= names

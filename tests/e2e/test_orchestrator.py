@@ -249,14 +249,15 @@ def test_two_orchestrators_at_once(net, tmp_path):
     assert first.returncode == 0, err
 
 
-def test_size_change_warning(net):
+def test_a_size_change_is_an_anomaly_that_pins_the_dump_before_it(net):
     world.synthetic_dump(net.pi5_dir, "db-2024-03-09.sql.gz", rows=1000)
     world.synthetic_dump(net.prod_dir, NAME, rows=5000)
     net.settings["SIZE_CHANGE_ALERT_PCT"] = "50"
     result = run_orchestrator(net)
     assert result.returncode == 0, result.stderr
-    assert "size change:" in result.stderr and "SIZE_CHANGE_ALERT_PCT=50" in result.stderr
-    assert "result=ok-with-warnings" in result.stderr
+    assert "anomaly:" in result.stderr and "SIZE_CHANGE_ALERT_PCT=50" in result.stderr
+    assert "pinned=db-2024-03-09.sql.gz" in result.stderr and "result=ok-with-warnings" in result.stderr
+    assert (net.pi5_dir / "db-2024-03-09.sql.gz.pin").exists() and (net.nas_dir / "db-2024-03-09.sql.gz.pin").exists()
 
 
 def test_a_dump_under_min_dump_bytes_is_a_failed_dump(net):

@@ -369,7 +369,7 @@ def test_invalid_newer_dumps_at_the_offsite_never_push_good_ones_out(net, offsit
     assert "offsite=ok" in summary(net)
 
 
-def test_a_damaged_copy_at_the_offsite_is_sent_again_and_leftovers_are_never_promoted(
+def test_a_damaged_copy_at_the_offsite_is_never_replaced_and_leftovers_are_never_promoted(
         net, offsite_with_two_good_dumps, key):
     offsite = offsite_with_two_good_dumps
     data = (offsite / AGE).read_bytes()
@@ -378,7 +378,15 @@ def test_a_damaged_copy_at_the_offsite_is_sent_again_and_leftovers_are_never_pro
     (offsite / ".incoming" / AGE).write_bytes(bytes(b ^ 0xFF for b in data))
     shutil.copy(offsite / (AGE + ".json"), offsite / ".incoming" / (AGE + ".json"))
     result = run(net)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"offsite already holds {NAME} with other bytes" in errors[0]
+    assert (offsite / AGE).read_bytes() == data[: len(data) // 2]  # byte for byte as it was
+    assert finals(offsite) == with_manifests("db-2024-03-09.sql.gz.age", AGE)
+
+    (offsite / AGE).unlink()  # the operator removes the damaged copy: the next run sends a good one
+    again = run(net)
+    assert again.returncode == 0, again.stderr
     assert decrypt(offsite / AGE, key[0]) == (net.pi5_dir / NAME).read_bytes()
     assert finals(offsite) == with_manifests("db-2024-03-09.sql.gz.age", AGE)
     assert os.listdir(offsite / ".incoming") == []
@@ -527,7 +535,7 @@ def test_list_backups_shows_the_offsite_block_with_its_encrypted_dumps(net, back
     manifest = json.loads((offsite / (AGE + ".json")).read_text())
     assert rows[0] == {"place": "offsite", "host": "offsite", "dir": str(offsite), "name": AGE,
                        "bytes": (offsite / AGE).stat().st_size, "created_at": manifest["created_at"],
-                       "sha256": manifest["sha256"], "status": "verified"}
+                       "sha256": manifest["sha256"], "status": "verified", "pinned": False}
     assert [r["name"] for r in rows] == [AGE, "db-2024-03-09.sql.gz.age", "db-2024-03-01.sql.gz.age"]
 
     only_json = run(net, "list-backups", "--json", "--only", "offsite")

@@ -50,7 +50,8 @@ def laptop(net, pg, place_env):
                     "DB_PORT": str(pg.port), "DB_USER": "postgres", "PROD_DIR": dirs["PROD_DIR"],
                     "MIN_DUMP_BYTES": "1024"}
     net.pi5_env = {"PI5_HOST": "local", "PROD_HOST": "prod", "NAS_HOST": "nas", "SSH_CONFIG": str(net.ssh.config),
-                   **dirs, "LOG_FILE": str(net.tmp / "pi5-orchestrator.log")}
+                   **dirs, "LOG_FILE": str(net.tmp / "pi5-orchestrator.log"),
+                   "MAX_DUMP_AGE_HOURS": net.settings["MAX_DUMP_AGE_HOURS"]}
     net.pi5_log = net.tmp / "pi5-orchestrator.log"
     place_env("prod", net.prod_env)
     place_env("pi5", net.pi5_env)

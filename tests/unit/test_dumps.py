@@ -143,3 +143,73 @@ def test_missing_file_is_a_failure_not_a_verification(tmp_path):
 def test_table_keys():
     assert dumps.table_key('public."a ""b"""') == 'public.a "b"'
     assert dumps.table_key('"s.x".t') == "s.x.t"
+
+
+# --- manifests are validated before anything trusts them ------------------------------------------
+
+GOOD_MANIFEST = {"file": "db-2024-01-15.sql.gz", "bytes": 10, "sha256": "a" * 64, "created_at": "2024-01-15T02:00:00Z",
+                 "database": "kw", "server_version": "15.18", "pg_dump_version": "15.18",
+                 "tables": {"public.users": 3}, "tool_version": "1"}
+
+
+@pytest.mark.parametrize("change", [
+    {"tables": [["public.users", 3]]}, {"tables": {"public.users": "3"}}, {"tables": {"public.users": -1}},
+    {"tables": {"public.users": True}}, {"tables": None}, {"bytes": "10"}, {"bytes": -1}, {"bytes": 1.5},
+    {"bytes": False}, {"sha256": "a" * 63}, {"sha256": "g" * 64}, {"sha256": None}, {"file": 7},
+    {"created_at": "yesterday"}, {"created_at": 5}, {"database": ["kw"]}, {"server_version": 15},
+    {"encryption": {"plain_file": "x"}}, {"encryption": "age"},
+])
+def test_a_manifest_of_the_wrong_types_is_invalid_never_a_traceback(change):
+    raw = {**GOOD_MANIFEST, **change}
+    assert dumps.manifest_problem(raw) is not None
+    with pytest.raises(VerificationError, match="not a valid manifest") as caught:
+        dumps.Manifest.from_json(json.dumps(raw).encode(), "m.json")
+    assert caught.value.exit_status == 3
+
+
+@pytest.mark.parametrize("data", [b"[1, 2]", b'"text"', b"null", b"{not json", b"\xff\xfe"])
+def test_what_is_no_json_object_is_no_manifest(data):
+    with pytest.raises(VerificationError, match="not a valid manifest"):
+        dumps.Manifest.from_json(data, "m.json")
+
+
+def test_a_good_manifest_loads_and_unknown_keys_are_ignored():
+    manifest = dumps.Manifest.from_json(json.dumps({**GOOD_MANIFEST, "later_field": 1}).encode())
+    assert manifest.tables == {"public.users": 3} and dumps.manifest_problem(GOOD_MANIFEST) is None
+
+
+def test_a_manifest_over_1_mib_is_refused_without_reading_it_whole(tmp_path):
+    path = tmp_path / "db-2024-01-15.sql.gz"
+    path.write_bytes(b"x")
+    (tmp_path / "db-2024-01-15.sql.gz.json").write_bytes(json.dumps(GOOD_MANIFEST).encode() + b" " * (40 << 20))
+    with pytest.raises(VerificationError, match="larger than 1048576 bytes"):
+        dumps.read_manifest(path)
+
+
+def test_row_counts_must_equal_the_manifest_even_when_it_lists_no_tables(tmp_path):
+    path = make_dump(tmp_path)
+    manifest = json.loads((tmp_path / (path.name + ".json")).read_text())
+    (tmp_path / (path.name + ".json")).write_text(json.dumps({**manifest, "tables": {}}))
+    with pytest.raises(VerificationError, match="row counts differ"):
+        dumps.verify_file(path)
+    assert dumps.verify_file(path, whole=False).status == "verified"  # size and sha256 alone cannot tell
+
+
+# --- the scanner's memory is bounded whatever the content ------------------------------------------
+
+def test_a_copy_line_longer_than_any_header_is_refused():
+    scanner = dumps.DumpScanner()
+    scanner(b"-- x\nCOPY " + b"a" * 1000)
+    with pytest.raises(VerificationError, match="longer than"):
+        for _ in range(3):
+            scanner(b"a" * (dumps.LINE_LIMIT // 2))
+    assert len(scanner.partial) <= dumps.LINE_LIMIT + 1024
+
+
+def test_a_long_line_that_is_no_copy_header_is_skipped_without_being_held():
+    scanner = dumps.DumpScanner()
+    scanner(b"-- x\nSELECT '")
+    for _ in range(20):
+        scanner(b"y" * (1 << 20))
+    scanner(b"';\n" + SQL)
+    assert len(scanner.partial) < 64 and scanner.tables == TABLES and scanner.problem() is None

@@ -68,3 +68,24 @@ def test_nightly_name_takes_the_time_when_the_date_is_taken():
     now = datetime(2024, 1, 15, 2, 5, 9, tzinfo=UTC)
     assert names.nightly_name_for(now, set()) == "db-2024-01-15.sql.gz"
     assert names.nightly_name_for(now, {"db-2024-01-15.sql.gz"}) == "db-2024-01-15-020509.sql.gz"
+
+
+def test_a_name_dated_beyond_the_slack_is_future_dated():
+    from datetime import datetime, timedelta
+
+    clock = names.Clock(datetime(2024, 3, 10, 3, 0, tzinfo=UTC), timedelta(minutes=60))
+    assert not clock.is_future("db-2024-03-10.sql.gz")
+    assert not clock.is_future("db-2024-03-10-040000.sql.gz")  # within the slack
+    assert clock.is_future("db-2024-03-10-040001.sql.gz") and clock.is_future("db-2024-03-11.sql.gz")
+    assert clock.is_future("kw_app_production-20240311-000000.sql.gz")
+    assert not clock.is_future("notes.txt")
+    assert clock.age_hours("db-2024-03-09.sql.gz") == 27
+
+
+def test_a_day_that_already_has_a_timed_dump_gets_a_timed_name():
+    from datetime import datetime
+
+    now = datetime(2024, 3, 10, 2, 0, tzinfo=UTC)
+    assert names.nightly_name_for(now, {"db-2024-03-09.sql.gz"}) == "db-2024-03-10.sql.gz"
+    # the day's first, untimed dump was rotated away: an untimed name would sort before 01:00's
+    assert names.nightly_name_for(now, {"db-2024-03-10-010000.sql.gz"}) == "db-2024-03-10-020000.sql.gz"

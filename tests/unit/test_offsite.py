@@ -1,5 +1,6 @@
-"""offsite.Offsite through the real rclone: a local-directory remote and an SFTP remote on the loopback sshd (with
-and without checksums), foreign and hostile names at the remote, damage after upload, and a remote that is down."""
+"""offsite.Offsite, a destination like the nas, through the real rclone: a local-directory remote and an SFTP remote
+on the loopback sshd (with and without checksums), foreign and hostile names at the remote, damage after upload,
+leftovers of failed runs, pins, an oversized manifest, and a remote that is down."""
 
 import os
 import time
@@ -7,8 +8,10 @@ import time
 import pytest
 
 from kwbackup import crypto, dumps, names
+from kwbackup.destinations import Parcel
 from kwbackup.errors import Failed, VerificationError
 from kwbackup.offsite import Offsite
+from kwbackup.places import Entry
 from kwbackup.retention import NO_CALENDAR
 from kwbackup.run import StageFailed, run
 from tests import world
@@ -38,6 +41,10 @@ def sources(pi5, dump_names):
     return [pi5 / n for name in dump_names for n in (name, name + names.MANIFEST_SUFFIX)]
 
 
+def parcels(pi5, dump_names):
+    return [Parcel(pi5, Entry(name, (pi5 / name).stat().st_size)) for name in dump_names]
+
+
 def local(tmp_path):
     target = tmp_path / "offsite" / "kw-app"  # not there yet: the first upload makes it
     return Offsite(str(target), 3, NO_CALENDAR), target
@@ -56,9 +63,9 @@ def remote(request, tmp_path, ssh_world):
 
 
 def send(offsite, pi5, dump_names):
-    """Upload, check and promote, as the orchestrator does; the checksum used."""
-    offsite.upload(sources(pi5, dump_names))
-    checked = offsite.check_uploaded(sources(pi5, dump_names))
+    """Send, check and promote, as destinations.push does; the checksum used."""
+    offsite.send(parcels(pi5, dump_names))
+    checked = offsite.check(parcels(pi5, dump_names))
     offsite.promote(dump_names)
     return checked
 
@@ -75,13 +82,13 @@ def test_a_remote_path_never_written_to_lists_empty(remote):
 
 def test_upload_check_promote_and_listing(remote, pi5):
     offsite, target = remote
-    offsite.upload(sources(pi5, DUMPS))
+    offsite.send(parcels(pi5, DUMPS))
     # Uploaded, not yet promoted: only .incoming/ holds them, and listing offers no dump.
     assert sorted(os.listdir(target)) == [".incoming"]
     assert sorted(os.listdir(target / ".incoming")) == sorted(p.name for p in sources(pi5, DUMPS))
     assert offsite.listing() == [] and sorted(offsite.leftovers) == sorted(p.name for p in sources(pi5, DUMPS))
 
-    checked = offsite.check_uploaded(sources(pi5, DUMPS))
+    checked = offsite.check(parcels(pi5, DUMPS))
     # sha256 on a local directory (rclone computes any hash); over SFTP what the server's shell offers.
     assert checked == ("sha256" if offsite.remote.startswith("/") else "sha1")
     offsite.promote(DUMPS)
@@ -146,19 +153,19 @@ def test_remove_deletes_exactly_the_named_dumps_and_their_manifests(remote, pi5)
 @pytest.mark.parametrize("altered", ["dump", "manifest"])
 def test_check_uploaded_catches_a_copy_altered_after_upload(remote, pi5, altered):
     offsite, target = remote
-    batch = sources(pi5, [ENCRYPTED])
-    offsite.upload(batch)
+    batch = parcels(pi5, [ENCRYPTED])
+    offsite.send(batch)
     copy = target / ".incoming" / (ENCRYPTED if altered == "dump" else ENCRYPTED + ".json")
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size and (to a second) the same time: only a checksum tells
     copy.write_bytes(bytes(data))
     with pytest.raises(VerificationError, match=f"the uploaded {copy.name} has") as caught:
-        offsite.check_uploaded(batch)
+        offsite.check(batch)
     assert caught.value.exit_status == 3
     assert offsite.listing() == []  # nothing was promoted
     # The next run uploads it whole again, whatever is in .incoming/.
-    offsite.upload(batch)
-    offsite.check_uploaded(batch)
+    offsite.send(batch)
+    offsite.check(batch)
 
 
 def test_sftp_without_checksums_reads_back_and_still_catches_an_altered_copy(tmp_path, ssh_world, pi5):
@@ -166,14 +173,50 @@ def test_sftp_without_checksums_reads_back_and_still_catches_an_altered_copy(tmp
     assert "read back" in send(offsite, pi5, PLAIN[:1])
     assert [(e.name, e.status) for e in offsite.listing()] == [(PLAIN[0], "verified")]
 
-    batch = sources(pi5, [ENCRYPTED])
-    offsite.upload(batch)
+    batch = parcels(pi5, [ENCRYPTED])
+    offsite.send(batch)
     copy = target / ".incoming" / ENCRYPTED
     data = bytearray(copy.read_bytes())
     data[-1] ^= 0x01
     copy.write_bytes(bytes(data))
     with pytest.raises(VerificationError, match=f"the uploaded {ENCRYPTED} has sha256"):
-        offsite.check_uploaded(batch)
+        offsite.check(batch)
+
+
+def test_leftovers_of_a_failed_run_are_cleared_after_a_good_push(remote, pi5):
+    offsite, target = remote
+    offsite.send(parcels(pi5, PLAIN[:1]))  # a run that died after uploading one dump
+    assert offsite.listing() == [] and sorted(offsite.leftovers) == sorted(p.name for p in sources(pi5, PLAIN[:1]))
+    send(offsite, pi5, PLAIN[1:2])
+    offsite.finish()
+    assert list((target / ".incoming").iterdir()) == []
+    assert [e.name for e in offsite.listing()] == PLAIN[1:2]
+
+
+def test_promotion_never_replaces_a_dump_already_there(remote, pi5):
+    offsite, target = remote
+    offsite.send(parcels(pi5, PLAIN[:1]))
+    target.joinpath(PLAIN[0]).write_bytes(b"someone else's bytes")
+    offsite.promote(PLAIN[:1])
+    assert (target / PLAIN[0]).read_bytes() == b"someone else's bytes"
+
+
+def test_pins_are_listed_and_released(remote, pi5):
+    offsite, target = remote
+    send(offsite, pi5, DUMPS)
+    offsite.pin({PLAIN[0]: b'{"pinned_at": "2024-05-01T03:00:00Z", "reason": "users: 2500 -> 250"}\n'})
+    assert [e.name for e in offsite.listing() if e.pinned] == [PLAIN[0]]
+    assert "users: 2500 -> 250" in (target / (PLAIN[0] + ".pin")).read_text()
+    offsite.unpin([PLAIN[0]])
+    assert not any(e.pinned for e in offsite.listing()) and not (target / (PLAIN[0] + ".pin")).exists()
+
+
+def test_a_manifest_over_the_limit_is_invalid_and_never_fetched(remote, pi5):
+    offsite, target = remote
+    send(offsite, pi5, PLAIN[:1])
+    manifest = target / (PLAIN[0] + ".json")
+    manifest.write_bytes(manifest.read_bytes() + b" " * dumps.MAX_MANIFEST_BYTES)
+    assert [(e.name, e.status) for e in offsite.listing()] == [(PLAIN[0], "SIZE MISMATCH")]
 
 
 @pytest.mark.parametrize("how", ["nothing listens", "no such remote in the config"])

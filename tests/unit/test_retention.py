@@ -1,3 +1,5 @@
+import os
+
 from kwbackup import names, retention
 
 
@@ -86,3 +88,34 @@ def test_a_run_of_bad_nights_never_pushes_the_monthly_copies_out():
 def test_without_a_calendar_nothing_changes():
     assert walk(30, 3, retention.NO_CALENDAR) == ["db-2024-01-28.sql.gz", "db-2024-01-29.sql.gz",
                                                   "db-2024-01-30.sql.gz"]
+
+
+def test_migration_dumps_neither_count_toward_keep_nor_go():
+    entries = [("kw_app_production-20240110-000000.sql.gz", True), ("db-2024-01-08.sql.gz", True),
+               ("db-2024-01-09.sql.gz", True), ("db-2024-01-07.sql.gz", True)]
+    assert plan(entries, 2) == ["db-2024-01-07.sql.gz"]  # the two newest nightly ones stay, the migration dump too
+
+
+def test_excluded_dumps_neither_count_nor_go():
+    """Pinned and future-dated dumps: kept beyond KEEP, and never counted toward it."""
+    entries = [(f"db-2024-01-{d:02d}.sql.gz", True) for d in range(1, 6)] + [("db-2099-01-01.sql.gz", True)]
+    pairs = [(names.parse(n), ok) for n, ok in entries]
+    exclude = {"db-2024-01-02.sql.gz", "db-2099-01-01.sql.gz"}
+    doomed = [d.name for d in retention.to_remove(pairs, 2, exclude=exclude)]
+    assert doomed == ["db-2024-01-03.sql.gz", "db-2024-01-01.sql.gz"]  # 04 and 05 count; 02 is pinned
+
+
+def test_rotation_in_a_directory_honours_pins_and_the_clock(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from tests import world
+
+    for day in range(1, 6):
+        world.synthetic_dump(tmp_path, f"db-2024-01-{day:02d}.sql.gz", rows=5)
+    world.synthetic_dump(tmp_path, "db-2024-02-01.sql.gz", rows=5)  # a day after this clock: future-dated
+    (tmp_path / "db-2024-01-01.sql.gz.pin").write_text('{"pinned_at": "2024-01-05T03:00:00Z", "reason": "test"}\n')
+    clock = names.Clock(datetime(2024, 1, 31, tzinfo=UTC), timedelta(minutes=60))
+    removed = retention.rotate_local(tmp_path, 2, clock)
+    assert removed == ["db-2024-01-03.sql.gz", "db-2024-01-02.sql.gz"]
+    left = sorted(n for n in os.listdir(tmp_path) if n.endswith(".gz"))
+    assert left == ["db-2024-01-01.sql.gz", "db-2024-01-04.sql.gz", "db-2024-01-05.sql.gz", "db-2024-02-01.sql.gz"]
