@@ -325,6 +325,9 @@ def _scratch(settings: Settings, args, made_by: tuple[str, str] | None):
                       str(pg_bindir(settings["DRILL_PG_BINDIR"], "psql") / "psql"))
     elif image := settings["DRILL_DOCKER_IMAGE"]:
         psql = str(pg_bindir(settings["DRILL_PG_BINDIR"], "psql") / "psql")
+        tag = image.split("@")[0].rpartition("/")[2].partition(":")[2]
+        if re.match(r"\d", tag):  # postgres:15, postgres:15.8-alpine: refused without pulling or starting it
+            _refuse_newer(made_by, tag, f"DRILL_DOCKER_IMAGE {image}")
         with docker_server(image) as params:
             yield Scratch(params, f"the drill's container of {image}", "check docker and DRILL_DOCKER_IMAGE", True,
                           psql)

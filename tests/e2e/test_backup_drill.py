@@ -189,6 +189,17 @@ def small_dump(kw):
     return made.stdout.strip().splitlines()[-1]
 
 
+def test_a_live_drills_cluster_is_spared_by_another_drills_sweep(kw, small_dump):
+    kw.settings["DRILL_SQL"] = "SELECT true FROM pg_sleep(6)"
+    first = Running(kw, "--from-file", small_dump)
+    base = Path(first.wait_for(r"started a private temporary PostgreSQL in (\S+)").group(1))
+    first.wait_for("restoring")
+    second = kw.run("backup-drill", "--from-file", small_dump, env=kw.env(DRILL_SQL="SELECT true"), timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "left by a drill that was killed" not in second.stderr and base.exists()
+    assert first.finish() == 0, first.stderr
+
+
 def test_the_temporary_cluster_is_private(kw, small_dump):
     assert os.geteuid() == 0, "this test connects as other local users: it runs as root"
     kw.settings["DRILL_SQL"] = ("SELECT current_setting('listen_addresses') = ''; "
@@ -336,21 +347,26 @@ def test_a_drill_on_a_throwaway_container_bound_to_127_0_0_1(kw, small_dump):
     assert not Path(f"/tmp/kw-standin-docker-{name}").exists()
 
 
-@pytest.mark.parametrize("damage", ["no such image", "newer", "broken"])
+def test_a_dump_newer_than_the_images_tag_starts_no_container(kw, small_dump):
+    kw.settings["DRILL_DOCKER_IMAGE"] = "postgres:15"
+    claim_postgresql_17(small_dump)
+    result = kw.run("backup-drill", "--from-file", small_dump, timeout=300)
+    assert result.returncode == 1, result.stderr
+    line = one_error_line(result.stderr)
+    assert "pg_dump 17.2, newer than DRILL_DOCKER_IMAGE postgres:15 (PostgreSQL 15)" in line
+    assert "DRILL_DOCKER_IMAGE=postgres:17" in line and not container_runs(kw)
+    assert last_report(kw)["result"] == "error"
+
+
+@pytest.mark.parametrize("damage", ["no such image", "broken"])
 def test_a_drill_on_a_container_removes_it_after_a_failure(kw, small_dump, damage):
     kw.settings["DRILL_DOCKER_IMAGE"] = "postgres:16" if damage == "no such image" else "postgres:15"
-    if damage == "newer":
-        claim_postgresql_17(small_dump)
-    elif damage == "broken":
+    if damage == "broken":
         rewrite(small_dump, with_sql_error)
     result = kw.run("backup-drill", "--from-file", small_dump, timeout=300)
     assert result.returncode == (3 if damage == "broken" else 1), result.stderr
-    line = one_error_line(result.stderr)
     assert {"no such image": "docker run failed (exit 125): Unable to find image 'postgres:16'",
-            "newer": "pg_dump 17.2, newer than the drill's container of postgres:15 (PostgreSQL 15.",
-            "broken": "no_such_function"}[damage] in line
-    if damage != "broken":
-        assert "restoring" not in result.stderr
+            "broken": "no_such_function"}[damage] in one_error_line(result.stderr)
     (started,) = container_runs(kw)
     name = started[started.index("--name") + 1]
     assert world.standin_calls(kw.standin_log)[-1] == ["docker", "rm", "-f", name]
