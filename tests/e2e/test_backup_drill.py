@@ -266,6 +266,25 @@ def test_a_drill_stopped_by_a_signal_removes_its_cluster_and_exits_128_plus_it(k
     assert report["result"] == "error" and report["error"] == f"interrupted by {name}"
 
 
+def test_drill_pg_bindir_gives_every_program_of_the_cluster_and_the_load(kw, small_dump):
+    bindir = Path(tempfile.mkdtemp(prefix="kwtest-bindir-"))  # in /tmp: the server's user runs these
+    try:
+        bindir.chmod(0o755)
+        for tool in ("initdb", "pg_ctl", "postgres", "psql"):
+            (bindir / tool).symlink_to(world.PG_BIN / tool)
+        kw.settings["DRILL_PG_BINDIR"] = str(bindir)
+        result = kw.run("backup-drill", "--verbose", "--from-file", small_dump, timeout=300)
+        assert result.returncode == 0, result.stderr
+        ran = [line.split("run: ", 1)[1] for line in result.stderr.splitlines() if "run: " in line]
+        for tool in ("initdb", "pg_ctl", "psql"):
+            assert any(f"{bindir}/{tool} " in command for command in ran), tool
+        (bindir / "initdb").unlink()
+        missing = kw.run("backup-drill", "--from-file", small_dump, timeout=300)
+        assert missing.returncode == 2 and f"DRILL_PG_BINDIR={bindir} has no initdb" in missing.stderr
+    finally:
+        shutil.rmtree(bindir)
+
+
 def claim_postgresql_17(path) -> None:
     """The dump's header and manifest say pg_dump 17 made it, from a PostgreSQL 17 server."""
     rewrite(path, lambda sql: re.sub(rb"^(-- Dumped (?:from database|by pg_dump) version )\S+", rb"\g<1>17.2", sql,
