@@ -79,7 +79,8 @@ def _demo(argv=None) -> int:
         env_file.chmod(0o600)
         # The demo's env file decides, whatever this shell has set.
         env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS} and not k.startswith("PG")}
-        env.update(KW_BACKUP_ENV=str(env_file), KW_BACKUP_SYSLOG=str(base / "no-syslog"))
+        # The temporary PostgreSQL takes only its own password, given as libpq's environment.
+        env.update(KW_BACKUP_ENV=str(env_file), KW_BACKUP_SYSLOG=str(base / "no-syslog"), PGPASSWORD=server["password"])
 
         def sql(query: str) -> str:
             return subprocess.run(["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", server["host"], "-p",

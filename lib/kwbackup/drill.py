@@ -1,23 +1,36 @@
 """backup-drill: prove a backup restores, row for row, on a scratch server; never touches prod.
 
-fetch (default: the nas; an encrypted copy is decrypted on the way) -> verify -> throwaway
-database on a scratch PostgreSQL (DRILL_DATABASE_URL, or a temporary cluster started here and
-removed afterwards, also on failure or Ctrl-C) ->
-psql ON_ERROR_STOP in one transaction -> every table's count(*) against the manifest ->
-DRILL_SQL checks -> report on stdout and one JSON line in DRILL_LOG.
+fetch (default: the nas; an encrypted copy is decrypted on the way) -> verify -> refuse a dump
+newer than the scratch server -> throwaway database on a scratch PostgreSQL -> psql ON_ERROR_STOP
+in one transaction -> every table's count(*) against the manifest -> DRILL_SQL checks -> report
+on stdout and one JSON line in DRILL_LOG (also when it fails or is interrupted).
+
+The scratch server is DRILL_DATABASE_URL's, else a `docker run --rm` container of
+DRILL_DOCKER_IMAGE published on 127.0.0.1 only, else a temporary cluster of DRILL_PG_BINDIR.
+The last two are private: a password only this process knows (given to clients through the
+environment, never argv), and the cluster listens on no TCP port, in a 0700 directory.
+Each lives in a run directory /tmp/kw-drill-run-* that the drill holds an flock on; the
+kernel drops it when the drill dies, even by kill -9, so the next drill knows the server
+there is a leftover and stops and removes it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
 import pwd
+import re
+import secrets
 import shutil
+import signal
 import socket
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,26 +40,88 @@ from psycopg.conninfo import conninfo_to_dict
 
 from . import dumps, names
 from .download import fetch_dump, local_dump, work_dir
-from .errors import Failed, KwError, VerificationError
-from .log import log, size
+from .errors import Failed, KwError, UsageError, VerificationError
+from .log import add_secrets, log, size
 from .monitor import Monitor
 from .places import Multiplexer, place
 from .restore import Source, offsite_or_fail, resolve
 from .run import Cmd, StageFailed, pipeline, run
 from .settings import Settings
 
-LIBPQ_ENV = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD",
-             "sslmode": "PGSSLMODE"}
+LIBPQ_ENV = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "user": "PGUSER",
+             "password": "PGPASSWORD", "passfile": "PGPASSFILE", "options": "PGOPTIONS", "sslmode": "PGSSLMODE",
+             "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY"}
+# In /tmp itself, not $TMPDIR: that may be private to this user, and the server runs as another.
+RUN_ROOT = Path("/tmp")
+RUN_PREFIX = "kw-drill-run-"
+CLUSTER_PORT = 5432  # only names the socket, in a directory of its own: nothing to collide with
+READY_SECONDS = 120
 
 
-def _pg_bin(tool: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"), key=lambda p: int(p.split("/")[4]))
+@dataclass
+class Scratch:
+    """The server a drill restores into, and how errors name it."""
+
+    params: dict  # libpq connection parameters of its admin database
+    label: str
+    hint: str
+    ours: bool  # started by this drill: roles may be created, and it goes away whole
+    psql: str
+
+
+# --- PostgreSQL's programs ----------------------------------------------------------------------
+
+def _major(version: str | None) -> int:
+    found = re.match(r"\d+", version or "")
+    return int(found.group()) if found else 0
+
+
+def pg_bindir(setting: str | None, tool: str) -> Path:
+    """DRILL_PG_BINDIR, else the newest /usr/lib/postgresql/*/bin that has `tool`, else where PATH finds it."""
+    if setting:
+        if not (Path(setting) / tool).is_file():
+            raise UsageError(f"setting DRILL_PG_BINDIR={setting} has no {tool}",
+                             "point it at a PostgreSQL bin directory such as /usr/lib/postgresql/17/bin")
+        return Path(setting)
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"),
+                   key=lambda p: [int(n) for n in re.findall(r"\d+", p.split("/")[4])])
     if found:
-        return found[-1]
-    if shutil.which(tool):
-        return tool
-    raise Failed(f"{tool} not found", "apt-get install postgresql (the drill starts a temporary cluster)")
+        return Path(found[-1]).parent
+    if on_path := shutil.which(tool):
+        return Path(on_path).parent
+    raise Failed(f"{tool} not found", "apt-get install postgresql (the drill starts a temporary cluster), or set "
+                 "DRILL_PG_BINDIR, DRILL_DOCKER_IMAGE or DRILL_DATABASE_URL")
 
+
+def _installed_version(bindir: Path) -> str:
+    out = run(Cmd([bindir / "postgres", "--version"], name="postgres --version"), timeout=60)[1].decode()
+    found = re.search(r"\(PostgreSQL\) (\S+)", out)
+    return found.group(1) if found else out.strip()
+
+
+def _made_by(needs: dict, verified: dumps.Verified) -> tuple[str, str] | None:
+    """What made the dump and its version, the newest major its head and manifest name.
+
+    pg_dump's major is never older than its server's, and it is pg_dump's that psql must understand.
+    """
+    found = [(f"pg_dump {v}", v) for v in (needs["pg_dump_version"],
+                                           verified.manifest and verified.manifest.pg_dump_version) if v]
+    if verified.manifest and verified.manifest.server_version:
+        found.append((f"a PostgreSQL {verified.manifest.server_version} server", verified.manifest.server_version))
+    return max(found, key=lambda f: _major(f[1]), default=None)
+
+
+def _refuse_newer(made_by: tuple[str, str] | None, server_version: str, where: str) -> None:
+    """A newer major's dump fails deep inside psql (pg_dump 17 writes SET transaction_timeout): refuse it first."""
+    major = _major(made_by[1]) if made_by else 0
+    if major > _major(server_version):
+        raise Failed(f"the dump was made by {made_by[0]}, newer than {where} (PostgreSQL {server_version})",
+                     f"drill it on PostgreSQL {major} or newer: DRILL_PG_BINDIR=/usr/lib/postgresql/{major}/bin "
+                     f"(apt-get install postgresql-{major}), DRILL_DOCKER_IMAGE=postgres:{major}, or such a "
+                     "server as DRILL_DATABASE_URL")
+
+
+# --- run directories: one per drill server, locked while its drill lives -------------------------
 
 def _service_user() -> str | None:
     """PostgreSQL refuses to run as root: the temporary cluster runs as an unprivileged user."""
@@ -61,45 +136,216 @@ def _service_user() -> str | None:
     raise Failed("no unprivileged user to run a temporary PostgreSQL as", "create the postgres user")
 
 
-def _as(user: str | None, argv: list[str]) -> list[str]:
+def _as(user: str | None, argv: list) -> list:
     return ["runuser", "-u", user, "--", *argv] if user else argv
 
 
+def _owner(base: Path) -> str | None:
+    """Whom a run directory's server runs as: its owner, when that is not this process's user."""
+    uid = base.stat().st_uid
+    return None if uid == os.geteuid() else pwd.getpwuid(uid).pw_name
+
+
+def _new_locked_dir() -> tuple[Path, int]:
+    while True:
+        base = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=RUN_ROOT))  # 0700
+        try:
+            lock = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if base.exists():
+            return base, lock
+        os.close(lock)  # a sweep took it for a leftover before it was locked, and removed it
+
+
 @contextmanager
-def temporary_cluster():
-    """A PostgreSQL of its own in a temporary directory, on a free port; removed at the end, whatever happens."""
-    # In /tmp itself, not $TMPDIR: that may be private to this user, and the server runs as another.
-    base = Path(tempfile.mkdtemp(prefix="kw-drill-cluster-", dir="/tmp"))
-    base.chmod(0o755)
-    user = _service_user()
-    if user:
-        shutil.chown(base, user)
+def _run_dir(owner: str | None, bindir: Path | None = None):
+    """A new 0700 directory for one server, flock'ed while this process lives; torn down at the end."""
+    base, lock = _new_locked_dir()
+    try:
+        if owner:
+            shutil.chown(base, owner)
+        yield base
+    finally:
+        try:
+            _teardown(base, bindir)
+        finally:
+            os.close(lock)
+
+
+def _teardown(base: Path, bindir: Path | None = None) -> bool:
+    """Stop what runs in a run directory (a container, a cluster) and remove it; False when it could not."""
+    container = base / "container"
+    if container.exists():
+        name = container.read_text().strip()
+        code, _, err = run(Cmd(["docker", "rm", "-f", name], name="docker rm"), check=False, timeout=120)
+        if code and "No such container" not in err:
+            log.warning("could not remove the drill's container %s (%s); the next drill tries again", name,
+                        " ".join(err.split()))
+            return False
     data = base / "data"
+    # Also when interrupted during `pg_ctl start`: the server may be up before pg_ctl says so, and
+    # its socket would appear in `base` after rmtree had emptied it.
+    if (data / "postmaster.pid").exists():
+        pg_ctl = (bindir or pg_bindir(None, "pg_ctl")) / "pg_ctl"
+        run(Cmd(_as(_owner(base), [pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"]), name="pg_ctl stop"),
+            check=False, timeout=120)
+    for _ in range(100):  # pg_ctl returns once the pid file is gone; the server removes its socket last
+        shutil.rmtree(base, ignore_errors=True)
+        if not base.exists():
+            return True
+        time.sleep(0.1)
+    log.warning("could not remove %s; the next drill tries again", base)
+    return False
+
+
+def sweep(bindir_setting: str | None) -> None:
+    """Stop and remove what killed drills left: run directories whose lock no live drill holds."""
+    mine = {os.geteuid()}
+    if user := _service_user():
+        mine.add(pwd.getpwnam(user).pw_uid)
+    for base in sorted(RUN_ROOT.glob(RUN_PREFIX + "*")):
+        try:
+            st = os.lstat(base)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid not in mine:
+                continue  # not a drill's of this user: another user's, or planted
+            lock = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            continue  # its drill is alive
+        try:
+            if _teardown(base, Path(bindir_setting) if bindir_setting else None):
+                log.info("removed %s, left by a drill that was killed", base)
+        except KwError as exc:
+            log.warning("could not clean up %s, left by a drill that was killed: %s", base, exc.line())
+        finally:
+            os.close(lock)
+
+
+# --- the drill's own servers ---------------------------------------------------------------------
+
+def _password() -> str:
+    password = secrets.token_urlsafe(24)
+    add_secrets([password])
+    return password
+
+
+@contextmanager
+def temporary_cluster(bindir: Path | None = None):
+    """A private PostgreSQL, stopped and removed at the end whatever happens (kill -9: by the next drill).
+
+    Its directory, data and socket directory are 0700 and belong to the user it runs as (an
+    unprivileged one when run as root); it listens on no TCP port, and every connection needs a
+    password only this process knows: no other local user can connect.
+    """
+    bindir = bindir or pg_bindir(None, "initdb")
+    user = _service_user()
+    password = _password()
+    with _run_dir(user, bindir) as base:
+        data, pwfile = base / "data", base / "password"
+        with os.fdopen(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(password + "\n")
+        try:  # initdb reads the password from a file; it stays only until initdb is done
+            if user:
+                shutil.chown(pwfile, user)
+            run(Cmd(_as(user, [bindir / "initdb", "-D", data, "-U", "postgres", "--auth=scram-sha-256",
+                               f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]), name="initdb"),
+                timeout=300)
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {CLUSTER_PORT}\nlisten_addresses = ''\nunix_socket_directories = '{base}'\n"
+                       "unix_socket_permissions = 0700\nfsync = off\nsynchronous_commit = off\n"
+                       "full_page_writes = off\n")
+        run(Cmd(_as(user, [bindir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "120", "start"]),
+                name="pg_ctl start"), timeout=180)
+        log.info("started a private temporary PostgreSQL in %s (socket only, password authentication)", base)
+        yield {"host": str(base), "port": str(CLUSTER_PORT), "user": "postgres", "password": password,
+               "dbname": "postgres"}
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@contextmanager
+def docker_server(image: str):
+    """A throwaway `docker run --rm` server of `image`, published on 127.0.0.1 only, its password only ours."""
+    password = _password()
+    name = f"kw-drill-{os.getpid()}-{secrets.token_hex(4)}"
+    with _run_dir(None) as base:
+        (base / "container").write_text(name + "\n")  # first: however this drill dies, the next one knows it
+        port = _free_port()
+        # `-e NAME` takes the value from docker's environment: the password is on no command line.
+        run(Cmd(["docker", "run", "--rm", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5432", "-e",
+                 "POSTGRES_PASSWORD", image], name="docker run", env={"POSTGRES_PASSWORD": password}),
+            timeout=1800)  # the first run pulls the image
+        params = {"host": "127.0.0.1", "port": str(port), "user": "postgres", "password": password,
+                  "dbname": "postgres"}
+        _wait_ready(params, f"the container {name} ({image})")
+        log.info("started the container %s (%s) on 127.0.0.1:%d", name, image, port)
+        yield params
+
+
+def _wait_ready(params: dict, what: str) -> None:
+    """The postgres image initialises behind a socket-only server first: wait for the real one on TCP."""
+    deadline = time.monotonic() + READY_SECONDS
+    while True:
+        try:
+            with _connect(params, timeout=5):
+                return
+        except psycopg.OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise Failed(f"{what} accepted no connection within {READY_SECONDS}s: {exc}",
+                             "check docker and DRILL_DOCKER_IMAGE (a postgres image)") from exc
+        time.sleep(0.5)
+
+
+@contextmanager
+def _scratch(settings: Settings, args, made_by: tuple[str, str] | None):
+    """The server of this drill: DRILL_DATABASE_URL's, a DRILL_DOCKER_IMAGE container, or a temporary cluster."""
+    url = args.database_url or settings["DRILL_DATABASE_URL"]
+    if url:
+        source = "--database-url" if args.database_url else "DRILL_DATABASE_URL"
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise UsageError(f"{source} is not a PostgreSQL URL ({' '.join(str(exc).split())})",
+                             "postgresql://USER@HOST/DATABASE") from exc
+        add_secrets([params.get("password")])
+        yield Scratch(params, f"the scratch server of {source}", f"check {source}: the server must be up and its "
+                      "role allowed to log in and create databases", False,
+                      str(pg_bindir(settings["DRILL_PG_BINDIR"], "psql") / "psql"))
+    elif image := settings["DRILL_DOCKER_IMAGE"]:
+        psql = str(pg_bindir(settings["DRILL_PG_BINDIR"], "psql") / "psql")
+        tag = image.split("@")[0].rpartition("/")[2].partition(":")[2]
+        if re.match(r"\d", tag):  # postgres:15, postgres:15.8-alpine: refused without pulling or starting it
+            _refuse_newer(made_by, tag, f"DRILL_DOCKER_IMAGE {image}")
+        with docker_server(image) as params:
+            yield Scratch(params, f"the drill's container of {image}", "check docker and DRILL_DOCKER_IMAGE", True,
+                          psql)
+    else:
+        bindir = pg_bindir(settings["DRILL_PG_BINDIR"], "initdb")
+        _refuse_newer(made_by, _installed_version(bindir), f"DRILL_PG_BINDIR {bindir}")
+        with temporary_cluster(bindir) as params:
+            yield Scratch(params, "the drill's temporary PostgreSQL", "run with --verbose to see its commands", True,
+                          str(bindir / "psql"))
+
+
+@contextmanager
+def _database_errors(scratch: Scratch):
+    """A scratch server that is unreachable, refuses or goes away: one line naming it, exit 1."""
     try:
-        run(Cmd(_as(user, [_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                           "--locale=C.UTF-8", "--no-sync"]), name="initdb"), timeout=300)
-        with open(data / "postgresql.conf", "a") as conf:
-            conf.write(f"port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{base}'\n"
-                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
-        run(Cmd(_as(user, [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "120",
-                           "start"]), name="pg_ctl start"), timeout=180)
-        log.info("started a temporary PostgreSQL in %s", base)
-        yield {"host": str(base), "port": str(port), "user": "postgres", "dbname": "postgres"}
-    finally:
-        # Also when interrupted during `pg_ctl start`: the server may be up before pg_ctl says so, and
-        # its socket would appear in `base` after rmtree had emptied it.
-        if (data / "postmaster.pid").exists():
-            run(Cmd(_as(user, [_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                    name="pg_ctl stop"), check=False, timeout=120)
-        for _ in range(100):  # pg_ctl returns once the pid file is gone; the server removes its socket last
-            shutil.rmtree(base, ignore_errors=True)
-            if not base.exists():
-                break
-            time.sleep(0.1)
-        log.info("removed the temporary PostgreSQL")
+        yield
+    except psycopg.Error as exc:
+        raise Failed(f"{scratch.label}: {exc}", scratch.hint) from exc
 
 
 def _libpq_env(params: dict) -> dict[str, str]:
@@ -107,18 +353,20 @@ def _libpq_env(params: dict) -> dict[str, str]:
     return {LIBPQ_ENV[k]: str(v) for k, v in params.items() if k in LIBPQ_ENV and v}
 
 
-def _connect(params: dict, dbname: str):
-    return psycopg.connect(**{**params, "dbname": dbname}, autocommit=True, connect_timeout=30)
+def _connect(params: dict, dbname: str | None = None, timeout: int = 30):
+    return psycopg.connect(**{"connect_timeout": timeout, **params, "dbname": dbname or params.get("dbname")
+                              or "postgres"}, autocommit=True)
 
 
 def drill(settings: Settings, args) -> dict:
     report = {"time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "source": None, "dump": None, "bytes": 0,
-              "download_seconds": 0.0, "restore_seconds": 0.0, "tables": 0, "rows": 0, "checks": [],
-              "result": "failed", "error": None}
+              "server": None, "download_seconds": 0.0, "restore_seconds": 0.0, "tables": 0, "rows": 0,
+              "checks": [], "result": "error", "error": None}
     wanted = names.require(args.dump or "latest", "--dump")
     try:
         with Monitor(settings, "backup-drill", "here"), Multiplexer() as shared, \
                 work_dir(settings["WORK_DIR"]) as local:
+            sweep(settings["DRILL_PG_BINDIR"])
             started = time.monotonic()
             if args.from_file:
                 report["source"] = str(Path(args.from_file).resolve())
@@ -131,21 +379,19 @@ def drill(settings: Settings, args) -> dict:
             report["download_seconds"] = round(time.monotonic() - started, 2)
             verified = dumps.verify_file(path)
             report.update(dump=path.name, bytes=verified.size)
-            url = args.database_url or settings["DRILL_DATABASE_URL"]
+            needs = dumps.requirements(path)
+            made_by = _made_by(needs, verified)
             started = time.monotonic()
-            if url:
-                _restore_and_check(conninfo_to_dict(url), path, verified, settings, report, create_roles=False)
-            else:
-                with temporary_cluster() as params:
-                    _restore_and_check(params, path, verified, settings, report, create_roles=True)
+            with _scratch(settings, args, made_by) as scratch:
+                _restore_and_check(scratch, path, needs, made_by, verified, settings, report)
             report["restore_seconds"] = round(time.monotonic() - started, 2)
     except KwError as exc:
-        report["error"] = exc.line()
-        report["result"] = "failed"
+        # "failed": the dump does not restore or match (exit 3); "error": the drill could not tell.
+        report.update(error=exc.line(), result="failed" if isinstance(exc, VerificationError) else "error")
         _record(settings, args, report)
         raise
-    except KeyboardInterrupt:
-        report["error"] = "interrupted"
+    except KeyboardInterrupt as exc:
+        report["error"] = f"interrupted by {signal.Signals(getattr(exc, 'signum', signal.SIGINT)).name}"
         _record(settings, args, report)
         raise
     report["result"] = "ok"
@@ -153,37 +399,61 @@ def drill(settings: Settings, args) -> dict:
     return report
 
 
-def _restore_and_check(params: dict, path: Path, verified: dumps.Verified, settings: Settings, report: dict,
-                       create_roles: bool) -> None:
+def _restore_and_check(scratch: Scratch, path: Path, needs: dict, made_by: tuple[str, str] | None,
+                       verified: dumps.Verified, settings: Settings, report: dict) -> None:
     throwaway = f"kw_drill_{datetime.now(UTC):%Y%m%d%H%M%S}_{os.getpid()}"
-    admin_db = params.get("dbname") or "postgres"
-    with _connect(params, admin_db) as admin:
-        needs = dumps.requirements(path)
+    with _database_errors(scratch), _connect(scratch.params) as admin:
+        version = admin.execute("SELECT current_setting('server_version')").fetchone()[0].split()[0]
+        _refuse_newer(made_by, version, scratch.label)
+        report["server"] = f"{scratch.label} (PostgreSQL {version})"
         have = {r for (r,) in admin.execute("SELECT rolname FROM pg_roles")}
         missing = sorted(set(needs["roles"]) - have)
-        if missing and not create_roles:
+        if missing and not scratch.ours:
             raise Failed(f"the scratch server lacks roles the dump needs: {', '.join(missing)}",
                          "create them there, or drop DRILL_DATABASE_URL to use a temporary cluster")
         for role in missing:
             admin.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(throwaway)))
+    try:
         log.info("restoring %s into the throwaway database %s", path.name, throwaway)
-        try:
-            _load(params, throwaway, path)
-            _compare(params, throwaway, verified, settings, report)
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(throwaway)))
+        _load(scratch, throwaway, path)
+        with _database_errors(scratch):
+            _compare(scratch.params, throwaway, verified, settings, report)
+    except BaseException:
+        _drop(scratch, throwaway, failing=True)
+        raise
+    _drop(scratch, throwaway, failing=False)
 
 
-def _load(params: dict, dbname: str, path: Path) -> None:
+def _drop(scratch: Scratch, dbname: str, failing: bool) -> None:
+    """Drop the throwaway database from a server of the user's (a server of the drill's goes away whole)."""
+    if scratch.ours:
+        return
+    try:
+        with _connect(scratch.params) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+    except psycopg.Error as exc:
+        if not failing:
+            raise Failed(f"could not drop the throwaway database {dbname} on {scratch.label}: {exc}",
+                         "drop it there by hand") from exc
+        log.warning("could not drop the throwaway database %s on %s (drop it by hand): %s", dbname, scratch.label,
+                    " ".join(str(exc).split()))
+
+
+def _load(scratch: Scratch, dbname: str, path: Path) -> None:
     decompress = Cmd([*dumps.decompressor(), "--", str(path)] if path.name.endswith(".gz") else ["cat", "--",
                                                                                                str(path)],
                      name="gzip stream check")
-    psql = Cmd(["psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d", dbname],
-               name="psql", env=_libpq_env(params))
+    psql = Cmd([scratch.psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d",
+                dbname], name="psql", env=_libpq_env(scratch.params))
     try:
         pipeline([decompress, psql])
     except StageFailed as exc:
+        try:
+            with _connect(scratch.params, timeout=10):
+                pass
+        except psycopg.Error as gone:
+            raise Failed(f"{scratch.label} went away during the restore: {exc.message}", scratch.hint) from gone
         raise VerificationError(f"the dump does not restore: {exc.message}", "use another copy; investigate") \
             from exc
 
@@ -225,6 +495,7 @@ def _record(settings: Settings, args, report: dict) -> None:
 
 def print_report(report: dict) -> None:
     print(f"source:   {report['source']}\ndump:     {report['dump']} ({size(report['bytes'])})\n"
+          f"server:   {report['server']}\n"
           f"download: {report['download_seconds']:.1f}s\nrestore:  {report['restore_seconds']:.1f}s\n"
           f"tables:   {report['tables']}\nrows:     {report['rows']}\n"
           + "".join(f"check:    {c['sql']} -> {'true' if c['passed'] else 'NOT TRUE'}\n" for c in report["checks"])

@@ -7,7 +7,7 @@ from tests import world
 
 
 def test_make_demo_shows_the_whole_flow_and_leaves_nothing_running(tmp_path):
-    before = set(glob.glob("/tmp/kw-drill-cluster-*"))
+    before = set(glob.glob("/tmp/kw-drill-run-*"))
     result = subprocess.run(["make", "-s", "demo", f"DEMO_DIR={tmp_path / 'demo'}"], cwd=world.ROOT,
                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -18,6 +18,6 @@ def test_make_demo_shows_the_whole_flow_and_leaves_nothing_running(tmp_path):
         assert step in out, step
     assert out.count("  verified") >= 4  # the dump listed verified on prod, pi5, nas and offsite
     assert out.count(".sql.gz.age  ") == 2 and "$ backup-drill --from offsite" in out  # age and rclone are here
-    assert set(glob.glob("/tmp/kw-drill-cluster-*")) == before
-    running = subprocess.run(["pgrep", "-f", "kw-drill-cluster-"], capture_output=True, text=True).stdout
+    assert set(glob.glob("/tmp/kw-drill-run-*")) == before
+    running = subprocess.run(["pgrep", "-f", "kw-drill-run-"], capture_output=True, text=True).stdout
     assert running.strip() == ""
