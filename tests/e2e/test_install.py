@@ -186,12 +186,13 @@ def cron_file(path: Path) -> tuple[dict[str, str], list[tuple[bool, str, str]]]:
 
 
 def run_as_cron(dest: Path, variables: dict[str, str], user: str, command: str) -> subprocess.CompletedProcess:
-    """`command` as cron runs a job of `user`: `sh -c` with the cron file's variables, the user's HOME and LOGNAME
-    and nothing else, on this machine as the install in `dest` made it. A private mount namespace lays dest's
+    """`command` as cron runs a job of `user`: `sh -c` in the user's HOME with the cron file's variables, HOME and
+    LOGNAME and nothing else, on this machine as the install in `dest` made it. A private mount namespace lays dest's
     /etc, /opt and /usr/local/bin over the real ones (read only) and makes dest's /var/log the upper layer of
     /var/log, so the jobs' logs land in dest."""
     work = Path(tempfile.mkdtemp(prefix="kw-overlay-"))
-    environment = {"HOME": pwd.getpwnam(user).pw_dir, "LOGNAME": user, "SHELL": "/bin/sh", **variables}
+    home = pwd.getpwnam(user).pw_dir
+    environment = {"HOME": home, "LOGNAME": user, "SHELL": "/bin/sh", **variables}
     layers = ('work=$1 dest=$2; shift 2; for p in etc opt usr/local/bin; do '
               'mount -t overlay overlay -o "lowerdir=$dest/$p:/$p" "/$p"; done; '
               'mount -t overlay overlay -o "lowerdir=/var/log,upperdir=$dest/var/log,workdir=$work" /var/log; '
@@ -200,7 +201,7 @@ def run_as_cron(dest: Path, variables: dict[str, str], user: str, command: str) 
         return subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", layers, "sh",
                                str(work), str(dest), "runuser", "-u", user, "--", "env", "-i",
                                *[f"{k}={v}" for k, v in environment.items()], "/bin/sh", "-c", command],
-                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                              cwd=home, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     finally:
         shutil.rmtree(work)
 
@@ -266,7 +267,8 @@ def test_the_installed_cron_lines_run_as_written_as_their_users(installed, insta
             "/hc/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278/start", "/hc/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278"]
 
         variables, user, command = only_job(pi5, "drill")
-        drill = run_as_cron(pi5, variables, user, command)
+        assert cron_file(pi5 / "etc/cron.d/kw-backup-drill")[1] == [(False, "pi", command), (True, "pi", command)]
+        drill = run_as_cron(pi5, variables, user, command)  # and so the weekly line, once uncommented
         assert (drill.returncode, drill.stdout + drill.stderr) == (0, ""), drill.stderr
         report = json.loads((pi5 / "var/log/backup-drill.log").read_text().splitlines()[-1])
         assert (report["dump"], report["result"]) == (dump.name, "ok")
