@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed-requirements
 SHELL_FILES = $(shell grep -rlIE '^\#!(/usr/bin/env |/bin/)(ba|da)?sh' --exclude-dir=.venv --exclude-dir=.git \
                 --exclude-dir=.bench --exclude-dir=.demo . )
 
-.PHONY: venv test lint bench demo drill install-prod install-pi5 uninstall-prod uninstall-pi5 authorize-pi5 \
-        pi5-keys
+.PHONY: venv test test-unit lint bench demo drill install-prod install-pi5 uninstall-prod uninstall-pi5 \
+        authorize-pi5 pi5-keys
+# The prerequisites of a target run in the order written: the system packages before the venv.
+.NOTPARALLEL:
 PREFIX ?= /opt/kw-backup
 # stdlib only: runs with the system's python3 before the venv exists
 INSTALL = PYTHONPATH=lib $(PYTHON) -m kwbackup.install
@@ -18,14 +20,23 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
-test: lint
+# The system packages a target needs (system-packages.txt): as root, apt-get installs the missing ones;
+# otherwise the apt-get line is printed and make stops (exit 2).
+system-packages-%:
+	@sh tools/system-packages $*
+
+test: system-packages-test lint
 	$(VENV)/bin/pytest
+
+# The fast loop: tests/unit only, no root needed.
+test-unit: system-packages-unit venv
+	$(VENV)/bin/pytest -q tests/unit
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck $(SHELL_FILES)
 
-demo: venv
+demo: system-packages-demo venv
 	PYTHONPATH=lib $(VENV)/bin/python -m kwbackup.demo $(if $(DEMO_DIR),--dir $(DEMO_DIR))
 
 drill: venv

@@ -96,7 +96,7 @@ def big_db(pg):
     return name
 
 
-PAGILA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pagila"
+PAGILA = Path(__file__).resolve().parent / "fixtures" / "pagila"  # with its licence and provenance
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The test world: a real PostgreSQL 15, real sshd places on loopback, stand-ins for docker/kamal.
+"""The test world: a real PostgreSQL (the newest installed), real sshd places on loopback, stand-ins for docker/kamal.
 
 Every later test builds on these pieces:
 - `Postgres`: initdb/pg_ctl in a temporary directory (as an unprivileged OS user when the
@@ -28,7 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin"
 STANDINS = Path(__file__).resolve().parent / "standins"
 INSTALLED = Path(__file__).resolve().parent / "installed"  # links to bin/, as make install puts them on PATH
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def newest_pg_bin() -> Path:
+    """The newest installed PostgreSQL's programs: 15 on Debian 12, 16 on Ubuntu 24.04 (the `postgresql` package).
+
+    None installed: the pattern itself, so the first use names what is missing.
+    """
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if p.parent.parent.name.isdigit()]
+    return max(found, key=lambda b: int(b.parent.name), default=Path("/usr/lib/postgresql/*/bin"))
+
+
+PG_BIN = newest_pg_bin()
 # "offsite" is an SFTP server for rclone's sftp remote (tests/world.rclone_config), not a kw-backup place.
 PLACE_ADDRESSES = {"prod": "127.0.0.2", "pi5": "127.0.0.3", "nas": "127.0.0.4", "old-prod": "127.0.0.5",
                    "offsite": "127.0.0.6"}
@@ -89,7 +100,7 @@ def service_user() -> str | None:
 
 
 class Postgres:
-    """A PostgreSQL 15 server of the tests' own, on a free port and a private socket directory."""
+    """A PostgreSQL server of the tests' own (PG_BIN), on a free port and a private socket directory."""
 
     def __init__(self, base: Path):
         self.base = base
@@ -169,7 +180,8 @@ class Sshd:
 
     def start(self) -> Sshd:
         self.base.mkdir(parents=True, exist_ok=True)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        if os.geteuid() == 0:  # sshd's privilege-separation directory; an unprivileged sshd needs none
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)], check=True)
         self.authorized_keys.touch(mode=0o600)
         self.env_file.touch(mode=0o600)

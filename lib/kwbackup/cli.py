@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from . import log as logmod
 from . import settings as settingsmod
-from .errors import KwError
+from .errors import KwError, failure_line
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -85,8 +85,7 @@ def guard(body: Callable[[], int | None]) -> int:
         _error(exc.line())
         return exc.exit_status
     except OSError as exc:  # a file operation outside the checked paths: still one clear line
-        where = f": {exc.filename}" if exc.filename else ""
-        _error(f"{exc.strerror or exc}{where}")
+        _error(failure_line(exc))
         return 1
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT

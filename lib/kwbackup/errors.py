@@ -17,6 +17,15 @@ class KwError(Exception):
         return f"{text} -- {self.hint}" if self.hint else text
 
 
+def failure_line(exc: BaseException) -> str:
+    """The one line a script prints for a failure: what failed, then what to do."""
+    if isinstance(exc, KwError):
+        return exc.line()
+    if isinstance(exc, OSError):  # a file operation outside the checked paths
+        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Failed(KwError):
     exit_status = 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import grp
 import hashlib
 import os
 import pwd
@@ -26,15 +27,19 @@ SCRIPTS = ["backup-db", "backup-orchestrator", "list-backups", "pull-prod-backup
            "setup-fresh-production-db", "migrate-database-to-new-prod", "backup-drill", "verify-backup",
            "backup-report"]
 CRON = {"prod": ["prod"], "pi5": ["pi5", "drill"]}
-LOGROTATE = """# kw-backup: the orchestrator's and the drill's logs (make install-pi5)
-/var/log/backup-orchestrator.log /var/log/backup-drill.log {{
+ENV_FILE = "/etc/kw-backup/backup.env"
+CRON_LOG = "/var/log/backup-cron.log"  # where the lines of cron/ send what the scripts print
+# A job line, or a commented-out one: five numeric time fields, then the user field (cron/ uses no names).
+CRON_JOB = re.compile(r"^(#?(?:[0-9*][0-9*/,-]*[ \t]+){5})\S+(?=[ \t])", re.M)
+LOGROTATE = """# kw-backup (make install-{role}): the logs its cron jobs write
+{paths} {{
     weekly
     rotate 8
     compress
     delaycompress
     missingok
     notifempty
-    create 0640 {user} adm
+    create 0640 {user} {group}
 }}
 """
 PUBLIC_KEY_RE = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+( [^\n]*)?")
@@ -59,18 +64,21 @@ class Installer:
     def install(self) -> None:
         print(f"installing kw-backup ({self.role}) into {self.at(self.prefix)}", flush=True)
         self.check_prerequisites()
+        os.umask(0o022)  # the code and its venv readable by the backup user, whatever umask sudo passed on
         self.copy_tree()
         self.make_venv()
         self.link_scripts()
         self.env_file()
         self.backup_dir()
+        self.logs()
         self.cron()
-        if self.role == "pi5":
-            self.write_if_different(self.at("/etc/logrotate.d/kw-backup"), LOGROTATE.format(user=self.user), 0o644)
         print("nothing changed: already installed" if not self.changes else f"done: {len(self.changes)} changes",
               flush=True)
 
     def check_prerequisites(self) -> None:
+        if os.geteuid() == 0 and not _user_exists(self.user):
+            sys.exit(f"kw-backup install: BACKUP_USER {self.user} does not exist here: create it (adduser "
+                     f"{self.user}) or name another")
         missing = []
         if self.role == "prod" and not (shutil.which("pg_dump") or shutil.which("docker")):
             missing.append("pg_dump or docker (apt-get install postgresql-client, or install Docker)")
@@ -98,11 +106,12 @@ class Installer:
                 relative = path.relative_to(SOURCE)
                 wanted.add(relative)
                 dest = target / relative
-                if dest.exists() and filecmp.cmp(path, dest, shallow=False) and \
-                        (dest.stat().st_mode & 0o777) == (path.stat().st_mode & 0o777):
+                mode = 0o755 if path.stat().st_mode & 0o111 else 0o644  # readable by the backup user
+                if dest.exists() and filecmp.cmp(path, dest, shallow=False) and dest.stat().st_mode & 0o777 == mode:
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest)
+                dest.chmod(mode)
                 self.changed(f"installed {dest}")
         for item in ("bin", "lib", "cron"):
             for path in sorted((target / item).rglob("*")) if (target / item).exists() else []:
@@ -136,35 +145,59 @@ class Installer:
             self.changed(f"linked {link} -> {target}")
 
     def env_file(self) -> None:
-        path = self.at("/etc/kw-backup/backup.env")
-        if path.exists():
-            return  # the operator's settings: never overwritten
+        """The settings hold secrets, and the cron line runs as the backup user: the directory and the file are
+        the backup user's alone (root reads them anyway)."""
+        path = self.at(ENV_FILE)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            text = (SOURCE / ".env.example").read_text()
-            if self.role == "pi5":
-                text = text.replace("PI5_HOST=pi@pi5.local", "PI5_HOST=local")
-            out.write(text)
-        self._own(path)
-        self.changed(f"wrote {path} from .env.example (mode 0600): edit it")
+        self.own(path.parent, 0o700)
+        if not path.exists():  # the operator's settings: never overwritten
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                text = (SOURCE / ".env.example").read_text()
+                if self.role == "pi5":
+                    text = text.replace("PI5_HOST=pi@pi5.local", "PI5_HOST=local")
+                out.write(text)
+            self.changed(f"wrote {path} from .env.example: edit it")
+        self.own(path, 0o600)
 
     def backup_dir(self) -> None:
         setting = "PROD_DIR" if self.role == "prod" else "PI5_DIR"
-        directory = _setting(self.at("/etc/kw-backup/backup.env"), setting) or \
+        directory = _setting(self.at(ENV_FILE), setting) or \
             ("/var/backups/kw-app" if self.role == "prod" else "/backups/kw-app")
         path = self.at(directory)
-        if path.is_dir() and path.stat().st_mode & 0o777 == 0o700:
-            return
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.chmod(0o700)
-        self._own(path)
-        self.changed(f"made the backup directory {path} (mode 0700, owner {self.user})")
+        if not path.is_dir():
+            path.mkdir(parents=True, mode=0o700)
+            self.changed(f"made the backup directory {path}")
+        self.own(path, 0o700)
+
+    def log_files(self) -> tuple[list[str], list[str]]:
+        """What the cron user appends to: the logs to rotate, and the run history (kept whole: backup-report
+        reads it), each where the env file puts it, defaulting as the scripts do."""
+        env = self.at(ENV_FILE)
+        log_file = _setting(env, "LOG_FILE") or "/var/log/backup-orchestrator.log"
+        beside = os.path.dirname(log_file)
+        history = _setting(env, "HISTORY_FILE") or f"{beside}/backup-history.jsonl"
+        if self.role == "prod":  # backup-db logs to syslog
+            return [CRON_LOG], [history]
+        return [CRON_LOG, log_file, _setting(env, "DRILL_LOG") or f"{beside}/backup-drill.log"], [history]
+
+    def logs(self) -> None:
+        rotated, kept = self.log_files()
+        group = "adm" if _group_exists("adm") else None  # Debian's group for reading logs
+        for name in rotated + kept:
+            path = self.at(name)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+                self.changed(f"made the log {path}")
+            self.own(path, 0o640, group)
+        rule = LOGROTATE.format(role=self.role, paths=" ".join(rotated), user=self.user,
+                                group=group or _primary_group(self.user))
+        self.write_if_different(self.at("/etc/logrotate.d/kw-backup"), rule, 0o644)
 
     def cron(self) -> None:
         for name in CRON[self.role]:
-            text = (SOURCE / "cron" / name).read_text()
-            text = re.sub(r"^(\S+ \S+ \S+ \S+ \S+ )(\S+)( )", rf"\g<1>{self.user}\3", text, flags=re.M)
+            text = CRON_JOB.sub(rf"\g<1>{self.user}", (SOURCE / "cron" / name).read_text())
             self.write_if_different(self.at(f"/etc/cron.d/kw-backup-{name}"), text, 0o644)
 
     def write_if_different(self, path: Path, text: str, mode: int) -> None:
@@ -175,9 +208,18 @@ class Installer:
         path.chmod(mode)
         self.changed(f"wrote {path}")
 
-    def _own(self, path: Path) -> None:
-        if os.geteuid() == 0 and _user_exists(self.user):
-            shutil.chown(path, self.user)
+    def own(self, path: Path, mode: int, group: str | None = None) -> None:
+        """`path` of `mode`, owned by the backup user and its group (or `group`) when installing as root."""
+        st = path.stat()
+        uid, gid = st.st_uid, st.st_gid
+        if os.geteuid() == 0:
+            uid = pwd.getpwnam(self.user).pw_uid
+            gid = grp.getgrnam(group).gr_gid if group else pwd.getpwnam(self.user).pw_gid
+        if (st.st_mode & 0o777, st.st_uid, st.st_gid) == (mode, uid, gid):
+            return
+        os.chown(path, uid, gid)
+        path.chmod(mode)
+        self.changed(f"{path}: mode {mode:04o}, owner {pwd.getpwuid(uid).pw_name}:{grp.getgrgid(gid).gr_name}")
 
     def uninstall(self) -> None:
         for script in SCRIPTS:
@@ -187,11 +229,11 @@ class Installer:
                 self.changed(f"removed {link}")
         for name in CRON[self.role]:
             self._remove(self.at(f"/etc/cron.d/kw-backup-{name}"))
-        self._remove(self.at("/etc/logrotate.d/kw-backup")) if self.role == "pi5" else None
+        self._remove(self.at("/etc/logrotate.d/kw-backup"))
         if self.at(self.prefix).exists():
             shutil.rmtree(self.at(self.prefix))
             self.changed(f"removed {self.at(self.prefix)}")
-        print("kept /etc/kw-backup/backup.env and the backups", flush=True)
+        print(f"kept {ENV_FILE}, the logs and the backups", flush=True)
 
     def _remove(self, path: Path) -> None:
         if path.exists():
@@ -205,6 +247,18 @@ def _user_exists(name: str) -> bool:
         return True
     except KeyError:
         return False
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _primary_group(user: str) -> str:
+    return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
 
 
 def _setting(env_file: Path, name: str) -> str | None:
@@ -222,7 +276,7 @@ def authorize_pi5(key_file: str, authorized_keys: str | None, prod_dir: str | No
     key = Path(key_file).read_text().strip()
     if not PUBLIC_KEY_RE.fullmatch(key) or "\n" in key:
         sys.exit(f"authorize-pi5: {key_file} is not one ssh public key")
-    prod_dir = prod_dir or _setting(Path("/etc/kw-backup/backup.env"), "PROD_DIR") or "/var/backups/kw-app"
+    prod_dir = prod_dir or _setting(Path(ENV_FILE), "PROD_DIR") or "/var/backups/kw-app"
     if not prod_dir.startswith("/") or re.search(r"[\s\"'\\]", prod_dir):
         sys.exit(f"authorize-pi5: PROD_DIR {prod_dir!r} must be an absolute path without spaces or quotes")
     path = Path(authorized_keys or Path.home() / ".ssh" / "authorized_keys")

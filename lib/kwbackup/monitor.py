@@ -1,7 +1,8 @@
 """Monitoring: one context manager per run, over every configured sink, each optional and independent.
 
-- Healthchecks (HEALTHCHECKS_URL): /start, then the bare URL or /fail, all with one `rid`, the
-  run's log tail (<= 100 kB) as the POST body;
+- Healthchecks (HEALTHCHECKS_URL, any of its ping URL forms): /start, then the bare URL or /fail,
+  all with one `rid`, the run's log tail as the POST body: at most BODY_BYTES, ending, on a
+  failure, with the error line;
 - AppSignal cron check-in (APPSIGNAL_PUSH_API_KEY, APPSIGNAL_CHECKIN_IDENTIFIER): kind=start at
   the start, the finish only on success (AppSignal alerts when it is missing);
 - AppSignal metrics (APPSIGNAL_FRONTEND_API_KEY): backup.duration, backup.success, backup.size and
@@ -23,33 +24,52 @@ from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import KwError
-from .log import log
+from .errors import failure_line
+from .log import known_secrets, log, mask
 from .settings import Settings
 
 SINK_TIMEOUT = 5.0
 SLOW_RUN_SECONDS = 600  # the seed's "backup taking too long" alert
-TAIL_BYTES = 100 * 1024
+# Healthchecks keeps the first 10,000 bytes of a ping body (hc-ping.com, and a self-hosted one's default
+# PING_BODY_LIMIT): a longer body would lose its end, where the summary and the error are.
+BODY_BYTES = 10_000
 
 
 class _Tail(logging.Handler):
-    """The run's log lines, the newest 100 kB, for Healthchecks' ping body."""
+    """The run's newest log lines, at most BODY_BYTES of them, for Healthchecks' ping body."""
 
     def __init__(self):
         super().__init__(logging.INFO)
-        self.lines: deque[str] = deque()
+        self.lines: deque[bytes] = deque()
         self.size = 0
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = self.format(record)
+        line = self.format(record).encode()
         self.lines.append(line)
         self.size += len(line) + 1
-        while self.size > TAIL_BYTES and self.lines:
+        while self.size > BODY_BYTES and len(self.lines) > 1:
             self.size -= len(self.lines.popleft()) + 1
 
-    def text(self) -> str:
-        return "\n".join(self.lines)
+    def body(self, last: logging.LogRecord | None = None) -> bytes:
+        """The tail, then `last` (the error line, logged only once the run has unwound), cut to its last
+        BODY_BYTES at a line start."""
+        lines = [*self.lines, *([self.format(last).encode()] if last else [])]
+        text = b"\n".join(lines)
+        if len(text) > BODY_BYTES:
+            text = text[-BODY_BYTES:]
+            start = text.find(b"\n") + 1
+            text = text[start:] if 0 < start < len(text) else text.decode(errors="ignore").encode()
+        return text
+
+
+def ping_url(base: str, suffix: str, rid: str) -> str:
+    """A Healthchecks ping URL (`<uuid>`, `<ping-key>/<slug>`, either with a query such as `?create=1`)
+    with /start or /fail on its path and `rid` merged into its query."""
+    parts = urllib.parse.urlsplit(base)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k != "rid"]
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix,
+                                                  query=urllib.parse.urlencode([*query, ("rid", rid)])))
 
 
 class Monitor:
@@ -84,8 +104,11 @@ class Monitor:
         if ok and duration > SLOW_RUN_SECONDS:
             self.warn(f"slow run: {self.script} on {self.place} took {duration / 60:.0f} minutes "
                       f"(more than {SLOW_RUN_SECONDS // 60})")
-        error = None if ok else (exc.line() if isinstance(exc, KwError) else f"{exc_type.__name__}: {exc}")
-        self._healthchecks("" if ok else "/fail")
+        error = None if ok else failure_line(exc)
+        # cli.guard logs the error line once the run has unwound, too late for the tail: it ends the /fail body here.
+        last = None if ok else logging.makeLogRecord({"msg": mask(f"error: {error}", known_secrets()),
+                                                      "levelno": logging.ERROR, "levelname": "ERROR"})
+        self._healthchecks("" if ok else "/fail", last)
         if ok:
             self._checkin(start=False)
         self._metrics(duration, ok)
@@ -105,11 +128,11 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - a sink never breaks a backup
             log.warning("monitoring: %s did not answer (%s); the run goes on", what, exc)
 
-    def _healthchecks(self, suffix: str) -> None:
+    def _healthchecks(self, suffix: str, last: logging.LogRecord | None = None) -> None:
         base = self.settings["HEALTHCHECKS_URL"]
         if base:
-            url = f"{base.rstrip('/')}{suffix}?{urllib.parse.urlencode({'rid': self.rid})}"
-            self._post("Healthchecks", url, self.tail.text().encode(), "text/plain; charset=utf-8")
+            self._post("Healthchecks", ping_url(base, suffix, self.rid), self.tail.body(last),
+                       "text/plain; charset=utf-8")
 
     def _checkin(self, start: bool) -> None:
         key, identifier = self.settings["APPSIGNAL_PUSH_API_KEY"], self.settings["APPSIGNAL_CHECKIN_IDENTIFIER"]

@@ -65,6 +65,33 @@ def test_a_failed_run_pings_fail_sends_no_finish_and_notifies(kw, recorder):
     assert "FAILED" in note["title"] and "no_such_database" in note["message"]
     history = json.loads((kw.tmp / "history.jsonl").read_text().splitlines()[-1])
     assert history["result"] == "failed" and "no_such_database" in history["error"]
+    assert fail_body(recorder).splitlines()[-1].endswith(error_line(result))
+
+
+def fail_body(recorder) -> str:
+    return next(r["body"] for r in recorder.requests if urlparse(r["path"]).path.endswith("/fail")).decode()
+
+
+def error_line(result) -> str:
+    """The line the script printed last: `<script>: error: <what failed> -- <what to do>`."""
+    line = result.stderr.strip().splitlines()[-1]
+    assert ": error: " in line and " -- " in line, line
+    return "ERROR error: " + line.split(": error: ", 1)[1]
+
+
+def test_the_fail_body_ends_with_the_summary_and_the_error_line_orchestrator_and_drill(kw, recorder):
+    """The error line is logged once the run has unwound, after the ping: the body must carry it all the same."""
+    monitored(kw, recorder.url)
+    kw.settings["PROD_DIR"] = str(kw.tmp / "no-such-dir")  # prod fails: nothing to pull
+    orchestrator = kw.run("backup-orchestrator")
+    assert orchestrator.returncode == 1
+    summary, error = fail_body(recorder).splitlines()[-2:]
+    assert "INFO summary: " in summary and summary.endswith("result=failed (Failed)")
+    assert error.endswith(error_line(orchestrator)) and "prod (local) unreachable" in error
+    recorder.requests.clear()
+    drill = kw.run("backup-drill", "--from", "pi5")  # nothing on the pi5 to drill
+    assert drill.returncode == 1
+    assert fail_body(recorder).splitlines()[-1].endswith(error_line(drill)) and "no dump on pi5" in drill.stderr
 
 
 def test_an_anomaly_warning_is_notified(net, recorder):
