@@ -41,7 +41,7 @@ class DumpResult:
 
 def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dumps.Manifest:
     """Stream a new dump to `directory/name` with its manifest; it appears only if valid."""
-    scanner = dumps.DumpScanner()
+    scanner = dumps.DumpScanner(crc=True)
     progress = Progress(f"dumping {db.name}")
     created_at = dumps.now_iso()
     with files.AtomicFile(directory, name) as out:

@@ -70,20 +70,21 @@ class DumpScanner(Tap):
 
     name = "dump check"
 
-    def __init__(self):
+    def __init__(self, crc: bool = False):
         self.tables: dict[str, int] = {}
         self.copying: str | None = None  # the table whose COPY data is streaming
         self.rows = 0
         self.partial = b""  # an incomplete line that may still turn out to matter
         self.mid_line = False  # inside a line that is known not to matter
         self.size = 0
-        self.crc = 0
+        self.crc = 0 if crc else None  # CRC32 of the SQL, for backup-db's gzip trailer check
         self.head = b""
         self.tail = b""
 
     def __call__(self, chunk: bytes) -> bytes:
         self.size += len(chunk)
-        self.crc = zlib.crc32(chunk, self.crc)
+        if self.crc is not None:
+            self.crc = zlib.crc32(chunk, self.crc)
         if len(self.head) < HEAD_BYTES:
             self.head += chunk[: HEAD_BYTES - len(self.head)]
         self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
@@ -284,8 +285,14 @@ def read_manifest(dump_path: Path) -> Manifest | None:
 
 
 def decompressor() -> list[str]:
-    """pigz decompresses in its own threads (read, write, check) where installed."""
-    return ["pigz", "-dc"] if shutil.which("pigz") else ["gzip", "-dc"]
+    """The fastest gzip decompressor installed: igzip (ISA-L, about twice pigz's speed), pigz, else gzip.
+
+    All three check the stream and its CRC32 and exit non-zero on damage or truncation.
+    """
+    for tool in ("igzip", "pigz"):
+        if shutil.which(tool):
+            return [tool, "-dc"]
+    return ["gzip", "-dc"]
 
 
 class FileChunks:
