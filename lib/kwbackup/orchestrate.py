@@ -72,11 +72,13 @@ class Run:
         self.in_question: set[str] = set()  # names held here with other bytes than prod's: kept, never counted
 
     def warn(self, message: str) -> None:
-        """A warning in the log, the summary's result and an alert."""
+        """A warning in the log, the summary's result and an alert (a dry run only says it)."""
+        if self.monitor is None:
+            dry("warning: %s", message)
+            return
         log.warning("%s", message)
         self.summary.warnings.append(message)
-        if self.monitor:
-            self.monitor.warn(message)
+        self.monitor.warn(message)
 
     def fail_if_any(self) -> None:
         """The run's failure: a verification problem (exit 3) comes first; every problem is named."""

@@ -85,6 +85,11 @@ def test_a_night_of_deleted_rows_pins_the_last_good_dump_everywhere_until_releas
 
     made = net.run("backup-db", at="2024-03-15 02:00:00")
     assert made.returncode == 0, made.stderr
+    planned = net.run("backup-orchestrator", "--dry-run", "--release-pins", at="2024-03-15 03:00:00")
+    assert planned.returncode == 0, planned.stderr
+    assert f"[dry-run] would release every pin (on the pi5: {PINNED})" in planned.stderr
+    assert all("[dry-run]" in line for line in planned.stderr.splitlines())
+    assert all((place / (PINNED + ".pin")).exists() for place in (net.pi5_dir, net.nas_dir, offsite))
     released = net.run("backup-orchestrator", "--release-pins", at="2024-03-15 03:00:00")
     assert released.returncode == 0, released.stderr
     assert "pinned=-" in summary(released)
