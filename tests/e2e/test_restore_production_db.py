@@ -298,7 +298,7 @@ def test_a_dump_from_a_newer_pg_dump_is_refused(kw, pg, db, dumped):
     rewrite(dumped, lambda sql: sql.replace(b"-- Dumped by pg_dump version 15", b"-- Dumped by pg_dump version 99", 1))
     before = state(pg, db)
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
-    assert result.returncode == 1 and "pg_dump 99" in result.stderr and "newer than prod's psql 15" in result.stderr
+    assert result.returncode == 1 and "pg_dump 99" in result.stderr and "newer than prod's server (PostgreSQL 15." in result.stderr
     assert state(pg, db) == before and not leftovers(pg, db)
 
 
@@ -326,11 +326,3 @@ def test_from_the_pi5_when_it_is_local(kw, pg, db, dumped):
     result = kw.run("restore-production-db", "--from-pi5", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
-
-
-def test_a_database_left_refusing_connections_by_an_interrupted_swap_is_opened_again(kw, pg, db, dumped):
-    pg.psql(f"ALTER DATABASE {db} ALLOW_CONNECTIONS false")
-    result = kw.run("restore-production-db", "--local", "latest", "--yes")
-    assert result.returncode == 0, result.stderr
-    assert "did not allow connections" in result.stderr
-    assert pg.psql(f"SELECT datallowconn FROM pg_database WHERE datname = '{db}'") == "t"
