@@ -1,4 +1,8 @@
-"""bin/restore-production-db: a restore completes and is verified, or DB_NAME is exactly as it was."""
+"""bin/restore-production-db: a restore completes and is verified, or DB_NAME is exactly as it was.
+
+prod is a freshly provisioned server over ssh (tests/conftest.py `remote_prod`: nothing of
+kw-backup on its PATH, the database through the docker stand-in) unless a test says otherwise.
+"""
 
 import os
 import shutil
@@ -15,10 +19,11 @@ from tests.damage import forge_manifest, rewrite, with_sql_error
 
 
 @pytest.fixture
-def dumped(kw, pg, db):
+def dumped(remote_prod, pg, db):
     """A real dump of `db` in PROD_DIR, then a change to the data that a restore must undo."""
-    result = kw.run("backup-db")
+    result = remote_prod.run("backup-db")
     assert result.returncode == 0, result.stderr
+    remote_prod.standin_log.unlink()  # backup-db's docker calls: the tests look at the restore's
     path = result.stdout.strip().splitlines()[-1]
     pg.psql("DELETE FROM orders WHERE id > 1500; UPDATE users SET name = 'changed'", db)
     return path
@@ -92,7 +97,8 @@ def test_missing_role_is_named_before_loading(kw, pg, db, dumped):
     assert state(pg, db) == before and not leftovers(pg, db)
 
 
-def test_kill_9_mid_restore_then_a_normal_run_cleans_up(kw, pg, db, big_db):
+def test_kill_9_mid_restore_then_a_normal_run_cleans_up(remote_prod, pg, db, big_db):
+    kw = remote_prod
     kw.settings["DB_NAME"] = big_db
     made = kw.run("backup-db", timeout=300)
     assert made.returncode == 0, made.stderr
@@ -163,8 +169,9 @@ def test_docker_and_kamal_command_lines(kw, pg, db, dumped, mode):
     kw.settings["DB_EXEC"] = mode
     result = kw.run("restore-production-db", "--local", "latest", "--yes", env=kw.env(PGPASSWORD="hunter2-secret"))
     assert result.returncode == 0, result.stderr
-    calls = world.standin_calls(kw.standin_log)
-    assert "hunter2-secret" not in kw.standin_log.read_text()
+    log = kw.fresh_prod.standin_log if mode == "docker" else kw.standin_log  # docker runs on prod, kamal here
+    calls = world.standin_calls(log)
+    assert "hunter2-secret" not in log.read_text()
     loads = [c for c in calls if "--single-transaction" in c]
     assert len(loads) == 1
     psql = ["psql", "-U", "postgres", "--no-password", "-X", "-v", "ON_ERROR_STOP=1", "-d"]
@@ -177,37 +184,33 @@ def test_docker_and_kamal_command_lines(kw, pg, db, dumped, mode):
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
 
 
-def prod_reaches_the_test_server(net, pg):
-    """Commands run on prod over ssh do not inherit the tests' PG* variables: say it in the settings."""
-    net.settings.update(DB_HOST=str(pg.sockets), DB_PORT=str(pg.port), DB_USER="postgres")
-
-
-def test_from_the_nas_over_ssh_streamed_to_prod(net, pg, db, dumped):
-    prod_reaches_the_test_server(net, pg)
+def test_from_the_nas_over_ssh_streamed_to_prod(kw, pg, db, dumped):
     made = os.path.basename(dumped)
-    net.nas_dir.mkdir(mode=0o700)
+    kw.nas_dir.mkdir(mode=0o700)
     for suffix in ("", ".json"):
-        os.link(dumped + suffix, net.nas_dir / (made + suffix))
-    result = net.run("restore-production-db", "--from-nas", "latest", "--yes")
+        os.link(dumped + suffix, kw.nas_dir / (made + suffix))
+    result = kw.run("restore-production-db", "--from-nas", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
 
 
-def test_prod_over_ssh_restores_on_prod(net, pg, db, dumped):
-    prod_reaches_the_test_server(net, pg)
-    result = net.run("restore-production-db", "--local", "latest", "--yes")
+def test_direct_on_prod_without_kw_backup(kw, pg, db, dumped):
+    kw.settings["DB_EXEC"] = "direct"  # prod's own psql (the login's PG* reach the server)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
+    assert "size and sha256 as its manifest says" in result.stderr
 
 
-def test_from_file_over_ssh_to_prod_and_a_named_dump_that_does_not_exist(net, pg, db, dumped, tmp_path):
-    prod_reaches_the_test_server(net, pg)
+def test_from_file_over_ssh_to_prod_and_a_named_dump_that_does_not_exist(kw, pg, db, dumped, tmp_path):
     copy = tmp_path / "mine.sql.gz"
     copy.write_bytes(open(dumped, "rb").read())
-    result = net.run("restore-production-db", "--from-file", str(copy), "--yes")
+    result = kw.run("restore-production-db", "--from-file", str(copy), "--yes")
     assert result.returncode == 0, result.stderr
+    assert "gzip stream and completion line (no manifest)" in result.stderr
+    assert "tables, newest record" in result.stderr
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
-    missing = net.run("restore-production-db", "--local", "db-2020-01-01.sql.gz", "--yes")
+    missing = kw.run("restore-production-db", "--local", "db-2020-01-01.sql.gz", "--yes")
     assert missing.returncode == 1 and "not on prod" in missing.stderr
 
 
@@ -265,7 +268,8 @@ def test_typing_something_else_declines_with_exit_5(kw, pg, db, dumped):
     assert state(pg, db) == before and not leftovers(pg, db)
 
 
-def test_two_restores_at_once(kw, pg, big_db, tmp_path):
+def test_two_restores_at_once(remote_prod, pg, big_db, tmp_path):
+    kw = remote_prod
     kw.settings["DB_NAME"] = big_db
     assert kw.run("backup-db", timeout=300).returncode == 0
     first = subprocess.Popen([str(world.BIN / "restore-production-db"), "--local", "latest", "--yes",
