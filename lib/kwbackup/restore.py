@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import catalog, dumps, files, staging
+from . import catalog, cli, dumps, files, staging
 from .database import Database
 from .errors import Declined, Failed, KwError, VerificationError
 from .log import Progress, dry, log, size
@@ -101,20 +101,26 @@ def confirm(dbname: str, yes: bool) -> None:
 def app_command(settings: Settings, which: str) -> None:
     argv = settings.command(which)
     log.info("running %s: %s", which, " ".join(argv))
-    run(Cmd(argv, name=which), timeout=600)
+    run(Cmd(argv, name=which, own_session=True), timeout=600)
 
 
 @contextmanager
 def app_stopped(settings: Settings, stop: bool):
-    """APP_STOP_CMD before and APP_START_CMD after, also after a failure or a signal."""
+    """APP_STOP_CMD before and APP_START_CMD after, also after a failure or a signal (even one that comes
+    while the app starts: the start runs to its end first)."""
     if not stop:
         yield
         return
-    app_command(settings, "APP_STOP_CMD")
     try:
+        app_command(settings, "APP_STOP_CMD")
         yield
     finally:
-        app_command(settings, "APP_START_CMD")
+        with cli.shielded():
+            try:
+                app_command(settings, "APP_START_CMD")
+            except KwError as exc:
+                raise Failed(f"the app was stopped and could not be started again: {exc.message}",
+                             f"start it by hand: {' '.join(settings.command('APP_START_CMD'))}") from exc
 
 
 def load_check_swap(settings: Settings, prod: Place, db: Database, dump: staging.Staged, name: str, new: str,
