@@ -477,18 +477,24 @@ def stop(proc, how: str) -> None:
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.6])
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP", "SIGTERM"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP", "SIGTERM", "dropped link"])
 def test_a_signal_around_the_swap_leaves_db_name_old_or_new_and_open(kw, pg, db, dumped, how, delay):
     old, new = state(pg, db), (world.RAILS_TABLE_ROWS, None)
     proc = start_restore(kw, "--stop-app")
     wait_for(lambda: any(" restored " in line for line in proc.lines), what="the load's end")
     time.sleep(delay)
-    stop(proc, how)
+    if how == "dropped link":
+        kw.fresh_prod.drop_sessions()
+    else:
+        stop(proc, how)
     code = proc.wait(60)
     accepts_connections_within_10s(pg, db)
     now = state(pg, db)
     assert now == old or now[0] == new[0], now
-    if how != "SIGKILL":
+    if how == "dropped link":
+        assert code in (0, 1), "".join(proc.lines)
+        assert app_calls(kw) == ["stop", "start"], "".join(proc.lines)
+    elif how != "SIGKILL":
         # Done before the signal came: 0; or, during the interpreter's exit, killed by it (a shell sees 128 + n too).
         assert code in (0, 128 + signal.Signals[how], -signal.Signals[how]), "".join(proc.lines)
         assert app_calls(kw) == ["stop", "start"], "".join(proc.lines)

@@ -1,6 +1,7 @@
 """bin/setup-fresh-production-db: a backup restored into an empty server's DB_NAME, nothing left behind.
 
-The laptop runs the script; prod and the nas are real sshd places, the pi5 is local (tests/conftest.py).
+The laptop runs the script; prod is a freshly provisioned server over ssh (Docker and PostgreSQL only,
+nothing of kw-backup: tests/conftest.py `remote_prod`), the nas a real sshd place, the pi5 local.
 """
 
 import glob
@@ -20,15 +21,10 @@ USER = pwd.getpwuid(os.geteuid()).pw_name
 OLDER, NEWER = "db-2024-01-01.sql.gz", "db-2099-01-01.sql.gz"  # around the real dump, made today
 
 
-def prod_reaches_the_test_server(net, pg):
-    """Commands run on prod over ssh do not inherit the tests' PG* variables: say it in the settings."""
-    net.settings.update(DB_HOST=str(pg.sockets), DB_PORT=str(pg.port), DB_USER="postgres")
-
-
 @pytest.fixture
-def laptop(net, pg):
+def laptop(remote_prod):
     """The laptop: prod and the nas over ssh, a private TMPDIR, and prod's /tmp as it was before the run."""
-    prod_reaches_the_test_server(net, pg)
+    net = remote_prod
     net.before = staging_dirs()
     net.laptop_tmp = tempfile.mkdtemp(prefix="kwt-")  # short: ssh control sockets live in it
     yield net
