@@ -25,7 +25,7 @@ from .places import Place
 from .run import Cmd, ProgressTap, StageFailed, background, pipeline, run
 
 STAGING_PREFIX = "kw-restore."
-HEAD_LIMIT = 64 * 1024 * 1024  # the schema part of a dump, before its first COPY, is far smaller
+HEAD_LIMIT = 16 * 1024 * 1024  # a bound: the schema part of a dump, before its first COPY, is far smaller
 # $1: the dump; then a command reading its SQL. Reports a failed decompression (a truncated or
 # corrupt file) even though the command at the end of the pipe exited 0.
 DECOMPRESS_INTO = r"""
@@ -40,11 +40,13 @@ rm -f "$status" "$status.err"
 exit $code
 """
 DECOMPRESS_FAILED = 97
-# $1: the dump, $2: a byte count. The first bytes of its SQL (the decompressor stops when head is done).
+# $1: the dump, $2: a byte count. Its SQL up to the first COPY (the schema part), at most $2 bytes;
+# the decompressor stops there. Without sed it is the first $2 bytes.
 HEAD_SCRIPT = r"""
-if [ "${1%.gz}" = "$1" ]; then exec head -c "$2" -- "$1"; fi
-if command -v pigz >/dev/null 2>&1; then dec="pigz -dc"; else dec="gzip -dc"; fi
-$dec -- "$1" 2>/dev/null | head -c "$2"
+if [ "${1%.gz}" = "$1" ]; then dec="cat"; elif command -v pigz >/dev/null 2>&1; then dec="pigz -dc"
+else dec="gzip -dc"; fi
+schema() { if command -v sed >/dev/null 2>&1; then sed '/^COPY /q'; else cat; fi; }
+$dec -- "$1" 2>/dev/null | schema | head -c "$2"
 """
 # $1: a file. Its size and sha256 (openssl's SHA instructions where it is installed).
 SUM_SCRIPT = r"""
@@ -69,7 +71,9 @@ mv -- "$tmp" "$2/$3"
 # ones of dead runs go.
 CLEAN_STAGING_SCRIPT = r"""
 for d in /tmp/kw-restore.*; do
-  if [ -d "$d" ] && [ -O "$d" ] && flock -n "$d/.lock" true 2>/dev/null; then rm -rf -- "$d" && echo "$d"; fi
+  if [ -d "$d" ] && [ "$(stat -c %u -- "$d")" = "$(id -u)" ] && flock -n "$d/.lock" true 2>/dev/null; then
+    rm -rf -- "$d" && echo "$d"
+  fi
 done
 """
 # $1: the staging directory's lock; holds it for as long as its stdin is open.
