@@ -121,6 +121,7 @@ SWAPPED = """
 DO $wait$
 BEGIN
   FOR i IN 1..600 LOOP
+    PERFORM pg_stat_clear_snapshot();  -- else pg_stat_activity stays as this transaction first saw it
     EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'kw-backup swap'
                           AND state <> 'idle' AND pid <> pg_backend_pid());
     PERFORM pg_sleep(0.1);

@@ -9,6 +9,8 @@ import gzip
 import os
 import pwd
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -227,4 +229,25 @@ def test_a_failure_leaves_nothing_behind(fresh, pg, db, damage, status, says):
     assert result.returncode == status, result.stderr
     assert says in result.stderr
     assert databases(pg, db) == [db]
+    assert_nothing_left(fresh)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
+def test_a_signal_mid_restore_cleans_up_and_exits_128_plus_n(fresh, pg, db, signum):
+    place_real_dump(fresh, fresh.nas_dir)
+    proc = subprocess.Popen([str(world.BIN / "setup-fresh-production-db"), "--yes"],
+                            env=fresh.env(TMPDIR=fresh.laptop_tmp), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if " restoring into " in line:
+            os.killpg(proc.pid, signum)  # a closed terminal: the whole group
+            break
+    lines.extend(proc.stderr)
+    code = proc.wait(60)
+    restored = f"{db}_fresh" in databases(pg, db)
+    assert code in (128 + signum, -signum) or (code == 0 and restored), "".join(lines)
+    assert not restored or pg.row_counts(f"{db}_fresh") == fresh.expected  # nothing half-made under DB_NAME
+    assert not [n for n in databases(pg, db) if "_restore_" in n]
     assert_nothing_left(fresh)
