@@ -110,6 +110,36 @@ def pagila_db(pg):
     return name
 
 
+FRESH_PROD_ADDRESS = "127.0.0.7"
+
+
+@pytest.fixture(scope="session")
+def fresh_prod(ssh_world, pg, tmp_path_factory):
+    """A server just provisioned with `kamal setup`: Docker (the stand-in, whose `exec` reaches the test
+    PostgreSQL as the accessory's container would) and PostgreSQL, nothing of kw-backup on the login's PATH."""
+    base = tmp_path_factory.mktemp("fresh-prod-bin")
+    (base / "docker").symlink_to(world.STANDINS / "docker")
+    sshd = ssh_world.add_place("fresh-prod", FRESH_PROD_ADDRESS, f"{base}:/usr/bin:/bin",
+                               {**pg.env, "STANDIN_LOG": str(base / "docker.log")})
+    sshd.standin_log = base / "docker.log"
+    found = ssh_world.ssh("fresh-prod", "command -v verify-backup backup-db python3 docker psql")
+    assert "verify-backup" not in found.stdout and "backup-db" not in found.stdout, found.stdout
+    return sshd
+
+
+@pytest.fixture
+def remote_prod(kw, ssh_world, fresh_prod):
+    """kw with prod the fresh server over ssh (DB_EXEC=docker there), the nas over ssh, the pi5 local."""
+    kw.ssh = ssh_world
+    kw.fresh_prod = fresh_prod
+    kw.settings.update(PROD_HOST="fresh-prod", DB_EXEC="docker", NAS_HOST="nas", PI5_HOST="local",
+                       SSH_CONFIG=str(ssh_world.config))
+    kw.pi5_dir = kw.tmp / "pi5"
+    kw.nas_dir = kw.tmp / "nas"
+    fresh_prod.standin_log.unlink(missing_ok=True)
+    return kw
+
+
 @pytest.fixture
 def net(kw, ssh_world):
     """kw with prod and the nas reached over the real sshd places, the pi5 local (as on the Pi)."""

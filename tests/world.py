@@ -4,7 +4,9 @@ Every later test builds on these pieces:
 - `Postgres`: initdb/pg_ctl in a temporary directory (as an unprivileged OS user when the
   tests run as root), with a Rails-like template database;
 - `Sshd`: one sshd per place on 127.0.0.2 (prod), .3 (pi5), .4 (nas), .5 (old-prod), each
-  with its own host key, config, PidFile and authorized_keys, stopped by PID;
+  with its own host key, config, PidFile and authorized_keys, stopped by PID; and .7
+  (fresh-prod, tests/conftest.py): a freshly provisioned prod, whose logins find only the
+  docker stand-in and the system's tools (PostgreSQL's client among them), nothing of kw-backup;
 - `SshWorld`: the client key, known_hosts and the ssh config file scripts get as SSH_CONFIG;
 - `Syslog`: a datagram socket that records what the scripts send to syslog;
 - `run_script`: runs a bin/ script as a user would, with a given env file.
@@ -166,13 +168,19 @@ class Postgres:
 
 
 class Sshd:
-    """A real sshd on one loopback address with its own host key, config and authorized_keys."""
+    """A real sshd on one loopback address with its own host key, config and authorized_keys.
 
-    def __init__(self, base: Path, name: str, address: str, port: int):
+    Its logins get `path` as PATH (default: kw-backup's scripts installed first) and `env`.
+    """
+
+    def __init__(self, base: Path, name: str, address: str, port: int, path: str | None = None,
+                 env: dict[str, str] | None = None):
         self.base = base
         self.port = port
         self.name = name
         self.address = address
+        self.path = path or f"{INSTALLED}:/usr/local/bin:/usr/bin:/bin"
+        self.env = env or {}
         self.pidfile = base / "sshd.pid"
         self.authorized_keys = base / "authorized_keys"
         self.host_key = base / "host_ed25519"
@@ -192,8 +200,9 @@ class Sshd:
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
             "PermitUserEnvironment no\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 50\n"
             f"Subsystem sftp internal-sftp -u 077\n"  # as README advises for an sftp offsite: private files
-            f"SetEnv KW_TEST_PLACE={self.name} PATH={INSTALLED}:/usr/local/bin:/usr/bin:/bin "
-            f"KW_BACKUP_ENV={self.env_file} KW_BACKUP_SYSLOG={self.base / 'no-syslog'}\n"
+            f"SetEnv KW_TEST_PLACE={self.name} PATH={self.path} "
+            f"KW_BACKUP_ENV={self.env_file} KW_BACKUP_SYSLOG={self.base / 'no-syslog'}"
+            + "".join(f" {k}={v}" for k, v in self.env.items()) + "\n"
         )
         subprocess.run(["/usr/sbin/sshd", "-f", str(config), "-E", str(self.base / "sshd.log")], check=True)
         for _ in range(100):
@@ -256,11 +265,23 @@ class SshWorld:
         SSH_PORT = self.port
         self.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
-        public = self.key.with_suffix(".pub").read_text()
+        for sshd in self.places.values():
+            sshd.start().authorize(self.key.with_suffix(".pub").read_text())
+        self._write_client_files()
+        return self
+
+    def add_place(self, name: str, address: str, path: str, env: dict[str, str]) -> Sshd:
+        """Another sshd place (an alias `name` in the ssh config) whose logins get this PATH and environment."""
+        sshd = Sshd(self.base / name, name, address, self.port, path, env)
+        sshd.start().authorize(self.key.with_suffix(".pub").read_text())
+        self.places[name] = sshd
+        self._write_client_files()
+        return sshd
+
+    def _write_client_files(self) -> None:
         known, aliases = [], []
         user = pwd.getpwuid(os.geteuid()).pw_name
         for name, sshd in self.places.items():
-            sshd.start().authorize(public)
             host_pub = sshd.host_key.with_suffix(".pub").read_text().split()
             known.append(f"[{sshd.address}]:{self.port} {host_pub[0]} {host_pub[1]}")
             aliases.append(f"Host {name}\n  HostName {sshd.address}\n")
@@ -270,7 +291,6 @@ class SshWorld:
             f"\nHost *\n  Port {self.port}\n  User {user}\n  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {self.known_hosts}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
         ))
-        return self
 
     def stop(self) -> None:
         for sshd in self.places.values():

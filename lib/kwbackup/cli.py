@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from . import log as logmod
 from . import settings as settingsmod
@@ -69,6 +70,23 @@ def _on_signal(signum, frame) -> None:
 
 def _late_signal(signum, frame) -> None:
     logmod.log.warning("%s received while cleaning up; finishing the cleanup first", signal.Signals(signum).name)
+
+
+@contextmanager
+def shielded():
+    """For a step that must run to its end (starting a stopped app again): a stop signal received meanwhile
+    takes effect after it, as if it came then."""
+    received: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received and callable(previous[received[0]]):
+            previous[received[0]](received[0], None)
 
 
 def guard(body: Callable[[], int | None]) -> int:

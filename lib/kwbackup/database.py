@@ -71,7 +71,10 @@ class Database:
             return Cmd(argv, name=name or argv[0])
         return self.host.command(argv, name=name or f"{argv[0]} on {self.host.name}")
 
-    def query(self, sql: str, dbname: str = "postgres") -> list[list[str]]:
-        """Rows of SQL run by psql -c (tab-separated); statements in one -c share a transaction."""
-        _, out, _ = run(self.psql(dbname, "-A", "-t", "-F", "\t", "-c", sql, output=True), timeout=600)
+    def sql(self, script: str, dbname: str = "postgres", timeout: float | None = 600, **variables: str
+            ) -> list[list[str]]:
+        """Rows of a psql script fed on stdin, its values given as psql variables (`:'name'` in the script)."""
+        assigned = [arg for name, value in variables.items() for arg in ("-v", f"{name}={value}")]
+        cmd = self.psql(dbname, "-A", "-t", "-F", "\t", *assigned)
+        _, out, _ = run(cmd, input=script.encode(), timeout=timeout)
         return [line.split("\t") for line in out.decode().splitlines() if line]

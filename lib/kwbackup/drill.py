@@ -44,9 +44,9 @@ from .errors import Failed, KwError, UsageError, VerificationError
 from .log import add_secrets, log, size
 from .monitor import Monitor
 from .places import Multiplexer, place
-from .restore import Source, offsite_or_fail, resolve
 from .run import Cmd, StageFailed, pipeline, run
 from .settings import Settings
+from .sources import Source, offsite_or_fail, resolve
 
 LIBPQ_ENV = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "user": "PGUSER",
              "password": "PGPASSWORD", "passfile": "PGPASSFILE", "options": "PGOPTIONS", "sslmode": "PGSSLMODE",
@@ -373,7 +373,7 @@ def drill(settings: Settings, args) -> dict:
                 path = local_dump(Path(args.from_file), local, settings)
             else:
                 origin = offsite_or_fail(settings) if args.source == "offsite" else shared(place(settings, args.source))
-                chosen = resolve(Source(f"--from {args.source}", origin, wanted))
+                chosen = resolve(Source(f"--from {args.source}", origin, wanted), names.Clock.from_settings(settings))
                 report["source"] = origin.label
                 path = fetch_dump(origin, chosen.name, local, settings)
             report["download_seconds"] = round(time.monotonic() - started, 2)

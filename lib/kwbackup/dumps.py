@@ -466,7 +466,13 @@ def requirements(path: Path) -> dict:
     except StageFailed as exc:
         if not isinstance(exc.__cause__, _Enough):
             raise VerificationError(f"{path}: cannot read the dump's schema ({exc.tail or exc.detail})") from exc
-    data = bytes(head.data)
+    return needs(bytes(head.data))
+
+
+def needs(schema: bytes) -> dict:
+    """Roles, extensions and pg_dump version named in a dump's schema part (its SQL before the first COPY)."""
+    found = schema.find(b"\nCOPY ")
+    data = schema[: found if found >= 0 else len(schema)]
     roles = {_unquote(m.decode()) for m in OWNER_RE.findall(data)}
     extensions = {_unquote(m.decode()) for m in EXTENSION_RE.findall(data)}
     version = re.search(rb"^-- Dumped by pg_dump version (\S+)", data, re.M)

@@ -9,61 +9,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import crypto, dumps, names, restore
+from . import crypto, dumps, names, restore, sources
 from .download import fetch, fetch_dump, local_dump, work_dir
-from .errors import Failed, KwError, UsageError
+from .errors import Failed, UsageError
 from .log import dry, log
-from .offsite import Offsite
 from .places import Multiplexer, Place, place
 from .run import run
 from .settings import Settings
 
 
-def pick(origin: Place | Offsite, wanted: str) -> restore.Source:
-    return restore.resolve(restore.Source(f"--from-{origin.name}", origin, wanted))
-
-
-def default_source(settings: Settings, shared: Multiplexer, wanted: str) -> restore.Source:
-    """Latest on the nas; the pi5 when the nas is unreachable or empty; then offsite if set (saying so)."""
-    offsite = Offsite.from_settings(settings)
-    try:
-        return pick(shared(place(settings, "nas")), wanted)
-    except KwError as exc:
-        log.warning("the nas has no usable dump (%s); taking the pi5 instead", exc.message)
-    try:
-        return pick(shared(place(settings, "pi5")), wanted)
-    except KwError as exc:
-        if offsite is None:
-            raise
-        log.warning("the pi5 has no usable dump either (%s); taking the offsite copy", exc.message)
-    return pick(offsite, wanted)
-
-
-def setup_fresh(settings: Settings, args) -> None:
-    wanted = names.require(args.dump or "latest", "--dump")
+def setup_fresh(settings: Settings, *, origin: str | None = None, from_file: str | None = None,
+                from_ssh: str | None = None, dump: str | None = None, yes: bool = False, dry_run: bool = False,
+                force: bool = False) -> None:
+    """The dump (from `origin` nas|pi5|offsite, a file, USER@HOST:/PATH, or else the first place that has one)
+    fetched here, verified, and restored into DB_NAME; refused when DB_NAME holds tables unless `force`."""
+    wanted = names.require(dump or "latest", "--dump")
     with Multiplexer() as shared, work_dir(settings["WORK_DIR"]) as local:
-        if args.from_file:
-            path = local_dump(Path(args.from_file), local, settings)
-        elif args.from_ssh:
-            source = restore.source_from_args(settings, args)
+        if from_file:
+            path = local_dump(Path(from_file), local, settings)
+        elif from_ssh:
+            source = sources.choose(settings, from_ssh=from_ssh)
             host, _, remote = source.path.partition(":")
-            origin = shared(Place("old-prod", host, "/", None, settings["SSH_CONFIG"]))
-            name = Path(remote).name
-            key = crypto.identity(settings, name) if names.is_encrypted(name) else None
-            path = fetch(origin.command(["cat", "--", remote], name=f"read from {host}"), local,
-                         names.plain_name(name), identity_file=key)
+            reader = shared(Place("old-prod", host, "/", None, settings["SSH_CONFIG"]))
+            key = sources.key_for(settings, source)
+            path = fetch(reader.command(["cat", "--", remote], name=f"read from {host}"), local,
+                         names.plain_name(source.name), identity_file=key)
         else:
-            if args.from_offsite:
-                chosen = pick(restore.offsite_or_fail(settings), wanted)
-            elif args.from_nas or args.from_pi5:
-                chosen = pick(shared(place(settings, "nas" if args.from_nas else "pi5")), wanted)
-            else:
-                chosen = default_source(settings, shared, wanted)
-            path = fetch_dump(chosen.place, chosen.name, local, settings)
+            chosen = sources.resolve(sources.Source(f"--from-{origin}", sources.origin(settings, origin, shared),
+                                                    wanted), names.Clock.from_settings(settings)) if origin \
+                else sources.first_good(settings, shared, wanted)
+            path = fetch_dump(chosen.origin, chosen.name, local, settings)
         verified = dumps.verify_file(path)
         log.info("verified %s here: %s", path.name, verified.status)
-        restore.restore(settings, restore.Source("--from-file", path=str(path), name=path.name), yes=args.yes,
-                        dry_run=args.dry_run, refuse_tables=not args.force)
+        restore.restore(settings, sources.Source("--from-file", path=str(path), name=path.name), yes=yes,
+                        dry_run=dry_run, refuse_tables=not force)
 
 
 COMPRESS_SCRIPT = r"""
@@ -74,9 +53,11 @@ echo "$dir"
 """
 
 
-def migrate(settings: Settings, args) -> None:
-    if args.dump:
-        names.require(args.dump, "--dump", allow_latest=False)
+def migrate(settings: Settings, *, dump: str | None = None, dry_run: bool = False, yes: bool = False,
+            keep_dump: bool = False) -> None:
+    """old-prod's newest migration dump (or `dump`) compressed there, fetched here, verified, restored into DB_NAME."""
+    if dump:
+        names.require(dump, "--dump", allow_latest=False)
     local = Path(settings["WORK_DIR"])
     local.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing one (often /tmp) is left as it is
     with Multiplexer() as shared:
@@ -84,9 +65,9 @@ def migrate(settings: Settings, args) -> None:
         listing = [e for e in old.listing() if not names.parse(e.name).nightly]
         if not listing:
             raise Failed(f"no kw_app_production-*.sql[.gz] dump in {old.dir} on old-prod")
-        chosen = next((e for e in listing if e.name == args.dump), None) if args.dump else listing[0]
+        chosen = next((e for e in listing if e.name == dump), None) if dump else listing[0]
         if chosen is None:
-            raise Failed(f"{args.dump} is not in {old.dir} on old-prod", "list-backups --only old-prod")
+            raise Failed(f"{dump} is not in {old.dir} on old-prod", "list-backups --only old-prod")
         log.info("migrating %s from old-prod", chosen.name)
         key = crypto.identity(settings, chosen.name) if names.is_encrypted(chosen.name) else None
         remote, temp_dir = old.remote_path(chosen.name), None
@@ -102,20 +83,21 @@ def migrate(settings: Settings, args) -> None:
             if temp_dir:
                 run(old.command(["rm", "-rf", "--", temp_dir], name="cleanup on old-prod"), check=False, timeout=60)
         try:
-            _verify_and_restore(settings, args, chosen.name, path)
+            _verify_and_restore(settings, chosen.name, path, dry_run=dry_run, yes=yes, keep_dump=keep_dump)
         finally:
             path.unlink(missing_ok=True)
 
 
-def _verify_and_restore(settings: Settings, args, original: str, path: Path) -> None:
+def _verify_and_restore(settings: Settings, original: str, path: Path, *, dry_run: bool, yes: bool,
+                        keep_dump: bool) -> None:
     verified = dumps.verify_file(path)
     log.info("verified the migration dump: %s, %d tables", verified.status, len(verified.tables))
-    if args.dry_run:
+    if dry_run:
         dry("downloaded and verified %s; would upload it to prod and restore it into %s", original,
             settings["DB_NAME"])
         return
-    restore.restore(settings, restore.Source("--from-file", path=str(path), name=path.name), yes=args.yes,
-                    dry_run=False, keep_as=_kept_name(original) if args.keep_dump else None)
+    restore.restore(settings, sources.Source("--from-file", path=str(path), name=path.name), yes=yes,
+                    dry_run=False, keep_as=_kept_name(original) if keep_dump else None)
 
 
 def _kept_name(original: str) -> str:

@@ -42,11 +42,16 @@ INSTALL_HINTS = {
 
 @dataclass
 class Cmd:
-    """One command: its argument list, the name errors use for it, extra environment."""
+    """One command: its argument list, the name errors use for it, extra environment.
+
+    `own_session`: it runs in a session of its own, so that a signal to this process group (a
+    closed terminal's SIGHUP) does not reach it.
+    """
 
     argv: list[str]
     name: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    own_session: bool = False
 
     def __post_init__(self):
         self.argv = [str(a) for a in self.argv]
@@ -115,7 +120,8 @@ def _popen(cmd: Cmd, stdin, stdout, stderr):
         raise Failed(f"{cmd.argv[0]} not found on PATH", hint) from exc
     log.debug("run: %s", cmd.display())
     env = {**os.environ, **cmd.env}
-    return program[cmd.argv[1:]].popen(stdin=stdin, stdout=stdout, stderr=stderr, env=env, close_fds=True)
+    return program[cmd.argv[1:]].popen(stdin=stdin, stdout=stdout, stderr=stderr, env=env, close_fds=True,
+                                       start_new_session=cmd.own_session)
 
 
 def run(cmd: Cmd, input: bytes | None = None, timeout: float | None = None, check: bool = True):

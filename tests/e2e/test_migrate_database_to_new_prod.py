@@ -1,6 +1,7 @@
 """bin/migrate-database-to-new-prod: old-prod's newest dump restored into the new prod's DB_NAME.
 
-old-prod and prod are real sshd places (tests/conftest.py); old-prod is only ever read.
+old-prod is a real sshd place, only ever read; prod the new server before anything is set up there
+(Docker and PostgreSQL only, nothing of kw-backup: tests/conftest.py `remote_prod`).
 """
 
 import glob
@@ -24,9 +25,9 @@ OLDER = "kw_app_production-20231201-090000.sql.gz"  # one table public.t of 1234
 
 
 @pytest.fixture
-def old_prod(net, pg, db):
+def old_prod(remote_prod, pg, db):
     """old-prod's OLD_PROD_DIR under root's home (as ~/...) holding NEWEST and OLDER; DB_NAME is missing on prod."""
-    net.settings.update(DB_HOST=str(pg.sockets), DB_PORT=str(pg.port), DB_USER="postgres")  # not inherited over ssh
+    net = remote_prod
     made = net.run("backup-db")
     assert made.returncode == 0, made.stderr
     real = Path(made.stdout.strip().splitlines()[-1])
@@ -158,8 +159,9 @@ def test_an_encrypted_migration_dump_is_decrypted_on_the_laptop(old_prod, pg, db
 
 
 @pytest.mark.parametrize("hostile", ["../../etc/passwd", f"{NEWEST}; touch /tmp/pwned", f"../sql/{NEWEST}"])
-def test_hostile_dump_names_exit_2_and_run_nothing(net, hostile):
-    net.settings.update(DB_EXEC="docker", OLD_PROD_HOST="old-prod")
+def test_hostile_dump_names_exit_2_and_run_nothing(remote_prod, hostile):
+    net = remote_prod
+    net.settings.update(OLD_PROD_HOST="old-prod")
     result = net.run("migrate-database-to-new-prod", "--dump", hostile, "--yes")
     assert result.returncode == 2, result.stderr
     assert "is not a dump name" in result.stderr

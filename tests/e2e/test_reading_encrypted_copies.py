@@ -1,7 +1,8 @@
 """Restores, drills and fresh setups from encrypted copies (the nas's, an SFTP offsite's, a file), and the wrong key.
 
-The laptop runs the scripts; prod and the nas are real sshd places, the offsite an rclone SFTP
-remote on the loopback sshd, the pi5 local. The key is only ever on the laptop.
+The laptop runs the scripts; prod is a fresh server over ssh (nothing of kw-backup there:
+tests/conftest.py `remote_prod`), the nas a real sshd place, the offsite an rclone SFTP remote on
+the loopback sshd, the pi5 local. The key is only ever on the laptop.
 """
 
 import glob
@@ -21,9 +22,9 @@ def prod_staging() -> set[str]:
 
 
 @pytest.fixture
-def encrypted(net, pg, db, tmp_path):
+def encrypted(remote_prod, pg, db, tmp_path):
     """Last night's dump on prod, the pi5 and, encrypted, on the nas and offsite; then a change a restore undoes."""
-    net.settings.update(DB_HOST=str(pg.sockets), DB_PORT=str(pg.port), DB_USER="postgres")  # prod's own psql
+    net = remote_prod
     net.key, public = world.age_key(tmp_path)
     net.offsite_dir = tmp_path / "offsite"
     net.settings.update(AGE_RECIPIENTS=public, OFFSITE_REMOTE=f"offsite:{net.offsite_dir}",

@@ -1,27 +1,46 @@
-"""bin/restore-production-db: a restore completes and is verified, or DB_NAME is exactly as it was."""
+"""bin/restore-production-db: a restore completes and is verified, or DB_NAME is exactly as it was.
 
+prod is a freshly provisioned server over ssh (tests/conftest.py `remote_prod`: nothing of
+kw-backup on its PATH, the database through the docker stand-in) unless a test says otherwise.
+"""
+
+import gzip
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests import world
-from tests.damage import forge_manifest, rewrite, with_sql_error
+from tests.damage import databases, forge_manifest, rewrite, with_sql_error
+
+
+@pytest.fixture(scope="session")
+def template_dump(pg, tmp_path_factory):
+    """backup-db's dump of the Rails-like template (what every `db` starts as), made once."""
+    base = tmp_path_factory.mktemp("template-dump")
+    env_file = world.write_env(base / "backup.env", {"DB_NAME": "kw_template", "DB_EXEC": "direct",
+                                                     "PROD_HOST": "local", "PROD_DIR": base / "backups"})
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("KW_", "PG", "DB_", "PROD_"))}, **pg.env,
+           "KW_BACKUP_ENV": str(env_file), "KW_BACKUP_SYSLOG": str(base / "no-syslog")}
+    result = world.run_script("backup-db", env=env)
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture
-def dumped(kw, pg, db):
+def dumped(remote_prod, pg, db, template_dump):
     """A real dump of `db` in PROD_DIR, then a change to the data that a restore must undo."""
-    result = kw.run("backup-db")
-    assert result.returncode == 0, result.stderr
-    path = result.stdout.strip().splitlines()[-1]
+    remote_prod.prod_dir.mkdir(mode=0o700, parents=True)
+    for suffix in ("", ".json"):
+        shutil.copy(f"{template_dump}{suffix}", remote_prod.prod_dir / (template_dump.name + suffix))
     pg.psql("DELETE FROM orders WHERE id > 1500; UPDATE users SET name = 'changed'", db)
-    return path
+    return str(remote_prod.prod_dir / template_dump.name)
 
 
 def state(pg, db):
@@ -92,7 +111,8 @@ def test_missing_role_is_named_before_loading(kw, pg, db, dumped):
     assert state(pg, db) == before and not leftovers(pg, db)
 
 
-def test_kill_9_mid_restore_then_a_normal_run_cleans_up(kw, pg, db, big_db):
+def test_kill_9_mid_restore_then_a_normal_run_cleans_up(remote_prod, pg, db, big_db):
+    kw = remote_prod
     kw.settings["DB_NAME"] = big_db
     made = kw.run("backup-db", timeout=300)
     assert made.returncode == 0, made.stderr
@@ -163,8 +183,9 @@ def test_docker_and_kamal_command_lines(kw, pg, db, dumped, mode):
     kw.settings["DB_EXEC"] = mode
     result = kw.run("restore-production-db", "--local", "latest", "--yes", env=kw.env(PGPASSWORD="hunter2-secret"))
     assert result.returncode == 0, result.stderr
-    calls = world.standin_calls(kw.standin_log)
-    assert "hunter2-secret" not in kw.standin_log.read_text()
+    log = kw.fresh_prod.standin_log if mode == "docker" else kw.standin_log  # docker runs on prod, kamal here
+    calls = world.standin_calls(log)
+    assert "hunter2-secret" not in log.read_text()
     loads = [c for c in calls if "--single-transaction" in c]
     assert len(loads) == 1
     psql = ["psql", "-U", "postgres", "--no-password", "-X", "-v", "ON_ERROR_STOP=1", "-d"]
@@ -177,37 +198,33 @@ def test_docker_and_kamal_command_lines(kw, pg, db, dumped, mode):
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
 
 
-def prod_reaches_the_test_server(net, pg):
-    """Commands run on prod over ssh do not inherit the tests' PG* variables: say it in the settings."""
-    net.settings.update(DB_HOST=str(pg.sockets), DB_PORT=str(pg.port), DB_USER="postgres")
-
-
-def test_from_the_nas_over_ssh_streamed_to_prod(net, pg, db, dumped):
-    prod_reaches_the_test_server(net, pg)
+def test_from_the_nas_over_ssh_streamed_to_prod(kw, pg, db, dumped):
     made = os.path.basename(dumped)
-    net.nas_dir.mkdir(mode=0o700)
+    kw.nas_dir.mkdir(mode=0o700)
     for suffix in ("", ".json"):
-        os.link(dumped + suffix, net.nas_dir / (made + suffix))
-    result = net.run("restore-production-db", "--from-nas", "latest", "--yes")
+        os.link(dumped + suffix, kw.nas_dir / (made + suffix))
+    result = kw.run("restore-production-db", "--from-nas", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
 
 
-def test_prod_over_ssh_restores_on_prod(net, pg, db, dumped):
-    prod_reaches_the_test_server(net, pg)
-    result = net.run("restore-production-db", "--local", "latest", "--yes")
+def test_direct_on_prod_without_kw_backup(kw, pg, db, dumped):
+    kw.settings["DB_EXEC"] = "direct"  # prod's own psql (the login's PG* reach the server)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
+    assert "size and sha256 as its manifest says" in result.stderr
 
 
-def test_from_file_over_ssh_to_prod_and_a_named_dump_that_does_not_exist(net, pg, db, dumped, tmp_path):
-    prod_reaches_the_test_server(net, pg)
+def test_from_file_over_ssh_to_prod_and_a_named_dump_that_does_not_exist(kw, pg, db, dumped, tmp_path):
     copy = tmp_path / "mine.sql.gz"
     copy.write_bytes(open(dumped, "rb").read())
-    result = net.run("restore-production-db", "--from-file", str(copy), "--yes")
+    result = kw.run("restore-production-db", "--from-file", str(copy), "--yes")
     assert result.returncode == 0, result.stderr
+    assert "gzip stream and completion line (no manifest)" in result.stderr
+    assert "tables, newest record" in result.stderr
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS and not staging_dirs()
-    missing = net.run("restore-production-db", "--local", "db-2020-01-01.sql.gz", "--yes")
+    missing = kw.run("restore-production-db", "--local", "db-2020-01-01.sql.gz", "--yes")
     assert missing.returncode == 1 and "not on prod" in missing.stderr
 
 
@@ -265,7 +282,8 @@ def test_typing_something_else_declines_with_exit_5(kw, pg, db, dumped):
     assert state(pg, db) == before and not leftovers(pg, db)
 
 
-def test_two_restores_at_once(kw, pg, big_db, tmp_path):
+def test_two_restores_at_once(remote_prod, pg, big_db, tmp_path):
+    kw = remote_prod
     kw.settings["DB_NAME"] = big_db
     assert kw.run("backup-db", timeout=300).returncode == 0
     first = subprocess.Popen([str(world.BIN / "restore-production-db"), "--local", "latest", "--yes",
@@ -298,8 +316,9 @@ def test_a_dump_from_a_newer_pg_dump_is_refused(kw, pg, db, dumped):
     rewrite(dumped, lambda sql: sql.replace(b"-- Dumped by pg_dump version 15", b"-- Dumped by pg_dump version 99", 1))
     before = state(pg, db)
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
-    assert result.returncode == 1 and "pg_dump 99" in result.stderr and "newer than prod's psql 15" in result.stderr
-    assert state(pg, db) == before and not leftovers(pg, db)
+    assert result.returncode == 1, result.stderr
+    assert "made by pg_dump 99.18, newer than prod's server (PostgreSQL 15." in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db) and not staging_dirs()
 
 
 def test_a_missing_extension_is_named_before_loading(kw, pg, db, dumped):
@@ -328,9 +347,219 @@ def test_from_the_pi5_when_it_is_local(kw, pg, db, dumped):
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
 
 
-def test_a_database_left_refusing_connections_by_an_interrupted_swap_is_opened_again(kw, pg, db, dumped):
-    pg.psql(f"ALTER DATABASE {db} ALLOW_CONNECTIONS false")
+ROLES = ['kw app, reader', 'kw "quoted" role', "kw o'brien"]
+
+
+def carried(pg, dbname):
+    """What a restore carries over: per-role and database settings, grants (exploded), owner, connection limit."""
+    return pg.psql(
+        "SELECT coalesce(setrole::regrole::text, '-') || ' ' || setconfig::text FROM pg_db_role_setting s "
+        f"JOIN pg_database d ON d.oid = s.setdatabase WHERE datname = '{dbname}' ORDER BY 1"), pg.psql(
+        "SELECT string_agg(format('%s %s %s', CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, "
+        "a.privilege_type, a.is_grantable), '; ' ORDER BY 1) FROM pg_database d, aclexplode(d.datacl) a "
+        f"WHERE datname = '{dbname}'"), pg.psql(
+        f"SELECT datdba::regrole::text || ' ' || datconnlimit FROM pg_database WHERE datname = '{dbname}'")
+
+
+def test_settings_grants_and_owner_are_carried_over_by_the_server(kw, pg, db, dumped):
+    quoted = ['"' + r.replace('"', '""') + '"' for r in ROLES]
+    pg.psql("; ".join(f"CREATE ROLE {q}" for q in quoted))
+    try:
+        pg.psql(f"ALTER DATABASE {db} SET search_path = app, public;"
+                f"ALTER DATABASE {db} SET statement_timeout = '5min';"
+                f"ALTER ROLE {quoted[0]} IN DATABASE {db} SET work_mem = '8MB';"
+                f"ALTER ROLE {quoted[2]} IN DATABASE {db} SET search_path = \"my schema\", public;"
+                f"REVOKE ALL ON DATABASE {db} FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO {', '.join(quoted)};"
+                f"GRANT CREATE ON DATABASE {db} TO {quoted[1]} WITH GRANT OPTION;"
+                f"ALTER DATABASE {db} OWNER TO {quoted[1]}; ALTER DATABASE {db} CONNECTION LIMIT 40")
+        before = carried(pg, db)
+        assert "search_path=app, public" in before[0] and "kw o'brien" in before[1]
+        result = kw.run("restore-production-db", "--local", "latest", "--yes")
+        assert result.returncode == 0, result.stderr
+        assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
+        assert carried(pg, db) == before
+        assert pg.psql("SHOW search_path", db) == "app, public"  # a list, not the one identifier "app, public"
+        previous = [n for n in pg.psql("SELECT datname FROM pg_database").split() if "_before_restore_" in n]
+        assert len(previous) == 1 and carried(pg, previous[0]) == before
+    finally:
+        for name in databases(pg, db):
+            pg.drop_db(name)
+        pg.psql("; ".join(f"DROP ROLE IF EXISTS {q}" for q in quoted))
+
+
+def test_latest_when_the_only_dump_fails_verification_says_which_and_why(kw, pg, db, dumped):
+    data = open(dumped, "rb").read()
+    open(dumped, "wb").write(data[: len(data) - 200])
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 3, result.stderr
+    assert f"{os.path.basename(dumped)} failed verification: its size {len(data) - 200} differs" in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db)
+
+
+def test_latest_passes_over_a_bad_newest_dump_saying_which_and_why(kw, pg, db, dumped):
+    world.synthetic_dump(kw.prod_dir, "db-2024-01-01.sql.gz", rows=10)
+    open(dumped, "ab").write(b"junk")
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 0, result.stderr
-    assert "did not allow connections" in result.stderr
-    assert pg.psql(f"SELECT datallowconn FROM pg_database WHERE datname = '{db}'") == "t"
+    passed = f"passing over {os.path.basename(dumped)} on prod, newer than db-2024-01-01.sql.gz: its size"
+    assert passed in result.stderr
+    assert pg.row_counts(db) == {"public.t": 10}
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("flip", "sha256 differs from the manifest's"),  # same size, other bytes: the listing cannot tell
+    ("truncate-unverified", "corrupt gzip stream"),  # no manifest: the whole gzip stream is read on prod
+    ("incomplete-unverified", "incomplete dump: pg_dump's completion line is missing"),
+])
+def test_a_bad_dump_is_named_on_prod_with_exit_3_before_anything(kw, pg, db, dumped, damage, says):
+    data = bytearray(open(dumped, "rb").read())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "truncate-unverified":
+        data = data[: len(data) - 200]
+    else:
+        data = gzip.compress(gzip.decompress(bytes(data)).replace(b"-- PostgreSQL database dump complete", b"--"))
+    open(dumped, "wb").write(bytes(data))
+    if damage != "flip":
+        os.unlink(dumped + ".json")
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", os.path.basename(dumped), "--yes")
+    assert result.returncode == 3, result.stderr
+    assert f"{os.path.basename(dumped)}: {says}" in result.stderr, result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db)
+
+
+def test_a_restore_running_from_another_machine_holds_prod_exit_4_changing_nothing(kw, pg, db, dumped):
+    """Another machine's run holds the server's lock and has a half-made database: neither is touched."""
+    half = pg.create_db(f"{db}_restore_20240101000000")
+    holder = subprocess.Popen(["psql", "-X", "-q", "-At", "-d", "postgres"], env={**os.environ, **pg.env},
+                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder.stdin.write(f"SELECT pg_advisory_lock(hashtext('kw-backup restore'), hashtext('{db}')) IS NULL;\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline().strip() == "f"  # pg_advisory_lock returns void: held
+    try:
+        before = state(pg, db)
+        result = kw.run("restore-production-db", "--local", "latest", "--yes")
+        assert result.returncode == 4, result.stderr
+        assert "another restore of" in result.stderr and "is running on prod" in result.stderr
+        assert state(pg, db) == before and leftovers(pg, db) == [half]
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")  # the other run is gone now
+    assert result.returncode == 0, result.stderr
+    assert f"dropping {half}, a half-made database left by an interrupted restore" in result.stderr
+    assert not leftovers(pg, db)
+
+
+def start_restore(kw, *args):
+    """restore-production-db in its own session (a terminal of its own), its stderr lines collected as they come."""
+    proc = subprocess.Popen([str(world.BIN / "restore-production-db"), "--local", "latest", "--yes", *args],
+                            env=kw.env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    proc.lines = []
+    threading.Thread(target=lambda: proc.lines.extend(proc.stderr), daemon=True).start()
+    return proc
+
+
+def wait_for(condition, seconds: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def accepts_connections_within_10s(pg, db) -> None:
+    deadline = time.monotonic() + 10
+    while pg.psql("SELECT 1", db, check=False) != "1":
+        assert time.monotonic() < deadline, f"{db} does not accept connections 10 s after"
+        time.sleep(0.1)
+
+
+def app_calls(kw) -> list[str]:
+    return [c[2] for c in world.standin_calls(kw.standin_log) if c[:2] == ["kamal", "app"]]
+
+
+def stop(proc, how: str) -> None:
+    """kill -9 of everything it started, SIGHUP as a closed terminal sends it (to the group), SIGTERM to the script."""
+    if how == "SIGKILL":
+        os.killpg(proc.pid, signal.SIGKILL)
+    elif how == "SIGHUP":
+        os.killpg(proc.pid, signal.SIGHUP)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.4])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP", "SIGTERM", "dropped link"])
+def test_a_signal_around_the_swap_leaves_db_name_old_or_new_and_open(kw, pg, db, dumped, how, delay):
+    old, new = state(pg, db), (world.RAILS_TABLE_ROWS, None)
+    proc = start_restore(kw, "--stop-app")
+    wait_for(lambda: any(" restored " in line for line in proc.lines), what="the load's end")
+    time.sleep(delay)
+    if how == "dropped link":
+        kw.fresh_prod.drop_sessions()
+    else:
+        stop(proc, how)
+    code = proc.wait(60)
+    accepts_connections_within_10s(pg, db)
+    now = state(pg, db)
+    assert now == old or now[0] == new[0], now
+    if how == "dropped link":
+        assert code in (0, 1), "".join(proc.lines)
+        assert app_calls(kw) == ["stop", "start"], "".join(proc.lines)
+    elif how != "SIGKILL":
+        # Done before the signal came: 0; or, during the interpreter's exit, killed by it (a shell sees 128 + n too).
+        assert code in (0, 128 + signal.Signals[how], -signal.Signals[how]), "".join(proc.lines)
+        assert app_calls(kw) == ["stop", "start"], "".join(proc.lines)
+        assert not leftovers(pg, db) and not staging_dirs()
+
+
+class ServerLock:
+    """A session holding a lock on DB_NAME's catalog entry (as COMMENT takes it), so the swap waits on the server."""
+
+    def __init__(self, pg, db):
+        self.proc = subprocess.Popen(["psql", "-X", "-q", "-At", "-d", "postgres"], env={**os.environ, **pg.env},
+                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc.stdin.write(f"BEGIN; COMMENT ON DATABASE {db} IS 'held'; SELECT 'held';\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        self.proc.stdin.write("ROLLBACK;\n")
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def swap_waiting(pg) -> bool:
+    return pg.psql("SELECT 1 FROM pg_stat_activity WHERE application_name = 'kw-backup swap' "
+                   "AND wait_event_type = 'Lock'") == "1"
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP", "SIGTERM", "dropped link"])
+def test_once_the_server_has_the_swap_it_completes_whatever_happens_to_the_script(kw, pg, db, dumped, how):
+    lock = ServerLock(pg, db)
+    try:
+        proc = start_restore(kw, "--stop-app")
+        wait_for(lambda: swap_waiting(pg), what="the swap waiting on the server")
+        if how == "dropped link":
+            assert kw.fresh_prod.drop_sessions() > 0
+        else:
+            stop(proc, how)
+        time.sleep(0.5)
+    finally:
+        lock.release()
+    code = proc.wait(60)
+    accepts_connections_within_10s(pg, db)
+    wait_for(lambda: not swap_waiting(pg), 10, "the swap to end")
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS  # the server completed it
+    assert pg.psql("SELECT count(*) FROM users WHERE name = 'changed'", db) == "0"
+    if how == "dropped link":
+        assert code == 0, "".join(proc.lines)
+        assert "the server completed the swap" in "".join(proc.lines)
+    elif how != "SIGKILL":
+        assert code == 128 + signal.Signals[how], "".join(proc.lines)
+    if how != "SIGKILL":
+        assert app_calls(kw) == ["stop", "start"], "".join(proc.lines)
+        assert not leftovers(pg, db) and not staging_dirs()

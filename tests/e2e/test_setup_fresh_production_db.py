@@ -1,6 +1,7 @@
 """bin/setup-fresh-production-db: a backup restored into an empty server's DB_NAME, nothing left behind.
 
-The laptop runs the script; prod and the nas are real sshd places, the pi5 is local (tests/conftest.py).
+The laptop runs the script; prod is a freshly provisioned server over ssh (Docker and PostgreSQL only,
+nothing of kw-backup: tests/conftest.py `remote_prod`), the nas a real sshd place, the pi5 local.
 """
 
 import glob
@@ -8,6 +9,8 @@ import gzip
 import os
 import pwd
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -20,15 +23,10 @@ USER = pwd.getpwuid(os.geteuid()).pw_name
 OLDER, NEWER = "db-2024-01-01.sql.gz", "db-2099-01-01.sql.gz"  # around the real dump, made today
 
 
-def prod_reaches_the_test_server(net, pg):
-    """Commands run on prod over ssh do not inherit the tests' PG* variables: say it in the settings."""
-    net.settings.update(DB_HOST=str(pg.sockets), DB_PORT=str(pg.port), DB_USER="postgres")
-
-
 @pytest.fixture
-def laptop(net, pg):
+def laptop(remote_prod):
     """The laptop: prod and the nas over ssh, a private TMPDIR, and prod's /tmp as it was before the run."""
-    prod_reaches_the_test_server(net, pg)
+    net = remote_prod
     net.before = staging_dirs()
     net.laptop_tmp = tempfile.mkdtemp(prefix="kwt-")  # short: ssh control sockets live in it
     yield net
@@ -231,4 +229,25 @@ def test_a_failure_leaves_nothing_behind(fresh, pg, db, damage, status, says):
     assert result.returncode == status, result.stderr
     assert says in result.stderr
     assert databases(pg, db) == [db]
+    assert_nothing_left(fresh)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
+def test_a_signal_mid_restore_cleans_up_and_exits_128_plus_n(fresh, pg, db, signum):
+    place_real_dump(fresh, fresh.nas_dir)
+    proc = subprocess.Popen([str(world.BIN / "setup-fresh-production-db"), "--yes"],
+                            env=fresh.env(TMPDIR=fresh.laptop_tmp), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if " restoring into " in line:
+            os.killpg(proc.pid, signum)  # a closed terminal: the whole group
+            break
+    lines.extend(proc.stderr)
+    code = proc.wait(60)
+    restored = f"{db}_fresh" in databases(pg, db)
+    assert code in (128 + signum, -signum) or (code == 0 and restored), "".join(lines)
+    assert not restored or pg.row_counts(f"{db}_fresh") == fresh.expected  # nothing half-made under DB_NAME
+    assert not [n for n in databases(pg, db) if "_restore_" in n]
     assert_nothing_left(fresh)

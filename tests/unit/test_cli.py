@@ -40,3 +40,30 @@ def test_a_stop_signal_runs_the_cleanup_and_exits_128_plus_the_signal(tmp_path, 
     assert marker.read_text() == "cleaned"
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and signal.Signals(signum).name in errors[0]
+
+
+SHIELDED = """
+import sys, time
+sys.path.insert(0, {lib!r})
+from kwbackup import cli
+
+def body():
+    with cli.shielded():
+        print("ready", flush=True)
+        time.sleep(0.5)  # starting the app again: a signal now must not cut it short
+        open({marker!r}, "w").write("started")
+    time.sleep(30)
+
+sys.exit(cli.guard(body))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
+def test_a_signal_during_a_shielded_step_takes_effect_after_it(tmp_path, signum):
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", SHIELDED.format(lib=str(ROOT / "lib"), marker=str(marker))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signum)
+    proc.communicate(timeout=30)
+    assert marker.read_text() == "started" and proc.returncode == 128 + signum
