@@ -500,3 +500,15 @@ class Recorder:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class Tmpfs:
+    """A small filesystem of its own at `path` (a full or nearly full disk); unmounted by close()."""
+
+    def __init__(self, path: Path, size: str, mode: str = "0700"):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs", str(self.path)], check=True)
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)

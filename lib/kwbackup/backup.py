@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import dumps, files, names, retention
+from . import dumps, files, names, retention, space
 from .database import Database
 from .errors import Failed, VerificationError
 from .log import Progress, dry, log, size
@@ -129,4 +129,9 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
                  name, size(manifest.bytes), rows, len(manifest.tables), seconds)
         monitor.record(dump=name, bytes=manifest.bytes)
         removed = retention.rotate_local(directory, keep, clock, calendar=prod.calendar)
+        free = space.free_local(directory)
+        monitor.record_free(prod.name, free)
+        if warning := space.low(settings, prod.name, free, manifest.bytes):
+            log.warning("%s", warning)
+            monitor.warn(warning)
         return DumpResult(directory / name, manifest, seconds, removed)

@@ -3,7 +3,8 @@
 Statuses come from the listing alone: `verified` (a valid manifest whose size and name match),
 `unverified` (no manifest), `SIZE MISMATCH` (a manifest that does not match, or is not valid),
 and `FUTURE` for a name dated ahead of this machine's clock. A place whose newest usable dump is
-older than MAX_DUMP_AGE_HOURS is `stale`. `--tables` lays the manifests' row counts side by side.
+older than MAX_DUMP_AGE_HOURS is `stale`; each reachable place's block ends with its free space.
+`--tables` lays the manifests' row counts side by side.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PlaceListing:
     clock: names.Clock
     error: str | None = None
     stale: str | None = None  # "newest dump is 3 days old"
+    free: int | None = None  # bytes free in its DIR's filesystem; None: unknown
 
 
 def places_to_list(settings: Settings, only: list[str] | None) -> list[Place | Offsite]:
@@ -51,9 +53,11 @@ def gather(places: list[Place | Offsite], settings: Settings) -> list[PlaceListi
 
     def one(target: Place | Offsite) -> PlaceListing:
         try:
-            found = PlaceListing(target, target.listing(timeout=30), clock)
+            entries = target.listing(timeout=30)
         except KwError as exc:
             return PlaceListing(target, [], clock, exc.message.split("unreachable: ", 1)[-1])
+        free = target.free(timeout=30) if isinstance(target, Offsite) else entries.free
+        found = PlaceListing(target, entries, clock, free=free)
         usable = [e for e in found.entries if status(e, clock) in ("verified", "unverified")]
         if target.name != "old-prod" and usable and clock.age_hours(usable[0].name) > limit:
             age = humanize.naturaldelta(timedelta(hours=clock.age_hours(usable[0].name)))
@@ -93,6 +97,8 @@ def as_text(listings: list[PlaceListing]) -> str:
                          f"{e.created_at:%Y-%m-%d %H:%M}  {status(e, listing.clock)}{pinned}")
         if listing.stale:
             lines.append(f"  stale: {listing.stale}")
+        if not listing.error:
+            lines.append(f"  free: {short_size(listing.free) if listing.free is not None else 'unknown'}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

@@ -79,6 +79,7 @@ class Monitor:
         self.place = place
         self.rid = str(uuid.uuid4())
         self.fields: dict = {}
+        self.free: dict[str, int] = {}  # place -> free bytes after the run
         self.warnings: list[str] = []
         self.tail = _Tail()
 
@@ -93,6 +94,10 @@ class Monitor:
     def record(self, **fields) -> None:
         """dump, bytes, and durations (pull_seconds, push_seconds, offsite_seconds) for metrics and history."""
         self.fields.update({k: v for k, v in fields.items() if v is not None})
+
+    def record_free(self, place: str, free: int) -> None:
+        """A place's free space after the run: the metric backup.free_bytes, tagged with that place."""
+        self.free[place] = free
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -156,7 +161,10 @@ class Monitor:
                            ("backup.pi5_to_offsite.duration", "offsite_seconds")):
             if self.fields.get(field):
                 values[leg] = round(self.fields[field], 3)
-        body = json.dumps([{"name": n, "metricType": "gauge", "value": v, "tags": tags} for n, v in values.items()])
+        metrics = [{"name": n, "metricType": "gauge", "value": v, "tags": tags} for n, v in values.items()]
+        metrics += [{"name": "backup.free_bytes", "metricType": "gauge", "value": free,
+                     "tags": {"place": place, "script": self.script}} for place, free in self.free.items()]
+        body = json.dumps(metrics)
         url = f"{self.settings['APPSIGNAL_ENDPOINT'].rstrip('/')}/metrics/json?" \
               f"{urllib.parse.urlencode({'api_key': key})}"
         self._post("AppSignal metrics", url, body.encode(), "application/json")

@@ -125,6 +125,16 @@ class Offsite:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
+    def free(self, timeout: float = 60) -> int | None:
+        """The remote's free space (rclone about); None where the backend does not say (S3, for one)."""
+        code, out, _ = run(self.rclone("about", "--json", self.path(), name="offsite about"), check=False,
+                           timeout=timeout)
+        try:
+            free = json.loads(out).get("free") if code == 0 else None
+        except ValueError:
+            return None
+        return free if isinstance(free, int) else None
+
     def read(self, name: str) -> Cmd:
         return self.rclone("cat", self.path(name), name="read from offsite")
 

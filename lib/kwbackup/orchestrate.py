@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import crypto, destinations, dumps, files, names, pins, retention
+from . import crypto, destinations, dumps, files, names, pins, retention, space
 from .destinations import NasDestination, Parcel
 from .errors import Failed, KwError, UsageError, VerificationError
 from .log import dry, log, size
@@ -135,6 +135,7 @@ def _run(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release_
         for removed in retention.rotate_local(directory, pi5.keep, this.clock, calendar=pi5.calendar,
                                               held=this.in_question):
             this.summary.removed.append(f"pi5:{removed}")
+        _check_space(this, directory, nas)
     this.summary.pinned = sorted(retention.pinned_in(directory))
     if this.summary.pinned:
         log.info("pinned (kept beyond KEEP until --release-pins): %s", ", ".join(this.summary.pinned))
@@ -353,6 +354,20 @@ def _conflicts(this: Run, where: str, conflicting: list[str]) -> None:
         this.problems.append(VerificationError(
             f"the {where} already holds {name} with other bytes than the pi5's verified copy: not replacing it",
             "compare the copies by hand; the existing one is as it was"))
+
+
+# --- free space ---------------------------------------------------------------------------------
+def _check_space(this: Run, directory: Path, nas: Place) -> None:
+    """After the push and rotation: warn when the pi5 or the nas has room for fewer than MIN_FREE_DUMPS dumps."""
+    here = _verified_here(this, directory)
+    newest = here[0].size if here else None
+    for name, free in (("pi5", space.free_local(directory)), ("nas", space.free_at(nas))):
+        if free is None:
+            this.warn(f"could not tell the free space on the {name}")
+            continue
+        this.monitor.record_free(name, free)
+        if warning := space.low(this.settings, name, free, newest):
+            this.warn(warning)
 
 
 # --- freshness ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAl
                "-o", "ServerAliveCountMax=3"]
 
 # Lists dump files with size and mtime, manifests of at most $2 bytes with their JSON on one line
-# (a larger one is only named: it is invalid, and never read), and pins.
+# (a larger one is only named: it is invalid, and never read), pins, and the free space (df).
 LIST_SCRIPT = r"""
 cd -- "$1" 2>/dev/null || { echo NODIR; exit 0; }
 for f in db-* kw_app_production-*; do
@@ -44,6 +44,7 @@ for f in db-* kw_app_production-*; do
     *) printf 'F\t%s\t%s\t%s\n' "$f" "$(wc -c < "$f" | tr -d ' ')" "$(date -r "$f" +%s 2>/dev/null || echo 0)" ;;
   esac
 done
+printf 'D\t%s\n' "$(df -Pk . 2>/dev/null | tail -n 1)"
 """
 
 
@@ -52,6 +53,12 @@ def ssh_base(ssh_config: str | None, control_dir: str | None = None) -> list[str
     if control_dir:
         argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir}/%C", "-o", "ControlPersist=120"]
     return argv
+
+
+class Listing(list):
+    """A place's dumps, newest first, and the free space of its DIR's filesystem (None: unknown)."""
+
+    free: int | None = None
 
 
 @dataclass
@@ -148,8 +155,9 @@ class Place:
         path = str(self.local_dir() / name) if self.is_local else self.remote_path(name)
         return run(self.command(["test", "-f", path], name="test"), check=False, timeout=60)[0] == 0
 
-    def listing(self, timeout: float = 60) -> list[Entry]:
-        """The dumps in DIR (newest first) with sizes and manifests; Failed when unreachable."""
+    def listing(self, timeout: float = 60) -> Listing:
+        """The dumps in DIR (newest first) with sizes, manifests and pins, and its free space; Failed when
+        unreachable."""
         if self.is_local:
             return local_listing(self.local_dir())
         try:
@@ -171,9 +179,9 @@ def _dump_of(file_name: str, suffix: str) -> str | None:
     return None
 
 
-def local_listing(directory: Path) -> list[Entry]:
+def local_listing(directory: Path) -> Listing:
     if not directory.is_dir():
-        return []
+        return Listing()
     found, manifests, pins = {}, {}, set()
     for entry in os.scandir(directory):
         if not entry.is_file(follow_symlinks=False):
@@ -186,11 +194,14 @@ def local_listing(directory: Path) -> list[Entry]:
             manifests[dump] = {} if too_big else manifest_or_none(Path(entry.path).read_bytes())
         elif dump := _dump_of(entry.name, names.PIN_SUFFIX):
             pins.add(dump)
-    return combine_listing(found, manifests, pins)
+    listing = combine_listing(found, manifests, pins)
+    stat = os.statvfs(directory)
+    listing.free = stat.f_bavail * stat.f_frsize
+    return listing
 
 
-def _parse_listing(text: str) -> list[Entry]:
-    found, manifests, pins = {}, {}, set()
+def _parse_listing(text: str) -> Listing:
+    found, manifests, pins, free = {}, {}, set(), None
     for line in text.splitlines():
         parts = line.split("\t", 2)
         if parts[0] == "F" and len(parts) == 3:
@@ -203,7 +214,12 @@ def _parse_listing(text: str) -> list[Entry]:
             manifests[dump] = {}  # over the size limit: not valid, and not read
         elif parts[0] == "P" and len(parts) == 2 and (dump := _dump_of(parts[1], names.PIN_SUFFIX)):
             pins.add(dump)
-    return combine_listing(found, manifests, pins)
+        elif parts[0] == "D" and len(parts) == 2:
+            df = parts[1].split()
+            free = int(df[3]) * 1024 if len(df) >= 4 and df[3].isdigit() else None
+    listing = combine_listing(found, manifests, pins)
+    listing.free = free
+    return listing
 
 
 def manifest_or_none(data: bytes) -> dict:
@@ -216,12 +232,12 @@ def manifest_or_none(data: bytes) -> dict:
 
 
 def combine_listing(found: dict[str, Entry], manifests: dict[str, dict | None], pins: set[str] = frozenset()
-                    ) -> list[Entry]:
+                    ) -> Listing:
     for name, entry in found.items():
         entry.manifest = manifests.get(name)
         entry.pinned = name in pins
     order = {d.name: i for i, d in enumerate(names.dumps_in(found))}
-    return sorted(found.values(), key=lambda e: order[e.name])
+    return Listing(sorted(found.values(), key=lambda e: order[e.name]))
 
 
 def place(settings: Settings, name: str) -> Place:
