@@ -38,7 +38,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from . import dumps, names
+from . import catalog, dumps, names
 from .download import fetch_dump, local_dump, work_dir
 from .errors import Failed, KwError, UsageError, VerificationError
 from .log import add_secrets, log, size
@@ -460,11 +460,8 @@ def _load(scratch: Scratch, dbname: str, path: Path) -> None:
 
 def _compare(params: dict, dbname: str, verified: dumps.Verified, settings: Settings, report: dict) -> None:
     with _connect(params, dbname) as conn:
-        tables = conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON "
-                              "n.oid = c.relnamespace WHERE c.relkind = 'r' AND n.nspname NOT IN "
-                              "('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'").fetchall()
-        counts = {f"{s}.{t}": conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(s, t)))
-                  .fetchone()[0] for s, t in tables}
+        tables = conn.execute(catalog.TABLES).fetchall()  # the restores' table list; names quoted by the server
+        counts = {f"{s}.{t}": conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()[0] for s, t, quoted in tables}
         report.update(tables=len(counts), rows=sum(counts.values()))
         expected = verified.manifest.tables if verified.manifest else verified.tables
         wrong = [f"{k} ({counts.get(k)} rows, dump has {v})" for k, v in sorted(expected.items())

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from tests import world
 from tests.damage import content, databases, forge_manifest, with_sql_error
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
-OLDER, NEWER = "db-2024-01-01.sql.gz", "db-2099-01-01.sql.gz"  # around the real dump, made today
+# Around the real dump, made today (db-<today>.sql.gz): NEWER sorts after it and is not future-dated.
+OLDER, NEWER = "db-2024-01-01.sql.gz", datetime.now(UTC).strftime("db-%Y-%m-%d-000001.sql.gz")
 
 
 @pytest.fixture
