@@ -22,7 +22,7 @@ from .settings import Settings
 
 DECRYPT_STAGE = "age decrypt"
 ENCRYPT_STAGE = "age encrypt"
-IDENTITY_HINT = "see README, Encryption: bw get ... into a 0600 file, removed afterwards"
+IDENTITY_HINT = "see docs/install.md, Encryption: bw get ... into a 0600 file, removed afterwards"
 
 
 def recipients(settings: Settings) -> list[str]:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2]
-SHIPPED = ["bin", "lib", "cron", "requirements.txt", ".env.example", "Makefile", "README.md"]
+SHIPPED = ["bin", "lib", "cron", "docs", "requirements.txt", ".env.example", "Makefile", "README.md"]
 SCRIPTS = ["backup-db", "backup-orchestrator", "list-backups", "pull-prod-backups", "restore-production-db",
            "setup-fresh-production-db", "migrate-database-to-new-prod", "backup-drill", "verify-backup",
            "backup-report"]

@@ -1,4 +1,4 @@
-"""README runbook C (the Pi and the nas lost together), run as written, from the encrypted offsite copy alone."""
+"""Runbook C of docs/runbooks.md (the Pi and the nas lost together), run as written, from the offsite copy alone."""
 
 import json
 import os
@@ -12,10 +12,10 @@ ITEM = "kw-backup age identity"
 
 
 def runbook_c() -> str:
-    """The shell block after README's runbook-C marker, exactly as an operator would paste it."""
-    readme = (world.ROOT / "README.md").read_text()
-    block = re.search(r"<!-- runbook-C:.*?-->\n```sh\n(.*?)```", readme, re.S)
-    assert block, "README lost its runbook C block"
+    """The shell block after docs/runbooks.md's runbook-C marker, exactly as an operator would paste it."""
+    runbooks = (world.ROOT / "docs" / "runbooks.md").read_text()
+    block = re.search(r"<!-- runbook-C:.*?-->\n```sh\n(.*?)```", runbooks, re.S)
+    assert block, "docs/runbooks.md lost its runbook C block"
     return block.group(1)
 
 
