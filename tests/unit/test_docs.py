@@ -94,3 +94,10 @@ def test_nothing_points_outside_the_repository():
         if re.search(r"\.\./shared|CONTRACT\.md|ARCHITECTURE\.md", text):
             offenders.append(name)
     assert not offenders, f"files that point outside the repository: {offenders}"
+
+
+def test_every_module_is_in_the_design_module_map():
+    design = (ROOT / "docs" / "design.md").read_text()
+    table = design.split("## The module map\n", 1)[1].split("\n## ", 1)[0]
+    modules = [p.name for p in (ROOT / "lib" / "kwbackup").glob("*.py") if p.name != "__init__.py"]
+    assert not [m for m in modules if f"`{m}`" not in table], "docs/design.md's module map lacks modules"
