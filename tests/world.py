@@ -14,6 +14,8 @@ Every later test builds on these pieces:
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import pwd
@@ -85,6 +87,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def staging_leftovers(pattern: str = "kw-restore.*") -> set[str]:
+    """Restore staging directories in /tmp that no live run holds (their .lock is free, or there is none):
+    what a run left behind. Another test's or suite's run in progress holds its lock, so it never counts."""
+    left = set()
+    for path in glob.glob(f"/tmp/{pattern}"):
+        try:
+            fd = os.open(f"{path}/.lock", os.O_RDONLY)
+        except FileNotFoundError:
+            left.add(path)
+            continue
+        except OSError:
+            continue  # removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            left.add(path)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+    return left
 
 
 def service_user() -> str | None:

@@ -68,12 +68,14 @@ if [ -e "$2/$3" ]; then rm -f -- "$tmp"; echo "$2/$3 exists already" >&2; exit 1
 mv -- "$tmp" "$2/$3"
 """
 # A staging directory is in use while its .lock is held (by the run that made it): only the
-# ones of dead runs go.
+# ones of dead runs go. One without a .lock yet is another run's, between its mktemp and its
+# lock (a restore of another database on the same server), unless it is an hour old.
 CLEAN_STAGING_SCRIPT = r"""
 for d in /tmp/kw-restore.*; do
-  if [ -d "$d" ] && [ "$(stat -c %u -- "$d")" = "$(id -u)" ] && flock -n "$d/.lock" true 2>/dev/null; then
-    rm -rf -- "$d" && echo "$d"
-  fi
+  [ -d "$d" ] && [ "$(stat -c %u -- "$d")" = "$(id -u)" ] || continue
+  if [ -e "$d/.lock" ]; then flock -n "$d/.lock" true 2>/dev/null || continue
+  elif [ -z "$(find "$d" -maxdepth 0 -mmin +60)" ]; then continue; fi
+  rm -rf -- "$d" && echo "$d"
 done
 """
 # $1: the staging directory's lock; holds it for as long as its stdin is open.
@@ -115,6 +117,8 @@ def restore_lock(db: Database, name: str):
 
 
 def _release(holder) -> None:
+    if holder is None:  # the lock was never taken
+        return
     if isinstance(holder, int):
         os.close(holder)
         return

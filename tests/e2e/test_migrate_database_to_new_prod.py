@@ -48,7 +48,7 @@ def old_prod(remote_prod, pg, db):
 
 def temp_dirs() -> set[str]:
     """Staging on old-prod and prod (this machine's /tmp, shared with other runs: compared before and after)."""
-    return set(glob.glob("/tmp/kw-migrate.*") + glob.glob("/tmp/kw-restore.*"))
+    return set(glob.glob("/tmp/kw-migrate.*")) | world.staging_leftovers()
 
 
 def snapshot(directory: Path) -> dict:

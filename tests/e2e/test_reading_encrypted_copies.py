@@ -18,7 +18,7 @@ from tests.damage import content, databases
 
 
 def prod_staging() -> set[str]:
-    return set(glob.glob("/tmp/kw-restore.*"))
+    return world.staging_leftovers()
 
 
 @pytest.fixture

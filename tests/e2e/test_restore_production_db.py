@@ -53,7 +53,7 @@ def leftovers(pg, db):
 
 
 def staging_dirs():
-    return [n for n in os.listdir("/tmp") if n.startswith("kw-restore.")]
+    return sorted(world.staging_leftovers())
 
 
 def test_restores_the_dump_and_keeps_the_old_database(kw, pg, db, dumped):
@@ -131,6 +131,21 @@ def test_kill_9_mid_restore_then_a_normal_run_cleans_up(remote_prod, pg, db, big
     assert result.returncode == 0, result.stderr
     assert "half-made database left by an interrupted restore" in result.stderr
     assert pg.row_counts(big_db) == before and not leftovers(pg, big_db) and not staging_dirs()
+
+
+def test_the_cleanup_spares_a_staging_directory_another_run_has_just_made(kw, pg, db, dumped):
+    """Between its mktemp and its lock a directory has no .lock yet: a restore of another database on the
+    same server may be there. Only an hour later is such a directory a dead run's."""
+    young = Path(tempfile.mkdtemp(prefix="kw-restore.", dir="/tmp"))
+    old = Path(tempfile.mkdtemp(prefix="kw-restore.", dir="/tmp"))
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    try:
+        result = kw.run("restore-production-db", "--local", "latest", "--yes")
+        assert result.returncode == 0, result.stderr
+        assert young.is_dir() and not old.exists()
+    finally:
+        shutil.rmtree(young, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def test_the_apps_sessions_are_ended_at_swap_time(kw, pg, db, dumped):

@@ -4,7 +4,6 @@ The laptop runs the script; prod is a freshly provisioned server over ssh (Docke
 nothing of kw-backup: tests/conftest.py `remote_prod`), the nas a real sshd place, the pi5 local.
 """
 
-import glob
 import gzip
 import os
 import pwd
@@ -54,7 +53,7 @@ def place_real_dump(net, directory: Path) -> None:
 
 def staging_dirs() -> set[str]:
     """prod's /tmp (this machine's, shared with other runs: compared before and after)."""
-    return set(glob.glob("/tmp/kw-restore.*"))
+    return world.staging_leftovers()
 
 
 def run(net, *args):
