@@ -1,6 +1,8 @@
 # kw-backup: `make test` sets everything up and runs the suite; see README.md.
 PYTHON ?= python3
 VENV := .venv
+# make test's pytest-xdist workers: the tests mostly wait on sshd and PostgreSQL, so 2 suit 2 cores.
+TEST_JOBS ?= 2
 STAMP := $(VENV)/.installed-requirements
 # Every shell script in the tree, found by its shebang, for shellcheck.
 SHELL_FILES = $(shell grep -rlIE '^\#!(/usr/bin/env |/bin/)(ba|da)?sh' --exclude-dir=.venv --exclude-dir=.git \
@@ -26,7 +28,7 @@ system-packages-%:
 	@sh tools/system-packages $*
 
 test: system-packages-test lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_JOBS) --dist loadgroup
 
 # The fast loop: tests/unit only, no root needed.
 test-unit: system-packages-unit venv

@@ -14,6 +14,16 @@ import pytest
 
 from tests import world
 
+# Files whose tests make /tmp names no lock tells apart (kw-migrate.*, kw-backup-install.*) and check
+# that none is left: under pytest-xdist (make test) each of them runs whole in one worker.
+ONE_WORKER = {"test_migrate_database_to_new_prod.py", "test_install.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
 
 @pytest.fixture(scope="session")
 def pg():

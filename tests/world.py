@@ -89,13 +89,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def staging_leftovers(pattern: str = "kw-restore.*") -> set[str]:
-    """Restore staging directories in /tmp that no live run holds (their .lock is free, or there is none):
-    what a run left behind. Another test's or suite's run in progress holds its lock, so it never counts."""
+def staging_leftovers(pattern: str = "kw-restore.*", lock: str = ".lock") -> set[str]:
+    """Run directories in /tmp that no live run holds (restores lock their `.lock`, drills the directory
+    itself: lock=""): what a run left behind. Another test's or suite's run in progress holds its lock,
+    so it never counts."""
     left = set()
     for path in glob.glob(f"/tmp/{pattern}"):
         try:
-            fd = os.open(f"{path}/.lock", os.O_RDONLY)
+            fd = os.open(os.path.join(path, lock), os.O_RDONLY)
         except FileNotFoundError:
             left.add(path)
             continue
@@ -121,7 +122,9 @@ def service_user() -> str | None:
             return name
         except KeyError:
             continue
-    subprocess.run(["useradd", "--system", "--no-create-home", "kwtest"], check=True)
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "kwtest"])
+    if made.returncode not in (0, 9):  # 9: another test worker made it meanwhile
+        raise RuntimeError(f"useradd kwtest failed with exit {made.returncode}")
     return "kwtest"
 
 

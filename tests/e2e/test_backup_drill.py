@@ -2,7 +2,6 @@
 happens (a failure, a signal, kill -9: then by the next drill), refuses a dump newer than its server, and
 reports a scratch server it cannot use in one line."""
 
-import glob
 import json
 import os
 import pwd
@@ -24,7 +23,8 @@ from tests.damage import forge_manifest, rewrite, with_sql_error
 
 
 def clusters():
-    return glob.glob("/tmp/kw-drill-run-*")
+    """Drill run directories no live drill holds (another test's or suite's drill is not a leftover)."""
+    return sorted(world.staging_leftovers("kw-drill-run-*", lock=""))
 
 
 def throwaways(pg):
