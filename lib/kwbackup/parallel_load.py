@@ -85,8 +85,11 @@ class LoadFailed(Exception):
 # --- the stream ---------------------------------------------------------------------------------
 
 def chunks_of(fd):
+    """The stream in whole 1 MiB pieces (a pipe gives what is there, often 64 KiB: each piece costs
+    the sessions' queues a lock and a wake-up)."""
+    reader = open(fd, "rb", buffering=CHUNK, closefd=False)
     while True:
-        chunk = os.read(fd, CHUNK)
+        chunk = reader.read(CHUNK)
         if not chunk:
             return
         yield chunk
@@ -94,39 +97,35 @@ def chunks_of(fd):
 
 def events(chunks):
     """("line", bytes) for each line outside COPY data (with its newline), ("copy", header line),
-    ("data", bytes) for the COPY data in large pieces, its `\\.` line last, then ("end", None);
-    at the end ("eof", None), or ("eof", header) when the stream stops inside a COPY."""
+    ("data", memoryview) for the COPY data in the stream's own pieces (never copied), its `\\.` line
+    last, then ("end", None); at the end ("eof", None), or ("eof", header) when the stream stops
+    inside a COPY."""
     buf = b""
     copying = None
-    at_line_start = True
+    last = b""  # the COPY data's latest bytes already passed on: a terminator may begin there
     for chunk in chunks:
         buf = buf + chunk if buf else chunk
+        view = memoryview(buf)
         pos = 0
         size = len(buf)
         while pos < size:
             if copying is not None:
-                if at_line_start:
-                    if size - pos < 3:
-                        break
-                    if buf[pos:pos + 3] == b"\\.\n":
-                        yield "data", buf[pos:pos + 3]
-                        yield "end", None
-                        pos += 3
-                        copying = None
-                        continue
-                found = buf.find(b"\n\\.\n", pos)
-                if found >= 0:
-                    yield "data", buf[pos:found + 4]
+                probe = last + buf[pos:pos + 3]
+                i = probe.find(b"\n\\.\n")
+                if 0 <= i < len(last) < i + 4:  # begun in what was passed on
+                    found_end = pos + i + 4 - len(last)
+                else:
+                    found = buf.find(b"\n\\.\n", pos)
+                    found_end = found + 4 if found >= 0 else -1
+                if found_end >= 0:
+                    yield "data", view[pos:found_end]
                     yield "end", None
-                    pos = found + 4
+                    pos = found_end
                     copying = None
-                    at_line_start = True
                     continue
-                safe = size - 3
-                if safe > pos:
-                    yield "data", buf[pos:safe]
-                    at_line_start = buf[safe - 1] == 10
-                    pos = safe
+                yield "data", view[pos:]
+                last = (last + buf[max(pos, size - 3):])[-3:]
+                pos = size
                 break
             newline = buf.find(b"\n", pos)
             if newline < 0:
@@ -135,11 +134,11 @@ def events(chunks):
             pos = newline + 1
             if line.startswith(b"COPY ") and COPY_RE.match(line.rstrip(b"\n")):
                 copying = line
-                at_line_start = True
+                last = b"\n"
                 yield "copy", line
             else:
                 yield "line", line
-        buf = buf[pos:]
+        buf = buf[pos:] if pos < size else b""
     if copying is not None:
         yield "eof", copying
         return

@@ -57,7 +57,7 @@ def rows_in(sql: bytes) -> dict[str, int]:
         if kind == "copy":
             table, rows = dumps.table_key(dumps.COPY_HEADER_RE.fullmatch(value.decode().strip())["table"]), 0
         elif kind == "data":
-            rows += value.count(b"\n")
+            rows += bytes(value).count(b"\n")
         elif kind == "end":
             counts[table] = counts.get(table, 0) + rows - 1
     return counts
@@ -204,7 +204,7 @@ def test_the_stream_splitter_keeps_every_byte_at_any_chunking(pagila_sql):
                 copies += 1
                 seen.append(value)
             elif kind == "data":
-                data += value
+                data += bytes(value)
                 seen.append(value)
             elif kind == "end":
                 assert data == b"\\.\n" or data.endswith(b"\n\\.\n")
