@@ -197,6 +197,8 @@ class Loader:
         self.spool_dir = spool_dir or tempfile.gettempdir()
         self.spool_left = None
         self.next_id = 0
+        self.buffered = 0  # bytes queued in memory for all sessions
+        self.memory_cap = _memory_cap()
 
     # sessions
     def start(self):
@@ -305,17 +307,21 @@ class Session:
         """Queue bytes for this session; past its memory share, into its spool file when another session
         idles (the stream goes on), else wait."""
         cond = self.loader.cond
+        loader = self.loader
         with cond:
             while self.queued > MEMORY_PER_SESSION:
-                self.loader.check()
-                if self.loader.may_spool(self, len(data)):
+                loader.check()
+                if loader.may_spool(self, len(data)):
+                    if loader.buffered + len(data) <= loader.memory_cap:
+                        break  # held in memory: no copies at all
                     self._spool(data)
                     cond.notify_all()
                     return
                 cond.wait(1)
-            self.loader.check()
+            loader.check()
             self.queue.append(data)
             self.queued += len(data)
+            loader.buffered += len(data)
             cond.notify_all()
 
     def _spool(self, data):
@@ -358,6 +364,7 @@ class Session:
                     _write_all(fd, item)
                     with cond:
                         self.queued -= len(item)
+                        self.loader.buffered -= len(item)
                         cond.notify_all()
         except OSError:
             pass  # psql went away: read() reports its exit
@@ -417,6 +424,17 @@ class Session:
             self.proc.kill()
         except OSError:
             pass
+
+
+def _memory_cap():
+    """How much of the stream may wait in memory for lagging sessions: a quarter of the memory
+    available, at most 1 GiB (beyond, a spool file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available = 0
+    return min(1 << 30, available // 4)
 
 
 def _large_pipe(fd):
@@ -832,7 +850,7 @@ def load(argv, jobs, dump=None, stdin_fd=0):
             source.kill()
         raise
     note(f"loaded with {jobs} sessions in {time.monotonic() - started:.1f}s: {plan.copies} tables' data"
-         + (f", {plan.spooled >> 20} MiB spooled" if plan.spooled else "")
+         + (f", {plan.spooled >> 20} MiB spooled to disk" if plan.spooled else "")
          + (f" (in one session: {plan.serial})" if plan.serial else ""))
     return 0
 
