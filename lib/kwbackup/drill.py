@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from . import catalog, dumps, names
+from . import catalog, dumps, names, parallel_load
 from .download import fetch_dump, local_dump, work_dir
 from .errors import Failed, KwError, UsageError, VerificationError
 from .log import add_secrets, log, size
@@ -416,7 +417,7 @@ def _restore_and_check(scratch: Scratch, path: Path, needs: dict, made_by: tuple
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(throwaway)))
     try:
         log.info("restoring %s into the throwaway database %s", path.name, throwaway)
-        _load(scratch, throwaway, path)
+        _load(scratch, throwaway, path, restore_jobs(settings))
         with _database_errors(scratch):
             _compare(scratch.params, throwaway, verified, settings, report)
     except BaseException:
@@ -440,22 +441,57 @@ def _drop(scratch: Scratch, dbname: str, failing: bool) -> None:
                     " ".join(str(exc).split()))
 
 
-def _load(scratch: Scratch, dbname: str, path: Path) -> None:
+def _load(scratch: Scratch, dbname: str, path: Path, jobs: int = 1) -> None:
+    """The dump into the throwaway database: with one psql in one transaction, or over `jobs` sessions
+    (parallel_load.py, as a restore does)."""
+    env = _libpq_env(scratch.params)
+    if jobs > 1:
+        session = [scratch.psql, "-X", "--no-password", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-d", dbname]
+        loader = Cmd([sys.executable, parallel_load.__file__, "--jobs", str(jobs), "--session", json.dumps(session),
+                      "--dump", str(path)], name="parallel load", env=env)
+        code, _, err = run(loader, check=False, timeout=None)
+        for line in err.splitlines():
+            if line.startswith(parallel_load.PREFIX):
+                text = line[len(parallel_load.PREFIX):]
+                (log.warning if "one session" in text else log.info)("parallel load: %s", text)
+        if code == parallel_load.DAMAGED:
+            raise VerificationError(f"the dump does not restore: {_last(err)}", "use another copy")
+        if code != 0:
+            _went_away(scratch, _last(err))
+            raise VerificationError(f"the dump does not restore: {_last(err)}", "use another copy; investigate")
+        return
     decompress = Cmd([*dumps.decompressor(), "--", str(path)] if path.name.endswith(".gz") else ["cat", "--",
                                                                                                str(path)],
                      name="gzip stream check")
     psql = Cmd([scratch.psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d",
-                dbname], name="psql", env=_libpq_env(scratch.params))
+                dbname], name="psql", env=env)
     try:
         pipeline([decompress, psql])
     except StageFailed as exc:
-        try:
-            with _connect(scratch.params, timeout=10):
-                pass
-        except psycopg.Error as gone:
-            raise Failed(f"{scratch.label} went away during the restore: {exc.message}", scratch.hint) from gone
+        _went_away(scratch, exc.message)
         raise VerificationError(f"the dump does not restore: {exc.message}", "use another copy; investigate") \
             from exc
+
+
+def _went_away(scratch: Scratch, message: str) -> None:
+    """Failed (not the dump's fault) when the scratch server is gone."""
+    try:
+        with _connect(scratch.params, timeout=10):
+            pass
+    except psycopg.Error as gone:
+        raise Failed(f"{scratch.label} went away during the restore: {message}", scratch.hint) from gone
+
+
+def _last(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1].removeprefix(parallel_load.PREFIX) if lines else "no message"
+
+
+def restore_jobs(settings: Settings) -> int:
+    """RESTORE_JOBS, else this machine's cores (the drill's server runs here), at most 4."""
+    if settings["RESTORE_JOBS"]:
+        return int(settings["RESTORE_JOBS"])
+    return parallel_load.default_jobs()
 
 
 def _compare(params: dict, dbname: str, verified: dumps.Verified, settings: Settings, report: dict) -> None:

@@ -9,6 +9,7 @@ completes or rolls back by itself -> (start app) -> cleanup, always, in `finally
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import catalog, cli, dumps, files, names, staging
+from . import catalog, cli, dumps, files, names, parallel_load, staging
 from .database import Database
 from .errors import Declined, Failed, KwError, VerificationError
 from .log import Progress, dry, log, size
@@ -147,16 +148,23 @@ def load_check_swap(settings: Settings, prod: Place, db: Database, dump: staging
 
 
 def load(settings: Settings, prod: Place, db: Database, dump: staging.Staged, new: str) -> dict[str, int]:
-    """Load the dump into `new` in one transaction; the rows the server loaded per table.
+    """Load the dump into `new`; the rows the server loaded per table.
 
-    For docker and direct the dump is decompressed and piped into psql on prod: the SQL never
-    crosses the network. kamal runs here, so there prod's decompressed SQL is piped into it.
+    RESTORE_JOBS sessions (parallel_load.py; default the server's cores, at most 4); with 1, or
+    without a python3 on prod, one psql session in one transaction. For docker and direct the dump
+    is decompressed on prod and the SQL never crosses the network; kamal runs here, so there
+    prod's decompressed SQL is piped into the sessions.
     """
     log.info("restoring into %s", new)
     # -e echoes each COPY statement and psql prints its `COPY n` tag: the rows the server loaded.
     watcher = _SizeWatcher(db, new, (dump.manifest.bytes if dump.manifest else 0) * 6)
     watcher.start()
     try:
+        jobs = restore_jobs(settings, db)
+        if jobs != "1":
+            counts = _parallel(settings, prod, db, dump, new, jobs)
+            if counts is not None:
+                return counts
         if db.mode in ("docker", "direct"):
             inner = Database(settings, None).psql(new, "--single-transaction", "-e", quiet=False).argv
             code, out, err = run(prod.script(staging.DECOMPRESS_INTO, dump.path, *inner, name="restore on prod"),
@@ -178,6 +186,59 @@ def load(settings: Settings, prod: Place, db: Database, dump: staging.Staged, ne
         return dumps.copy_counts(bytes(echo.data))
     finally:
         watcher.stop()
+
+
+def restore_jobs(settings: Settings, db: Database) -> str:
+    """RESTORE_JOBS, or "auto" (the server's cores, at most 4: counted where the loader runs, on prod;
+    for kamal, in the accessory's container)."""
+    if settings["RESTORE_JOBS"]:
+        return settings["RESTORE_JOBS"]
+    if db.mode != "kamal":
+        return "auto"
+    code, out, _ = run(db.shell(["nproc"], name="nproc on prod"), check=False, timeout=120)
+    cores = out.decode().strip()
+    return str(min(4, int(cores))) if code == 0 and cores.isdigit() and int(cores) > 0 else "2"
+
+
+def _parallel(settings: Settings, prod: Place, db: Database, dump: staging.Staged, new: str, jobs: str
+              ) -> dict[str, int] | None:
+    """parallel_load.py: on prod with its own python3 (docker, direct), here for kamal; None when prod
+    has no python3 (the caller loads in one session)."""
+    if db.mode in ("docker", "direct"):
+        session = Database(settings, None).psql(new, "-A", "-t", quiet=False).argv
+        cmd = prod.script(staging.PARALLEL_LOAD, dump.path, "--jobs", jobs, "--session", json.dumps(session),
+                          name="parallel restore on prod")
+        code, out, err = run(cmd, input=parallel_load.program(), check=False, timeout=None)
+        if code == staging.NO_PYTHON:
+            log.warning("%s: loading in one session instead of %s", staging.last_error(err),
+                        "RESTORE_JOBS=" + jobs if jobs != "auto" else "one per core")
+            return None
+        _notes(err)
+        if code == staging.DECOMPRESS_FAILED:
+            raise VerificationError(f"{dump.name} is damaged: {staging.last_error(err)}", "use another copy")
+        if code != 0:
+            raise Failed(f"the load failed: {staging.last_error(err)}", "see the error; DB_NAME is unchanged")
+        return dumps.copy_counts(out)
+    echo = _Collect()
+    sql = prod.script(staging.DECOMPRESS_INTO, dump.path, "cat", name="gzip stream check")
+    loader = Cmd([sys.executable, parallel_load.__file__, "--jobs", jobs, "--session",
+                  json.dumps(db.psql(new, "-A", "-t", quiet=False).argv)], name="parallel load")
+    try:
+        said = pipeline([sql, loader, echo])
+    except StageFailed as exc:
+        if exc.stage == sql.name:
+            raise VerificationError(f"{dump.name} is damaged: {exc.tail or exc.detail}", "use another copy") from exc
+        raise Failed(f"the load failed: {exc.tail or exc.detail}", "see the error; DB_NAME is unchanged") from exc
+    _notes(said.get(loader.name, ""))
+    return dumps.copy_counts(bytes(echo.data))
+
+
+def _notes(stderr: str) -> None:
+    """The loader's own lines: what ran in one session (a warning), its summary."""
+    for line in stderr.splitlines():
+        if line.startswith(parallel_load.PREFIX):
+            text = line[len(parallel_load.PREFIX):]
+            (log.warning if "one session" in text else log.info)("parallel load: %s", text)
 
 
 def check_restored(db: Database, new: str, dump: staging.Staged, loaded: dict[str, int]) -> str:

@@ -40,6 +40,15 @@ rm -f "$status" "$status.err"
 exit $code
 """
 DECOMPRESS_FAILED = 97
+# $1: the dump; then parallel_load.py's arguments. The program itself comes on stdin, for the OS's
+# own python3 (nothing of kw-backup is installed on prod); exit 98 when there is no python3 >= 3.6.
+PARALLEL_LOAD = r"""
+dump=$1; shift
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 6))' 2>/dev/null
+then echo "no python3 (3.6 or newer) on prod" >&2; exit 98; fi
+exec python3 - --dump "$dump" "$@"
+"""
+NO_PYTHON = 98
 # $1: the dump, $2: a byte count. Its SQL up to the first COPY (the schema part), at most $2 bytes;
 # the decompressor stops there. Without sed it is the first $2 bytes.
 HEAD_SCRIPT = r"""

@@ -193,23 +193,33 @@ def test_stop_app_starts_it_again_also_on_failure(kw, pg, db, dumped):
                                                    ["kamal", "app", "start", "-d", "production"]]
 
 
+@pytest.mark.parametrize("jobs", ["1", None])
 @pytest.mark.parametrize("mode", ["docker", "kamal"])
-def test_docker_and_kamal_command_lines(kw, pg, db, dumped, mode):
+def test_docker_and_kamal_command_lines(kw, pg, db, dumped, mode, jobs):
+    """RESTORE_JOBS=1: one psql in one transaction; by default one session per core (at most 4)."""
     kw.settings["DB_EXEC"] = mode
+    if jobs:
+        kw.settings["RESTORE_JOBS"] = jobs
     result = kw.run("restore-production-db", "--local", "latest", "--yes", env=kw.env(PGPASSWORD="hunter2-secret"))
     assert result.returncode == 0, result.stderr
     log = kw.fresh_prod.standin_log if mode == "docker" else kw.standin_log  # docker runs on prod, kamal here
     calls = world.standin_calls(log)
     assert "hunter2-secret" not in log.read_text()
-    loads = [c for c in calls if "--single-transaction" in c]
-    assert len(loads) == 1
     psql = ["psql", "-U", "postgres", "--no-password", "-X", "-v", "ON_ERROR_STOP=1", "-d"]
-    if mode == "docker":
-        assert loads[0][:4] == ["docker", "exec", "-i", "kw-app-postgres"] and loads[0][4:12] == psql
+    if jobs == "1":
+        loads = [c for c in calls if "--single-transaction" in c]
+        assert len(loads) == 1
+        assert loads[0][-2:] == ["--single-transaction", "-e"]
     else:
-        assert loads[0][:8] == ["kamal", "accessory", "exec", "--reuse", "-i", "-d", "production", "postgres"]
-        assert loads[0][8:16] == psql
-    assert loads[0][-2:] == ["--single-transaction", "-e"]
+        loads = [c for c in calls if c[-2:] == ["-A", "-t"] and "_restore_" in c[-3]]
+        assert len(loads) == min(4, os.cpu_count()) and not [c for c in calls if "--single-transaction" in c]
+        assert "parallel load: loaded with" in result.stderr
+    for load in loads:
+        if mode == "docker":
+            assert load[:4] == ["docker", "exec", "-i", "kw-app-postgres"] and load[4:12] == psql
+        else:
+            assert load[:8] == ["kamal", "accessory", "exec", "--reuse", "-i", "-d", "production", "postgres"]
+            assert load[8:16] == psql
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
 
 

@@ -1,0 +1,876 @@
+#!/usr/bin/env python3
+"""Load a plain pg_dump dump into an empty database over several psql sessions, as pg_restore -j does.
+
+Standard library only, no import from kwbackup: restore.py sends this file to prod's own python3
+over ssh (`python3 - ARGS`, the code on stdin), and runs it here for kamal and for the drill.
+
+    parallel_load.py --session JSON [--jobs N|auto] [--dump PATH]      (without --dump: SQL on stdin)
+
+--session is the argument list of one psql session on the new database (JSON), with
+ON_ERROR_STOP=1, -A -t and without -q, so that its `COPY n` tags reach us. The dump is read once
+(through igzip, pigz or gzip -dc for a .gz): the preamble (SET lines, \\restrict) goes to every
+session; the pre-data (types, tables, functions) runs in session 0; each table's COPY block goes
+to a free session as the stream reaches it (when its session lags and another is idle, the rest of
+the block waits in a spool file, so the stream goes on); then the post-data: indexes and
+constraints in parallel (never two units on one table unless both are plain CREATE INDEX), each as
+soon as its table's data is in, then INDEX ATTACH in order, then FOREIGN KEYs in parallel (never
+two on one partition tree), then everything else in its original order. What cannot be split
+safely runs in one session in the dump's order, saying so on stderr.
+
+stdout: for each COPY, its statement and then its tag (`COPY n`), as `psql -e` prints them.
+stderr: lines starting with `kw-parallel-load: `. Exit 0 loaded; 97 the dump is damaged or
+truncated; 98 this Python is too old; else a session failed (its error and the entry are named).
+"""
+
+import collections
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PREFIX = "kw-parallel-load: "
+DAMAGED = 97
+TOO_OLD = 98
+CHUNK = 1 << 20
+MEMORY_PER_SESSION = 16 << 20  # queued in memory for one session; past this, spooled (or the stream waits)
+SPOOL_CAP = 4 << 30
+HEADER_RE = re.compile(rb"^-- (?:Data for )?Name: (.*); Type: (.*?); Schema: (.*?); Owner: (.*?)(?:; Tablespace: .*)?$")
+COPY_RE = re.compile(rb"^COPY (.+?) (?:\(.*\) )?FROM stdin;$")
+TAG_RE = re.compile(rb"^COPY (\d+)$")
+STATE_RE = re.compile(rb"^(?:SET (default_tablespace|default_table_access_method|default_with_oids|search_path) = "
+                      rb"|(SET SESSION AUTHORIZATION|RESET SESSION AUTHORIZATION))")
+RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict ")
+PREAMBLE_RE = re.compile(rb"^(?:SET \w+ = .*;|SELECT pg_catalog\.set_config\(.*\);|\\restrict \S+)$")
+IDENT = rb'(?:"(?:[^"]|"")*"|[^."\s(]+)'
+QUALIFIED = rb"(" + IDENT + rb"(?:\." + IDENT + rb")?)"
+INDEX_ON_RE = re.compile(rb"^CREATE (?:UNIQUE )?INDEX \S+ ON (ONLY )?" + QUALIFIED + rb" USING ", re.M)
+ALTER_RE = re.compile(rb"^ALTER TABLE (ONLY )?" + QUALIFIED + rb"\n", re.M)
+REFERENCES_RE = re.compile(rb" REFERENCES " + QUALIFIED + rb"\(")
+ATTACH_RE = re.compile(rb"^ALTER TABLE ONLY " + QUALIFIED + rb" ATTACH PARTITION " + QUALIFIED + rb" ", re.M)
+
+PRE_DATA, DATA, POST_DATA = "pre-data", "data", "post-data"
+DATA_TYPES = {b"TABLE DATA", b"SEQUENCE SET", b"BLOBS", b"BLOB", b"BLOB DATA", b"LARGE OBJECTS"}
+POST_TYPES = {b"INDEX", b"CONSTRAINT", b"CHECK CONSTRAINT", b"FK CONSTRAINT", b"INDEX ATTACH", b"TRIGGER", b"RULE",
+              b"POLICY", b"ROW SECURITY", b"EVENT TRIGGER", b"MATERIALIZED VIEW DATA", b"STATISTICS",
+              b"PUBLICATION", b"PUBLICATION TABLE", b"PUBLICATION TABLES IN SCHEMA", b"SUBSCRIPTION",
+              b"SUBSCRIPTION TABLE", b"STATISTICS DATA"}
+# Post-data that may run after the indexes, constraints and foreign keys, in the dump's order.
+LATER_TYPES = POST_TYPES - {b"INDEX", b"CONSTRAINT", b"FK CONSTRAINT", b"INDEX ATTACH"} | {
+    b"COMMENT", b"ACL", b"DEFAULT ACL", b"SECURITY LABEL"}
+
+
+def program():
+    """This file's text: what restore.py sends to prod's python3."""
+    with open(__file__, "rb") as f:
+        return f.read()
+
+
+def note(text):
+    sys.stderr.write(PREFIX + text + "\n")
+    sys.stderr.flush()
+
+
+class LoadFailed(Exception):
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+# --- the stream ---------------------------------------------------------------------------------
+
+def chunks_of(fd):
+    """The stream in whole 1 MiB pieces (a pipe gives what is there, often 64 KiB: each piece costs
+    the sessions' queues a lock and a wake-up)."""
+    reader = open(fd, "rb", buffering=CHUNK, closefd=False)
+    while True:
+        chunk = reader.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def events(chunks):
+    """("line", bytes) for each line outside COPY data (with its newline), ("copy", header line),
+    ("data", memoryview) for the COPY data in the stream's own pieces (never copied), its `\\.` line
+    last, then ("end", None); at the end ("eof", None), or ("eof", header) when the stream stops
+    inside a COPY."""
+    buf = b""
+    copying = None
+    last = b""  # the COPY data's latest bytes already passed on: a terminator may begin there
+    for chunk in chunks:
+        buf = buf + chunk if buf else chunk
+        view = memoryview(buf)
+        pos = 0
+        size = len(buf)
+        while pos < size:
+            if copying is not None:
+                probe = last + buf[pos:pos + 3]
+                i = probe.find(b"\n\\.\n")
+                if 0 <= i < len(last) < i + 4:  # begun in what was passed on
+                    found_end = pos + i + 4 - len(last)
+                else:
+                    found = buf.find(b"\n\\.\n", pos)
+                    found_end = found + 4 if found >= 0 else -1
+                if found_end >= 0:
+                    yield "data", view[pos:found_end]
+                    yield "end", None
+                    pos = found_end
+                    copying = None
+                    continue
+                yield "data", view[pos:]
+                last = (last + buf[max(pos, size - 3):])[-3:]
+                pos = size
+                break
+            newline = buf.find(b"\n", pos)
+            if newline < 0:
+                break
+            line = buf[pos:newline + 1]
+            pos = newline + 1
+            if line.startswith(b"COPY ") and COPY_RE.match(line.rstrip(b"\n")):
+                copying = line
+                last = b"\n"
+                yield "copy", line
+            else:
+                yield "line", line
+        buf = buf[pos:] if pos < size else b""
+    if copying is not None:
+        yield "eof", copying
+        return
+    if buf:
+        yield "line", buf
+    yield "eof", None
+
+
+class Entry:
+    """One TOC entry of the dump: its header's name and type, its text (or streamed COPY data)."""
+
+    def __init__(self, name=b"", type_=b"", schema=b""):
+        self.name, self.type, self.schema = name, type_, schema
+        self.lines = []
+        self.state = {}  # the session state (default_tablespace, ...) in force where it starts
+
+    def text(self):
+        return b"".join(self.lines)
+
+    def label(self):
+        what = self.type.decode(errors="replace") or "SQL"
+        name = self.name.decode(errors="replace")
+        schema = self.schema.decode(errors="replace")
+        return f"{what} {schema + '.' if schema not in ('', '-') else ''}{name}".strip()
+
+
+def key_of(qualified):
+    """`schema.table` unquoted, as dumps.table_key does."""
+    parts = re.findall(rb'"(?:[^"]|"")*"|[^."]+', qualified)
+    out = [p[1:-1].replace(b'""', b'"') if p.startswith(b'"') else p for p in parts]
+    return b".".join(out).decode(errors="replace")
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+class Unit:
+    """What one session runs between two markers."""
+
+    def __init__(self, uid, label, kind, table=None, exclusive=False, shared=False, deps=(), cost=0, entry=None):
+        self.id, self.label, self.kind = uid, label, kind
+        self.table, self.exclusive, self.shared = table, exclusive, shared
+        self.deps, self.cost, self.entry = set(deps), cost, entry
+        self.copies = collections.deque()  # the COPY statements sent in it, in order, for their tags
+        self.done = False
+        self.started = False
+
+
+class Loader:
+    def __init__(self, argv, jobs, spool_dir=None):
+        self.argv, self.jobs = argv, jobs
+        self.token = secrets.token_hex(6)
+        self.cond = threading.Condition()
+        self.failure = None
+        self.out_lock = threading.Lock()
+        self.sessions = []
+        self.spool_dir = spool_dir or tempfile.gettempdir()
+        self.spool_left = None
+        self.next_id = 0
+        self.buffered = 0  # bytes queued in memory for all sessions
+        self.memory_cap = _memory_cap()
+
+    # sessions
+    def start(self):
+        for index in range(self.jobs):
+            self.sessions.append(Session(self, index))
+
+    def unit(self, label, kind, **kw):
+        self.next_id += 1
+        return Unit(self.next_id, label, kind, **kw)
+
+    def check(self):
+        if self.failure is not None:
+            raise LoadFailed(self.failure)
+
+    def fail(self, message):
+        with self.cond:
+            if self.failure is None:
+                self.failure = message
+            self.cond.notify_all()
+
+    def idle(self, session):
+        return not session.pending
+
+    def free_session(self, exclude=None):
+        for session in self.sessions:
+            if session is not exclude and not session.pending:
+                return session
+        return None
+
+    def wait_free(self):
+        with self.cond:
+            while True:
+                self.check()
+                session = self.free_session()
+                if session is not None:
+                    return session
+                self.cond.wait(1)
+
+    def wait_all(self, units=None):
+        with self.cond:
+            while True:
+                self.check()
+                if units is None and all(not s.pending for s in self.sessions):
+                    return
+                if units is not None and all(u.done for u in units):
+                    return
+                self.cond.wait(1)
+
+    def begin(self, session, unit, prefix=b""):
+        with self.cond:
+            self.check()
+            unit.started = True
+            session.pending.append(unit)
+        if prefix:
+            session.put(prefix)
+
+    def finish(self, session, unit):
+        session.put(f"SELECT 'kw-done-{self.token}-{unit.id}';\n".encode())
+
+    def copy_done(self, header, rows):
+        with self.out_lock:
+            sys.stdout.buffer.write(header + b"COPY %d\n" % rows)
+            sys.stdout.buffer.flush()
+
+    def may_spool(self, session, size):
+        """Whether `session`'s lag should be spooled: another session idles while the stream waits."""
+        if self.spool_left is None:
+            try:
+                free = shutil.disk_usage(self.spool_dir).free
+            except OSError:
+                free = 0
+            self.spool_left = min(SPOOL_CAP, free // 2)
+        return self.spool_left >= size and self.free_session(exclude=session) is not None
+
+    def close(self):
+        for session in self.sessions:
+            session.close()
+
+    def kill(self):
+        for session in self.sessions:
+            session.kill()
+
+
+class Session:
+    def __init__(self, loader, index):
+        self.loader, self.index = loader, index
+        self.pending = collections.deque()
+        self.queue = collections.deque()
+        self.queued = 0
+        self.closing = False
+        self.spool = None
+        self.spool_end = 0
+        self.errors = collections.deque(maxlen=20)
+        try:
+            self.proc = subprocess.Popen(loader.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            raise LoadFailed(f"cannot start {loader.argv[0]}: {exc.strerror}") from exc
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            _large_pipe(pipe.fileno())
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self.write, self.read, self.read_errors)]
+        for thread in self.threads:
+            thread.start()
+
+    def put(self, data):
+        """Queue bytes for this session; past its memory share, into its spool file when another session
+        idles (the stream goes on), else wait."""
+        cond = self.loader.cond
+        loader = self.loader
+        with cond:
+            while self.queued > MEMORY_PER_SESSION:
+                loader.check()
+                if loader.may_spool(self, len(data)):
+                    if loader.buffered + len(data) <= loader.memory_cap:
+                        break  # held in memory: no copies at all
+                    self._spool(data)
+                    cond.notify_all()
+                    return
+                cond.wait(1)
+            loader.check()
+            self.queue.append(data)
+            self.queued += len(data)
+            loader.buffered += len(data)
+            cond.notify_all()
+
+    def _spool(self, data):
+        if self.spool is None:
+            self.spool = tempfile.TemporaryFile(dir=self.loader.spool_dir, prefix="kw-parallel-load.")
+        fd = self.spool.fileno()
+        view = memoryview(data)
+        offset = self.spool_end
+        while view:
+            view = view[os.pwrite(fd, view, self.spool_end):]
+            self.spool_end = offset + len(data) - len(view)
+        self.loader.spool_left -= len(data)
+        last = self.queue[-1] if self.queue else None
+        if isinstance(last, list) and last[0] + last[1] == offset:
+            last[1] += len(data)
+        else:
+            self.queue.append([offset, len(data)])
+
+    def write(self):
+        cond = self.loader.cond
+        fd = self.proc.stdin.fileno()
+        try:
+            while True:
+                with cond:
+                    while not self.queue and not self.closing:
+                        cond.wait()
+                    if not self.queue:
+                        break
+                    item = self.queue.popleft()
+                if isinstance(item, list):
+                    offset, length = item
+                    while length:
+                        piece = os.pread(self.spool.fileno(), min(CHUNK, length), offset)
+                        if not piece:
+                            raise OSError("the spool file is short")
+                        _write_all(fd, piece)
+                        offset += len(piece)
+                        length -= len(piece)
+                else:
+                    _write_all(fd, item)
+                    with cond:
+                        self.queued -= len(item)
+                        self.loader.buffered -= len(item)
+                        cond.notify_all()
+        except OSError:
+            pass  # psql went away: read() reports its exit
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def read(self):
+        loader = self.loader
+        marker = f"kw-done-{loader.token}-".encode()
+        for line in self.proc.stdout:
+            line = line.rstrip(b"\n")
+            if line.startswith(marker):
+                with loader.cond:
+                    unit = self.pending.popleft() if self.pending else None
+                    if unit is None or str(unit.id).encode() != line[len(marker):]:
+                        loader.failure = loader.failure or f"session {self.index}: out of step at {line!r}"
+                    else:
+                        unit.done = True
+                    loader.cond.notify_all()
+                continue
+            m = TAG_RE.match(line)
+            if m:
+                with loader.cond:
+                    unit = self.pending[0] if self.pending else None
+                    header = unit.copies.popleft() if unit is not None and unit.copies else None
+                if header is not None:
+                    loader.copy_done(header, int(m.group(1)))
+        code = self.proc.wait()
+        for thread in self.threads[2:]:
+            thread.join(5)
+        with loader.cond:
+            if code != 0 or self.pending:
+                unit = self.pending[0] if self.pending else None
+                where = f" loading {unit.label}" if unit is not None else ""
+                said = " | ".join(e for e in list(self.errors)[-3:]) or "no message"
+                reason = f"exit {code}" if code >= 0 else f"killed by signal {-code}"
+                if loader.failure is None:
+                    loader.failure = f"psql session {self.index} failed ({reason}){where}: {said}"
+            loader.cond.notify_all()
+
+    def read_errors(self):
+        for line in self.proc.stderr:
+            text = line.decode(errors="replace").strip()
+            if text:
+                self.errors.append(text)
+
+    def close(self):
+        with self.loader.cond:
+            self.closing = True
+            self.loader.cond.notify_all()
+
+    def kill(self):
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
+
+def _memory_cap():
+    """How much of the stream may wait in memory for lagging sessions: a quarter of the memory
+    available, at most 1 GiB (beyond, a spool file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available = 0
+    return min(1 << 30, available // 4)
+
+
+def _large_pipe(fd):
+    try:
+        import fcntl
+        fcntl.fcntl(fd, 1031, CHUNK)  # F_SETPIPE_SZ (Linux): 1 MiB pipes, a quarter of the reads and writes
+    except (OSError, ImportError):
+        pass
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+class Plan:
+    """Reads the stream, feeds the sessions, and schedules what comes after the data."""
+
+    def __init__(self, loader, at_eof=None):
+        self.loader = loader
+        self.at_eof = at_eof or (lambda: None)
+        self.section = "preamble"
+        self.preamble = []
+        self.state = {}
+        self.entry = None  # the entry being read
+        self.serial = None  # why everything from here on runs in session 0, in order
+        self.main = None
+        self.open_unit = None  # session 0's unit whose marker is not sent yet (the pre-data, or the serial rest)
+        self.data_units = []  # COPY units: (unit, root of its table)
+        self.rows_units = []  # data entries run after the stream (SEQUENCE SET, INSERTs, large objects)
+        self.post = []
+        self.parents = {}  # partition -> its parent (TABLE ATTACH entries)
+        self.copy_unit = None
+        self.copy_session = None
+        self.sizes = collections.Counter()  # COPY bytes per table
+        self.copies = 0
+        self.spooled = 0
+
+    def run(self, stream):
+        for kind, value in stream:
+            if kind == "line":
+                self.line(value)
+            elif kind == "copy":
+                self.copy_start(value)
+            elif kind == "data":
+                self.copy_data(value)
+            elif kind == "end":
+                self.copy_end()
+            else:
+                self.at_eof()
+                if value is not None:
+                    raise LoadFailed("the dump ends inside the data of table "
+                                     + key_of(COPY_RE.match(value.rstrip(b"\n")).group(1)), DAMAGED)
+        if self.section == "preamble":
+            self.go_serial("no pg_dump entry headers")
+        if self.serial:
+            self.close_open_unit()
+            self.loader.wait_all()
+            return
+        self.flush_entry()
+        self.close_open_unit()
+        self.schedule_rest()
+
+    # the stream's lines
+    def line(self, line):
+        if self.serial:
+            self.main.put(line)
+            return
+        stripped = line.rstrip(b"\n")
+        m = HEADER_RE.match(stripped) if stripped.startswith(b"-- ") else None
+        if m and self._prev_is_dashes():
+            self.new_entry(m)
+            return
+        if self.section == "preamble":
+            self.preamble.append(line)
+            if not (_is_noise(line) or PREAMBLE_RE.match(line)):
+                self.go_serial(f"no pg_dump entry header before {stripped[:40].decode(errors='replace')!r}")
+            return
+        if line.startswith(b"\\"):
+            if RESTRICT_RE.match(line):
+                return  # the preamble's \restrict guards every session; the closing \unrestrict is not needed
+            self.go_serial(f"a psql meta-command in the dump ({stripped[:40].decode(errors='replace')})")
+            self.main.put(line)
+            return
+        if self.entry is None:
+            self.entry = Entry()
+            self.entry.state = dict(self.state)
+        self.entry.lines.append(line)
+
+    def _prev_is_dashes(self):
+        lines = self.preamble if self.section == "preamble" else (self.entry.lines if self.entry else [])
+        return bool(lines) and lines[-1] == b"--\n"
+
+    def new_entry(self, m):
+        carried = []
+        if self.section == "preamble":
+            self.preamble.pop()  # the header's first "--" line
+            self.section = PRE_DATA
+            self.send_preamble()
+        else:
+            lines = self.entry.lines
+            lines.pop()
+            while lines and (lines[-1] == b"\n" or STATE_RE.match(lines[-1])):
+                carried.insert(0, lines.pop())
+            self.flush_entry()
+            if self.serial:  # flushing found something it could not place
+                self.main.put(b"".join(carried) + b"--\n" + m.group(0) + b"\n")
+                return
+        for line in carried:
+            s = STATE_RE.match(line)
+            if s:
+                self.state[s.group(1) or s.group(2)] = line
+        name, type_, schema = m.group(1), m.group(2), m.group(3)
+        self.entry = Entry(name, type_, schema)
+        self.entry.state = dict(self.state)
+        self.entry.lines = carried + [b"--\n", m.group(0) + b"\n"]
+        if self.section == PRE_DATA and (type_ in DATA_TYPES or type_ in POST_TYPES):
+            self.close_open_unit()
+            self.loader.wait_all()
+            self.section = DATA if type_ in DATA_TYPES else POST_DATA
+        elif self.section == DATA and type_ not in DATA_TYPES:
+            self.section = POST_DATA
+
+    def send_preamble(self, everywhere=True):
+        loader = self.loader
+        loader.start()
+        self.main = loader.sessions[0]
+        preamble = b"".join(self.preamble)
+        for session in loader.sessions if everywhere else [self.main]:
+            session.put(preamble)
+        for line in self.preamble:
+            s = STATE_RE.match(line)
+            if s:
+                self.state[s.group(1) or s.group(2)] = line
+        self.open_unit = loader.unit("the pre-data (types, tables, functions)", PRE_DATA)
+        loader.begin(self.main, self.open_unit)
+
+    def flush_entry(self):
+        """The entry read so far is complete: run it now (pre-data) or keep it for later."""
+        entry, self.entry = self.entry, None
+        if entry is None:
+            return
+        if self.section == PRE_DATA:
+            for m in ATTACH_RE.finditer(entry.text()):
+                self.parents[key_of(m.group(2))] = key_of(m.group(1))
+            self.main.put(entry.text())
+        elif not entry.type:  # lines between entries
+            if not all(_is_noise(line) for line in entry.lines):
+                self.go_serial("SQL outside any entry")
+                self.main.put(entry.text())
+        elif self.section == DATA:
+            self.rows_units.append(entry)
+        else:
+            self.post.append(entry)
+
+    def close_open_unit(self):
+        if self.open_unit is not None:
+            self.loader.finish(self.main, self.open_unit)
+            self.open_unit = None
+
+    def go_serial(self, why):
+        """From here on, everything in session 0, in the dump's order."""
+        if self.serial:
+            return
+        self.serial = why
+        note(f"loading the rest in one session, in the dump's order: {why}")
+        if self.main is None:
+            self.send_preamble(everywhere=False)
+        elif self.open_unit is None:
+            self.loader.wait_all()
+            self.open_unit = self.loader.unit("the rest of the dump, in order", "serial")
+            self.loader.begin(self.main, self.open_unit)
+        pending = self.rows_units + self.post + ([self.entry] if self.entry is not None else [])
+        self.rows_units, self.post, self.entry = [], [], None
+        for entry in pending:
+            self.main.put(entry.text())
+
+    # COPY blocks
+    def copy_start(self, header):
+        if not self.serial:
+            entry = self.entry
+            if self.section != DATA or entry is None or entry.type != b"TABLE DATA" or \
+                    not all(_is_noise(line) for line in entry.lines):
+                self.go_serial(f"a COPY outside a TABLE DATA entry ({header[:60].decode(errors='replace').strip()})")
+        if self.serial:
+            self.open_unit.copies.append(header)
+            self.main.put(header)
+            return
+        self.entry = None
+        table = key_of(COPY_RE.match(header.rstrip(b"\n")).group(1))
+        session = self.loader.wait_free()
+        unit = self.loader.unit(entry.label(), DATA, table=table)
+        unit.copies.append(header)
+        self.loader.begin(session, unit, _state_lines(entry.state) + entry.text() + header)
+        self.copy_unit, self.copy_session = unit, session
+        self.data_units.append((unit, self.root(table)))
+        self.copies += 1
+
+    def copy_data(self, data):
+        if self.serial:
+            self.main.put(data)
+            return
+        self.sizes[self.copy_unit.table] += len(data)
+        session = self.copy_session
+        before = session.spool_end
+        session.put(data)
+        self.spooled += session.spool_end - before
+
+    def copy_end(self):
+        if not self.serial:
+            self.loader.finish(self.copy_session, self.copy_unit)
+            self.copy_unit = self.copy_session = None
+
+    def root(self, table):
+        seen = set()
+        while table in self.parents and table not in seen:
+            seen.add(table)
+            table = self.parents[table]
+        return table
+
+    # after the stream
+    def schedule_rest(self):
+        loader = self.loader
+        units = []
+        chain = set()
+        rows = set()
+        for entry in self.rows_units:
+            is_rows = entry.type == b"TABLE DATA"  # without COPY: INSERTs
+            unit = loader.unit(entry.label(), "rows" if is_rows else "later-data", entry=entry, deps=chain)
+            chain = {unit.id}
+            units.append(unit)
+            if is_rows:
+                rows.add(unit.id)
+        data_ids = {u.id for u, _ in self.data_units} | rows
+        post, why = self.plan_post(data_ids, rows)
+        if why:
+            note(f"the post-data runs in one session, in the dump's order: {why}")
+        self.execute(units + post)
+
+    def plan_post(self, data_ids, rows):
+        loader = self.loader
+        first, attach, fks, later = [], [], [], []
+        why = None
+        for entry in self.post:
+            text = entry.text()
+            if re.search(rb"^\\", text, re.M):
+                why = why or f"a psql meta-command in {entry.label()}"
+            elif entry.type == b"INDEX":
+                found = INDEX_ON_RE.findall(text)
+                if len(found) != 1:
+                    why = why or f"an index statement it cannot read in {entry.label()}"
+                else:
+                    first.append((entry, key_of(found[0][1]), True))
+            elif entry.type in (b"CONSTRAINT", b"CHECK CONSTRAINT"):
+                m = ALTER_RE.search(text)
+                if not m or b" FOREIGN KEY " in text or b" USING INDEX " in text:
+                    why = why or f"a constraint it cannot read in {entry.label()}"
+                else:
+                    first.append((entry, key_of(m.group(2)), False))
+            elif entry.type == b"INDEX ATTACH":
+                attach.append(entry)
+            elif entry.type == b"FK CONSTRAINT":
+                m, ref = ALTER_RE.search(text), REFERENCES_RE.search(text)
+                if m and ref and m.group(1):
+                    fks.append((entry, {self.root(key_of(m.group(2))), self.root(key_of(ref.group(1)))}))
+                else:
+                    fks.append((entry, None))  # on a partitioned table (it recurses), or unread: alone
+            elif entry.type in LATER_TYPES:
+                later.append(entry)
+            else:
+                why = why or f"an entry of type {entry.type.decode(errors='replace')} ({entry.label()})"
+        if why:
+            units, chain = [], set()
+            for entry in self.post:
+                unit = loader.unit(entry.label(), "post-serial", entry=entry, deps=data_ids | chain)
+                chain = {unit.id}
+                units.append(unit)
+            return units, why
+        by_root = collections.defaultdict(set)
+        for unit, root in self.data_units:
+            by_root[root].add(unit.id)
+        firsts = []
+        for entry, table, is_index in first:
+            firsts.append(loader.unit(entry.label(), "index" if is_index else "constraint", entry=entry, table=table,
+                                      shared=is_index, deps=by_root.get(self.root(table), set()) | rows,
+                                      cost=self.sizes[table]))
+        firsts.sort(key=lambda u: -u.cost)  # the longest first
+        barrier = {u.id for u in firsts}
+        attaches, chain = [], set()
+        for entry in attach:
+            unit = loader.unit(entry.label(), "attach", entry=entry, deps=barrier | chain)
+            chain = {unit.id}
+            attaches.append(unit)
+        barrier |= {u.id for u in attaches} | data_ids
+        fk_units = []
+        for entry, roots in fks:
+            unit = loader.unit(entry.label(), "fk", entry=entry, deps=barrier)
+            unit.locks = roots
+            fk_units.append(unit)
+        barrier |= {u.id for u in fk_units}
+        laters, chain = [], set()
+        for entry in later:
+            unit = loader.unit(entry.label(), "later", entry=entry, deps=barrier | chain)
+            chain = {unit.id}
+            laters.append(unit)
+        return firsts + attaches + fk_units + laters, None
+
+    def execute(self, units):
+        """Run units as their dependencies are done, on free sessions, never two that lock alike at once."""
+        loader = self.loader
+        waiting = list(units)
+        running = []
+        done = set()
+        with loader.cond:
+            while waiting:
+                loader.check()
+                done |= {u.id for u, _ in self.data_units if u.done} | {u.id for u in running if u.done}
+                running = [u for u in running if not u.done]
+                ready = None
+                for unit in waiting:
+                    if unit.deps <= done and not self._conflicts(unit, running):
+                        ready = unit
+                        break
+                session = loader.free_session() if ready is not None else None
+                if session is None:
+                    if not running and not any(s.pending for s in loader.sessions):
+                        raise LoadFailed("internal error: the remaining entries wait for each other")
+                    loader.cond.wait(1)
+                    continue
+                waiting.remove(ready)
+                running.append(ready)
+                loader.begin(session, ready, _state_lines(ready.entry.state) + ready.entry.text())
+                loader.finish(session, ready)
+        loader.wait_all()
+
+    @staticmethod
+    def _conflicts(unit, running):
+        if unit.kind == "fk":
+            return any(other.kind == "fk" and (unit.locks is None or other.locks is None or unit.locks & other.locks)
+                       for other in running)
+        if unit.kind in ("index", "constraint"):
+            return any(other.kind in ("index", "constraint") and other.table == unit.table
+                       and not (unit.shared and other.shared) for other in running)
+        return False
+
+
+def _is_noise(line):
+    return not line.strip() or line.startswith(b"--") or bool(STATE_RE.match(line))
+
+
+def _state_lines(state):
+    return b"".join(state[k] for k in sorted(state))
+
+
+# --- the program --------------------------------------------------------------------------------
+
+def decompressor(path):
+    if not path.endswith(".gz"):
+        return ["cat", "--", path]
+    for tool in ("igzip", "pigz", "gzip"):
+        if shutil.which(tool):
+            return [tool, "-dc", "--", path]
+    raise LoadFailed("no gzip decompressor (igzip, pigz or gzip) on PATH")
+
+
+def default_jobs():
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def load(argv, jobs, dump=None, stdin_fd=0):
+    """Load; returns the exit status."""
+    started = time.monotonic()
+    loader = Loader(argv, jobs, spool_dir=os.environ.get("KW_SPOOL_DIR") or None)
+    source = None
+    err = tempfile.TemporaryFile()
+
+    def decompressed():
+        """At the end of the stream: a failed decompression is a damaged dump, whatever was read."""
+        if source is not None and source.wait() != 0:
+            err.seek(0)
+            said = " ".join(err.read().decode(errors="replace").split())[-300:]
+            raise LoadFailed(f"decompressing failed: exit {source.returncode}: {said}", DAMAGED)
+
+    plan = Plan(loader, decompressed)
+    try:
+        if dump is not None:
+            source = subprocess.Popen(decompressor(dump), stdout=subprocess.PIPE, stderr=err, bufsize=0)
+            fd = source.stdout.fileno()
+        else:
+            fd = stdin_fd
+        _large_pipe(fd)
+        plan.run(events(chunks_of(fd)))
+        loader.close()
+        for session in loader.sessions:
+            session.threads[1].join()
+        loader.check()
+    except LoadFailed as exc:
+        loader.kill()
+        if source is not None and source.poll() is None:
+            source.kill()
+        note(str(exc))
+        return exc.code
+    except BaseException:
+        loader.kill()
+        if source is not None:
+            source.kill()
+        raise
+    note(f"loaded with {jobs} sessions in {time.monotonic() - started:.1f}s: {plan.copies} tables' data"
+         + (f", {plan.spooled >> 20} MiB spooled to disk" if plan.spooled else "")
+         + (f" (in one session: {plan.serial})" if plan.serial else ""))
+    return 0
+
+
+def main(args=None):
+    args = list(sys.argv[1:] if args is None else args)
+    options = {"--jobs": "auto", "--session": None, "--dump": None}
+    while args:
+        flag = args.pop(0)
+        if flag not in options or not args:
+            sys.stderr.write(__doc__)
+            return 2
+        options[flag] = args.pop(0)
+    if options["--session"] is None:
+        sys.stderr.write(__doc__)
+        return 2
+    argv = json.loads(options["--session"])
+    jobs = default_jobs() if options["--jobs"] == "auto" else max(1, int(options["--jobs"]))
+    return load(argv, jobs, options["--dump"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
