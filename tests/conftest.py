@@ -1,5 +1,5 @@
-"""Fixtures over the test world (tests/world.py): one PostgreSQL and one set of sshd places per
-session, a fresh database and a fresh set of directories per test."""
+"""Fixtures over the test world (tests/world.py): one PostgreSQL, one set of sshd places, one install of
+each role and one S3 server per session, a fresh database and a fresh set of directories per test."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +26,44 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
+# The Pi's unprivileged user works in each test's directory, so as root the session's temporary directories sit
+# under a root of this session's own that other users may traverse: pytest keeps /tmp/pytest-of-root 0700, and
+# makes it so again whenever any session starts (another engineer's too). The roots of the last sessions that
+# ended are kept, as pytest keeps its own.
+TEMPROOT_PREFIX = "kwtest-tmp-"
+if os.geteuid() == 0 and "PYTEST_DEBUG_TEMPROOT" not in os.environ:
+    def _ended(root: Path) -> bool:
+        for lock in root.glob("pytest-of-*/pytest-*/.lock"):
+            try:
+                os.kill(int(lock.read_text()), 0)
+                return False
+            except (ValueError, ProcessLookupError):
+                continue
+        return time.time() - root.stat().st_mtime > 60  # one that has just begun has no lock yet
+
+    for _old in sorted(Path(tempfile.gettempdir()).glob(TEMPROOT_PREFIX + "*"), key=os.path.getmtime)[:-3]:
+        if _ended(_old):
+            shutil.rmtree(_old, ignore_errors=True)
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = tempfile.mkdtemp(prefix=TEMPROOT_PREFIX)
+    os.chmod(os.environ["PYTEST_DEBUG_TEMPROOT"], 0o711)
+
+
+@pytest.fixture(scope="session")
+def pi(tmp_path_factory):
+    """The Pi's backup user, unprivileged (made once on this machine), able to reach each test's directory."""
+    user = world.unprivileged_user("pi")
+    # pytest-N (under pytest-xdist a worker's popen-gwN in it) and pytest-of-root, 0700 as pytest makes them: up
+    # to the root of this session's own, where there is one.
+    base = tmp_path_factory.getbasetemp()
+    root = Path(os.environ.get("PYTEST_DEBUG_TEMPROOT", "")).resolve()
+    base.chmod(0o711)
+    for directory in base.parents:
+        if directory == root or root not in directory.parents:
+            break
+        directory.chmod(0o711)
+    return user
+
+
 @pytest.fixture(scope="session")
 def pg():
     # Not under pytest's tmp: that is private to root, and the server runs as another user.
@@ -41,9 +80,46 @@ def pg():
 
 @pytest.fixture(scope="session")
 def ssh_world(tmp_path_factory):
-    places = world.SshWorld(tmp_path_factory.mktemp("ssh")).start()
+    """The sshd places; prod's and the pi5's logins find kw-backup only as `make install-*` put it into a DESTDIR of
+    each (installed when a test first asks for prod_install or pi5_install: until then, nothing)."""
+    installs = Path(tempfile.mkdtemp(prefix="kw-installs-"))
+    installs.chmod(0o755)  # the Pi's user runs its install
+    places = world.SshWorld(tmp_path_factory.mktemp("ssh"), {
+        "prod": world.Install(installs / "prod", "prod"), "pi5": world.Install(installs / "pi5", "pi5", "pi")}).start()
     yield places
     places.stop()
+    shutil.rmtree(installs)
+
+
+@pytest.fixture(scope="session")
+def prod_install(ssh_world) -> world.Install:
+    """make install-prod, once per session: what prod's logins find."""
+    return ssh_world.places["prod"].install.make()
+
+
+@pytest.fixture(scope="session")
+def pi5_install(ssh_world, pi) -> world.Install:
+    """make install-pi5 BACKUP_USER=pi, once per session: what the pi5's logins find, and what the Pi runs. pi may
+    log in there: sshd reads authorized_keys as the user logging in."""
+    ssh_world.base.chmod(0o711)
+    ssh_world.places["pi5"].authorized_keys.chmod(0o644)
+    return ssh_world.places["pi5"].install.make()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = world.S3(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, tmp_path):
+    """A versioned bucket of this test's own on moto's S3 server, through an rclone config (`bucket.config`) whose
+    remote `offsite` reaches it; the server is emptied afterwards."""
+    bucket = s3_server.bucket(s3_server.rclone_config(tmp_path / "rclone-s3.conf"))
+    yield bucket
+    s3_server.reset()
 
 
 @pytest.fixture
@@ -72,6 +148,7 @@ class Kw:
             "MAX_DUMP_AGE_HOURS": "1000000",
         }
         self.env_file = tmp / "backup.env"
+        self.pi: world.Pi | None = None  # set (net): the orchestrator runs as the Pi's unprivileged user
 
     def env(self, **extra: str) -> dict[str, str]:
         world.write_env(self.env_file, self.settings)
@@ -80,9 +157,26 @@ class Kw:
                 "KW_BACKUP_SYSLOG": str(self.syslog.path), "STANDIN_LOG": str(self.standin_log),
                 "PATH": f"{world.STANDINS}:{os.environ['PATH']}", **extra}
 
-    def run(self, script: str, *args: str, env: dict | None = None, **kw):
-        """Run a bin/ script with this setup's env file; `at="2024-03-10 03:00:00"` moves its clock (faketime)."""
-        return world.run_script(script, *args, env=env or self.env(), **kw)
+    def command(self, script: str, *args: str, env: dict | None = None,
+                at: str | None = None) -> tuple[list[str], dict[str, str]]:
+        """bin/<script> with this setup's env file, or with `pi` the installed orchestrator as the Pi runs it."""
+        env = env or self.env()
+        if self.pi and script == "backup-orchestrator":
+            return self.pi.command(script, args, self.settings, env, at)
+        return world.clocked([str(world.BIN / script), *args], env, at)
+
+    def run(self, script: str, *args: str, env: dict | None = None, at: str | None = None, timeout: float = 120,
+            **kw):
+        """Run a script (see command); `at="2024-03-10 03:00:00"` moves its clock (datefudge)."""
+        argv, env = self.command(script, *args, env=env, at=at)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, **kw)
+
+    def popen(self, script: str, *args: str) -> subprocess.Popen:
+        """A script started in the background (see command), its output piped."""
+        argv, env = self.command(script, *args)
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
 
     def dumps(self, directory: Path | None = None) -> list[str]:
         directory = directory or self.prod_dir
@@ -151,10 +245,17 @@ def remote_prod(kw, ssh_world, fresh_prod):
 
 
 @pytest.fixture
-def net(kw, ssh_world):
-    """kw with prod and the nas reached over the real sshd places, the pi5 local (as on the Pi)."""
+def net(kw, ssh_world, pi, pi5_install):
+    """kw with prod and the nas reached over the real sshd places, the pi5 local, as on the Pi: the orchestrator is
+    the installed one, run by the unprivileged `pi` in this test's directory (its own), with its key for prod
+    restricted to `rrsync -ro PROD_DIR`."""
     kw.ssh = ssh_world
     kw.settings.update(PROD_HOST="prod", NAS_HOST="nas", PI5_HOST="local", SSH_CONFIG=str(ssh_world.config))
     kw.pi5_dir = kw.tmp / "pi5"
     kw.nas_dir = kw.tmp / "nas"
-    return kw
+    os.chown(kw.tmp, pi.pw_uid, pi.pw_gid)
+    kw.pi = world.Pi(pi, pi5_install, kw.tmp / "pi-home")
+    kw.pi.prod_key, public = ssh_world.restricted_key(kw.pi.home, kw.prod_dir)
+    kw.pi.own(kw.pi.home)
+    yield kw
+    ssh_world.places["prod"].unauthorize(public)

@@ -7,7 +7,12 @@ Every later test builds on these pieces:
   with its own host key, config, PidFile and authorized_keys, stopped by PID; and .7
   (fresh-prod, tests/conftest.py): a freshly provisioned prod, whose logins find only the
   docker stand-in and the system's tools (PostgreSQL's client among them), nothing of kw-backup;
+- `Install`: what `make install-prod` / `make install-pi5` put into a DESTDIR: the only kw-backup
+  that prod's and the pi5's logins find (their PATH has its /usr/local/bin, KW_BACKUP_ENV its env file);
 - `SshWorld`: the client key, known_hosts and the ssh config file scripts get as SSH_CONFIG;
+- `Pi`: the pi5 as deployed: the unprivileged `pi` runs the installed orchestrator with its own
+  copies of keys and configs, and its key for prod works only as `rrsync -ro PROD_DIR`;
+- `S3`: moto's S3 server on loopback, for rclone's `s3` remote (the offsite tier);
 - `Syslog`: a datagram socket that records what the scripts send to syslog;
 - `run_script`: runs a bin/ script as a user would, with a given env file.
 """
@@ -19,6 +24,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -31,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin"
 STANDINS = Path(__file__).resolve().parent / "standins"
-INSTALLED = Path(__file__).resolve().parent / "installed"  # links to bin/, as make install puts them on PATH
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # a fresh Debian's tools; not /usr/local/bin, which is this machine's
 
 
 def newest_pg_bin() -> Path:
@@ -197,21 +203,23 @@ class Postgres:
 class Sshd:
     """A real sshd on one loopback address with its own host key, config and authorized_keys.
 
-    Its logins get `path` as PATH (default: kw-backup's scripts installed first) and `env`.
+    Its logins get `path` as PATH (default: the system's tools, nothing of kw-backup), `env`, and as
+    KW_BACKUP_ENV the place's settings: `install`'s env file, or an empty one of its own.
     """
 
     def __init__(self, base: Path, name: str, address: str, port: int, path: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, install: Install | None = None):
         self.base = base
         self.port = port
         self.name = name
         self.address = address
-        self.path = path or f"{INSTALLED}:/usr/local/bin:/usr/bin:/bin"
+        self.install = install
+        self.path = f"{install.bin}:{SYSTEM_PATH}" if install else path or SYSTEM_PATH
         self.env = env or {}
         self.pidfile = base / "sshd.pid"
         self.authorized_keys = base / "authorized_keys"
         self.host_key = base / "host_ed25519"
-        self.env_file = base / "backup.env"  # the place's "installed" settings (/etc/kw-backup/backup.env)
+        self.env_file = install.env_file if install else base / "backup.env"  # /etc/kw-backup/backup.env
 
     def start(self) -> Sshd:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -219,7 +227,8 @@ class Sshd:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)], check=True)
         self.authorized_keys.touch(mode=0o600)
-        self.env_file.touch(mode=0o600)
+        if not self.install:  # an install writes its own, from .env.example
+            self.env_file.touch(mode=0o600)
         config = self.base / "sshd_config"
         config.write_text(
             f"ListenAddress {self.address}:{self.port}\nHostKey {self.host_key}\nPidFile {self.pidfile}\n"
@@ -276,16 +285,56 @@ class Sshd:
         return len(children)
 
 
+class Install:
+    """`make install-<role>` into a DESTDIR of its own, done once (`make`), as on a machine that has nothing of
+    kw-backup before. Its venv is made with /usr/bin/python3: the backup user must be able to run it (a python
+    under root's home, pyenv's, is not its to run)."""
+
+    def __init__(self, dest: Path, role: str, user: str = "root"):
+        self.dest, self.role, self.user = dest, role, user
+        self.bin = dest / "usr/local/bin"  # the scripts' links, as a login's PATH finds them
+        self.env_file = dest / "etc/kw-backup/backup.env"
+        self.output: str | None = None  # what the first install printed
+
+    def make(self) -> Install:
+        if self.output is None:
+            done = subprocess.run(["make", "-s", f"install-{self.role}", f"DESTDIR={self.dest}",
+                                   f"BACKUP_USER={self.user}", "PYTHON=/usr/bin/python3"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+            if done.returncode:
+                raise RuntimeError(f"make install-{self.role} failed: {done.stdout}{done.stderr}")
+            self.output = done.stdout
+        return self
+
+
+def unprivileged_user(name: str) -> pwd.struct_passwd:
+    """An OS user with a home, made once on this machine when missing (the Pi's `pi`, as on Raspberry Pi OS),
+    that can log in over ssh with a key: sshd refuses a locked account (useradd's `!`), so a locked one gets
+    `*`, no password at all."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        made = subprocess.run(["useradd", "--create-home", "--user-group", name])
+        if made.returncode not in (0, 9):  # 9: another test worker made it meanwhile
+            raise RuntimeError(f"useradd {name} failed with exit {made.returncode}")
+    status = subprocess.run(["passwd", "--status", name], capture_output=True, text=True, check=True).stdout
+    if status.split()[1] == "L":
+        subprocess.run(["usermod", "--password", "*", name], check=True)
+    return pwd.getpwnam(name)
+
+
 class SshWorld:
     """sshd places plus the client side: a key, known_hosts and an ssh config with one alias per place."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, installs: dict[str, Install] | None = None):
+        """`installs`: the places (prod, pi5) whose logins find kw-backup as installed there."""
         self.base = base
         self.key = base / "client" / "id_ed25519"
         self.known_hosts = base / "client" / "known_hosts"
         self.config = base / "client" / "ssh_config"
         self.port = free_port()
-        self.places = {name: Sshd(base / name, name, addr, self.port) for name, addr in PLACE_ADDRESSES.items()}
+        self.places = {name: Sshd(base / name, name, addr, self.port, install=(installs or {}).get(name))
+                       for name, addr in PLACE_ADDRESSES.items()}
 
     def start(self) -> SshWorld:
         global SSH_PORT
@@ -431,9 +480,226 @@ def standin_calls(log: Path) -> list[list[str]]:
 PYTHON = sys.executable
 
 
+RELAY = Path(__file__).resolve().parent / "relay.py"
+
+
 def relay_command(address: str, bytes_per_second: int) -> str:
-    """A ProxyCommand that slows a place's link down (see tests/relay.py)."""
-    return f"{sys.executable} {Path(__file__).resolve().parent / 'relay.py'} {address} {SSH_PORT} {bytes_per_second}"
+    """A ProxyCommand that slows a place's link down (see tests/relay.py); the system's python, which `pi` runs too."""
+    return f"/usr/bin/python3 {RELAY} {address} {SSH_PORT} {bytes_per_second}"
+
+
+class Pi:
+    """The pi5 as deployed: the unprivileged backup user runs what make install-pi5 installed, as cron would.
+
+    It reads only what is its own: each run gets copies of the ssh and rclone files its settings name (keys
+    and known_hosts of root's are not its to read), an env file of its own, and PI5_DIR, the logs and local
+    places owned by it. `prod_key`, when set, is its key for prod, which prod accepts only as
+    `rrsync -ro PROD_DIR` (as make authorize-pi5 adds it): offered first to prod in every ssh config it gets.
+    """
+
+    def __init__(self, user: pwd.struct_passwd, install: Install, home: Path):
+        self.user, self.install, self.home = user, install, home
+        self.prod_key: Path | None = None
+        home.mkdir(mode=0o700, exist_ok=True)
+        self.own(home)
+
+    def own(self, *paths: Path) -> None:
+        """Make what exists of `paths` (and everything under them) the Pi's."""
+        for path in paths:
+            if not path.exists():
+                continue
+            for entry in [path, *(path.rglob("*") if path.is_dir() else [])]:
+                os.chown(entry, self.user.pw_uid, self.user.pw_gid, follow_symlinks=False)
+
+    def _copies(self, text: str, directory: Path, options: str) -> str:
+        """`text` with each file named by one of `options` (ssh's `Option path`, rclone's `option = path`)
+        replaced by the Pi's own copy in `directory`."""
+        def copy(match: re.Match) -> str:
+            source = Path(match[2])
+            target = directory / f"{len(list(directory.iterdir()))}-{source.name}"
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            self.own(target)
+            return match[1] + str(target)
+
+        return re.sub(rf"^(\s*(?:{options})\s*=?\s*)(/\S+)$", copy, text, flags=re.M | re.I)
+
+    def settings(self, settings: dict[str, str], name: str = "copies") -> dict[str, str]:
+        """`settings` with SSH_CONFIG and RCLONE_CONFIG replaced by the Pi's copies in its directory `name` (made
+        anew each time: tests rewrite their configs between runs)."""
+        directory = self.home / name
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(mode=0o700)
+        self.own(directory)
+        mine = dict(settings)
+        for setting, options in (("SSH_CONFIG", "IdentityFile|UserKnownHostsFile"),
+                                 ("RCLONE_CONFIG", "key_file|known_hosts_file")):
+            if not settings.get(setting):
+                continue
+            text = Path(settings[setting]).read_text()
+            if setting == "SSH_CONFIG":
+                if self.prod_key:
+                    text = f"Host prod\n  IdentityFile {self.prod_key}\n\n" + text
+                if str(RELAY) in text:  # the checkout may be where the Pi cannot read (under root's home)
+                    shutil.copyfile(RELAY, directory / RELAY.name)
+                    text = text.replace(str(RELAY), str(directory / RELAY.name))
+            path = directory / f"{setting.lower()}"
+            path.write_text(self._copies(text, directory, options))
+            path.chmod(0o600)
+            self.own(*directory.iterdir())
+            mine[setting] = str(path)
+        return mine
+
+    def command(self, script: str, args: tuple[str, ...], settings: dict[str, str], env: dict[str, str],
+                at: str | None = None) -> tuple[list[str], dict[str, str]]:
+        """The installed `script` run as the Pi with `settings` (its env file) and `env` (less root's PATH and
+        home): an argument list and an environment for subprocess."""
+        mine = self.settings(settings)
+        env_file = write_env(self.home / "backup.env", mine)
+        local = [mine.get(k) for k in ("PI5_DIR", "LOG_FILE", "HISTORY_FILE", "DRILL_LOG", "WORK_DIR")]
+        local += [mine.get("NAS_DIR") if mine.get("NAS_HOST") == "local" else None,
+                  mine.get("OFFSITE_REMOTE") if mine.get("OFFSITE_REMOTE", "").startswith("/") else None]
+        self.own(env_file, *(Path(p) for p in local if p))
+        argv, env = clocked([str(self.install.bin / script), *args], env, at)
+        env = {**{k: v for k, v in env.items() if k not in ("SSH_CONFIG", "RCLONE_CONFIG")},
+               **{k: mine[k] for k in ("SSH_CONFIG", "RCLONE_CONFIG") if k in env},
+               "PATH": f"{self.install.bin}:{SYSTEM_PATH}", "HOME": self.user.pw_dir, "USER": self.user.pw_name,
+               "LOGNAME": self.user.pw_name, "KW_BACKUP_ENV": str(env_file)}
+        return ["runuser", "-u", self.user.pw_name, "--", *argv], env
+
+
+class S3:
+    """moto's S3 server (moto_server, a real HTTP server of the S3 API) on 127.0.0.1, for rclone's `s3` remote.
+
+    Buckets are versioned: moto answers an unversioned multipart upload with `X-Amz-Version-Id: null`, which
+    rclone then fails to HEAD. `reset` empties it (moto keeps everything in memory).
+    """
+
+    ACCESS_KEY, SECRET_KEY = "kwtest", "kwtest-secret"  # moto takes any; only ever in rclone's config file
+
+    def __init__(self, log: Path):
+        self.log = log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> S3:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                                          str(self.port)], stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise RuntimeError(f"moto_server did not start: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def reset(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=10)
+
+    def rclone_config(self, path: Path, name: str = "offsite", endpoint: str | None = None) -> Path:
+        """An rclone config with an `s3` remote `name` on this server (or `endpoint`): parts of 5 MiB above
+        5 MiB (rclone's default cutoff is 200 MiB), so a dump of ~12 MB goes up as a multipart upload."""
+        path.write_text(f"[{name}]\ntype = s3\nprovider = Other\nenv_auth = false\n"
+                        f"access_key_id = {self.ACCESS_KEY}\nsecret_access_key = {self.SECRET_KEY}\n"
+                        f"endpoint = {endpoint or self.url}\nregion = us-east-1\n"
+                        "upload_cutoff = 5M\nchunk_size = 5M\n")
+        path.chmod(0o600)
+        return path
+
+    def bucket(self, config: Path, name: str = "offsite") -> Bucket:
+        """A new versioned bucket, seen through `config`'s remote `name`."""
+        bucket = Bucket(config, f"{name}:kw-{os.urandom(4).hex()}")
+        bucket.rclone("mkdir", bucket.remote)
+        bucket.rclone("backend", "versioning", bucket.remote, "Enabled")
+        return bucket
+
+
+class Directory:
+    """A test's view of a local-directory remote; the same calls as `Bucket`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.remote = str(path)
+
+    @property
+    def parent(self) -> Directory:
+        return Directory(self.path.parent)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def files(self, sub: str = "") -> list[str]:
+        where = self.path / sub
+        return sorted(p.name for p in where.iterdir() if p.is_file()) if where.is_dir() else []
+
+    def read(self, name: str) -> bytes:
+        return (self.path / name).read_bytes()
+
+    def write(self, name: str, data: bytes) -> None:
+        (self.path / name).parent.mkdir(parents=True, exist_ok=True)
+        (self.path / name).write_bytes(data)
+
+    def contents(self) -> dict[str, bytes]:
+        return {str(p.relative_to(self.path)): p.read_bytes() for p in self.path.rglob("*") if p.is_file()}
+
+
+class Bucket:
+    """A test's view of a path at an rclone remote (an S3 bucket): its files, their bytes and every stored version,
+    read with rclone, as an operator would look."""
+
+    def __init__(self, config: Path, remote: str):
+        self.config, self.remote = config, remote
+
+    def rclone(self, *args: str, input: bytes | None = None) -> bytes:
+        # Debian's rclone 1.60 cannot use AWS_CA_BUNDLE (LoadCustomCABundleError): never pass it on.
+        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+        done = subprocess.run(["rclone", "--config", str(self.config), *args], input=input, capture_output=True,
+                              env=env, timeout=120)
+        if done.returncode:
+            raise AssertionError(f"rclone {' '.join(args)}: {done.stderr.decode(errors='replace')}")
+        return done.stdout
+
+    def at(self, sub: str) -> Bucket:
+        return Bucket(self.config, f"{self.remote}/{sub}")
+
+    @property
+    def parent(self) -> Bucket:
+        return Bucket(self.config, self.remote.rsplit("/", 1)[0])
+
+    def exists(self) -> bool:
+        return bool(self._listing())
+
+    def _listing(self, *flags: str) -> list[dict]:
+        return json.loads(self.rclone("lsjson", "-R", "--files-only", *flags, self.remote))
+
+    def files(self, sub: str = "") -> list[str]:
+        return sorted(i["Path"] for i in json.loads(self.rclone("lsjson", "--files-only", f"{self.remote}/{sub}"
+                                                                 if sub else self.remote)))
+
+    def read(self, name: str) -> bytes:
+        return self.rclone("cat", f"{self.remote}/{name}")
+
+    def write(self, name: str, data: bytes) -> None:
+        self.rclone("rcat", f"{self.remote}/{name}", input=data)
+
+    def contents(self) -> dict[str, bytes]:
+        return {i["Path"]: self.read(i["Path"]) for i in self._listing()}
+
+    def versions(self) -> list[tuple[str, int]]:
+        """Every stored version of every file: a file sent again adds one."""
+        return sorted((i["Path"], i["Size"]) for i in self._listing("--s3-versions"))
 
 
 def listing_blocks(output: str) -> dict[str, list[str]]:

@@ -27,33 +27,15 @@ def make(*args, env=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """One install-prod into a DESTDIR (making the venv takes a few seconds)."""
-    dest = tmp_path_factory.mktemp("dest")
-    first = make("install-prod", f"DESTDIR={dest}")
-    return dest, first.stdout
+def installed(prod_install):
+    """The session's install-prod into a DESTDIR (the one prod's logins find), and what it printed."""
+    return prod_install.dest, prod_install.output
 
 
 @pytest.fixture(scope="module")
-def pi():
-    """The Pi's unprivileged backup user, as on Raspberry Pi OS (made once on this machine)."""
-    try:
-        return pwd.getpwnam("pi")
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--user-group", "pi"], check=True)
-        return pwd.getpwnam("pi")
-
-
-@pytest.fixture(scope="module")
-def installed_pi5(pi):
-    """One install-pi5 for BACKUP_USER=pi, into a DESTDIR that pi can reach as it reaches / on a Pi."""
-    base = Path(tempfile.mkdtemp(prefix="kw-installed-pi5-"))
-    base.chmod(0o755)
-    dest = base / "dest"
-    # The machine's python3, as on a Pi: one under root's home (pyenv) is not the backup user's to run.
-    output = make("install-pi5", f"DESTDIR={dest}", "BACKUP_USER=pi", "PYTHON=/usr/bin/python3").stdout
-    yield dest, output
-    shutil.rmtree(base)
+def installed_pi5(pi5_install):
+    """The session's install-pi5 for BACKUP_USER=pi, into a DESTDIR that pi can reach as it reaches / on a Pi."""
+    return pi5_install.dest, pi5_install.output
 
 
 def test_install_prod_into_destdir_then_a_real_backup_through_the_link(installed, kw, tmp_path):
@@ -86,8 +68,9 @@ def test_a_second_install_changes_nothing_and_keeps_a_changed_env_file(installed
     assert env_file.read_text() == "PROD_KEEP=5\n"
 
 
-def test_install_pi5_and_uninstall_keep_the_settings_and_backups(tmp_path):
+def test_install_pi5_and_uninstall_keep_the_settings_and_backups(installed_pi5, tmp_path):
     dest = tmp_path / "dest"
+    shutil.copytree(installed_pi5[0], dest, symlinks=True)  # a copy of the session's: its venv takes long to make
     make("install-pi5", f"DESTDIR={dest}")
     assert "PI5_HOST=local" in (dest / "etc/kw-backup/backup.env").read_text()
     assert (dest / "etc/logrotate.d/kw-backup").exists()
@@ -100,11 +83,13 @@ def test_install_pi5_and_uninstall_keep_the_settings_and_backups(tmp_path):
     assert (dest / "etc/kw-backup/backup.env").exists() and (dest / "backups/kw-app/db-2024-01-01.sql.gz").exists()
 
 
-def test_remote_install_over_ssh_into_a_destdir_on_prod(ssh_world, tmp_path):
-    dest = tmp_path / "remote-dest"
+def test_remote_install_over_ssh_into_a_destdir_on_prod(ssh_world, installed):
+    """The tree copied to prod over ssh and make run there: over the session's install (a new venv takes long), so
+    it finds that install complete and changes nothing."""
+    dest = installed[0]
     env = {**os.environ, "SSH_CONFIG": str(ssh_world.config)}
     result = make("install-prod", "HOST=prod", f"DESTDIR={dest}", env=env)
-    assert "installing kw-backup (prod)" in result.stdout
+    assert "installing kw-backup (prod)" in result.stdout and "nothing changed: already installed" in result.stdout
     assert (dest / "usr/local/bin/backup-db").is_symlink() and (dest / "etc/cron.d/kw-backup-prod").exists()
     assert not [n for n in os.listdir("/tmp") if n.startswith("kw-backup-install.")]
 

@@ -60,6 +60,18 @@ def test_pulls_verifies_pushes_and_logs_a_summary(net):
     assert "result=ok" in summary[0] and "time=" in summary[0] and "size=" in summary[0]
 
 
+def test_it_runs_as_the_pis_unprivileged_user_with_a_key_prod_restricts_to_rrsync(net, pi):
+    """As on a Pi: the installed orchestrator, run by `pi`, whose key prod accepts only as `rrsync -ro PROD_DIR`;
+    what it makes is its own."""
+    world.synthetic_dump(net.prod_dir, NAME)
+    result = run_orchestrator(net, "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert "restricted by rrsync" in result.stderr
+    made = [net.pi5_dir, net.pi5_dir / NAME, net.pi5_dir / (NAME + ".json"), net.tmp / "orchestrator.log"]
+    assert {p.stat().st_uid for p in made} == {pi.pw_uid}
+    assert finals(net.nas_dir) == [NAME, NAME + ".json"]
+
+
 def test_second_run_the_same_night_transfers_nothing(net):
     world.synthetic_dump(net.prod_dir, NAME)
     assert run_orchestrator(net).returncode == 0
@@ -182,8 +194,7 @@ def slow_link(net, tmp_path, place, rate=3_000_000):
 def test_connection_dropped_mid_pull_is_resumed_never_promoted_partial(net, tmp_path):
     world.synthetic_dump(net.prod_dir, NAME, rows=150000, random_bytes=True)  # ~9 MB at 3 MB/s
     slow_link(net, tmp_path, "prod")
-    proc = subprocess.Popen([str(world.BIN / "backup-orchestrator")], env=net.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = net.popen("backup-orchestrator")
     partial = net.pi5_dir / ".incoming" / NAME
     wait_for(lambda: partial.exists() and partial.stat().st_size > 1_000_000)
     assert net.ssh.places["prod"].drop_sessions() > 0
@@ -198,8 +209,7 @@ def test_connection_dropped_mid_pull_is_resumed_never_promoted_partial(net, tmp_
 def test_connection_dropped_mid_push_is_resumed(net, tmp_path):
     world.synthetic_dump(net.prod_dir, NAME, rows=150000, random_bytes=True)
     slow_link(net, tmp_path, "nas")
-    proc = subprocess.Popen([str(world.BIN / "backup-orchestrator")], env=net.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = net.popen("backup-orchestrator")
     partial = net.nas_dir / ".incoming" / NAME
     wait_for(lambda: partial.exists() and partial.stat().st_size > 1_000_000)
     assert net.ssh.places["nas"].drop_sessions() > 0
@@ -214,8 +224,7 @@ def test_connection_dropped_mid_push_is_resumed(net, tmp_path):
 def test_a_link_that_keeps_dropping_fails_with_nothing_promoted(net, tmp_path):
     world.synthetic_dump(net.prod_dir, NAME, rows=150000, random_bytes=True)
     slow_link(net, tmp_path, "prod", rate=1_000_000)
-    proc = subprocess.Popen([str(world.BIN / "backup-orchestrator")], env=net.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = net.popen("backup-orchestrator")
     stop = threading.Event()
 
     def keep_dropping():
@@ -240,8 +249,7 @@ def test_a_link_that_keeps_dropping_fails_with_nothing_promoted(net, tmp_path):
 def test_two_orchestrators_at_once(net, tmp_path):
     world.synthetic_dump(net.prod_dir, NAME, rows=100000, random_bytes=True)
     slow_link(net, tmp_path, "prod")
-    first = subprocess.Popen([str(world.BIN / "backup-orchestrator")], env=net.env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = net.popen("backup-orchestrator")
     wait_for(lambda: (net.pi5_dir / ".incoming" / NAME).exists())
     second = run_orchestrator(net)
     assert second.returncode == 4 and "another backup-orchestrator is running" in second.stderr

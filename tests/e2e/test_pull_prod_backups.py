@@ -1,4 +1,9 @@
-"""bin/pull-prod-backups run on the laptop: backup-db on prod, then the pi5's backup-orchestrator, over ssh."""
+"""bin/pull-prod-backups run on the laptop: backup-db on prod, then the pi5's backup-orchestrator, over ssh.
+
+Prod and the pi5 are as deployed: their logins find only what make install-prod and make install-pi5 put
+there, each reads its installed env file, and the laptop reaches the pi5 as its unprivileged `pi`, whose
+key for prod works only as `rrsync -ro PROD_DIR`.
+"""
 
 import json
 import os
@@ -41,9 +46,9 @@ def place_env(ssh_world):
 
 
 @pytest.fixture
-def laptop(net, pg, place_env):
-    """The laptop reaches prod and the pi5 over ssh; each runs its installed scripts with its own env file."""
-    net.settings.update(PI5_HOST="pi5")
+def laptop(net, pg, place_env, prod_install, pi5_install):
+    """The laptop reaches prod and the pi5 (as pi) over ssh; each runs its installed scripts with its env file."""
+    net.settings.update(PI5_HOST="pi@pi5")
     dirs = {key: net.settings[key] for key in ("PROD_DIR", "PI5_DIR", "NAS_DIR")}
     # The remote session does not inherit the test's PG* variables: prod's settings say where PostgreSQL is.
     net.prod_env = {"DB_EXEC": "direct", "DB_NAME": net.settings["DB_NAME"], "DB_HOST": "127.0.0.1",
@@ -54,9 +59,28 @@ def laptop(net, pg, place_env):
                    "MAX_DUMP_AGE_HOURS": net.settings["MAX_DUMP_AGE_HOURS"]}
     net.pi5_log = net.tmp / "pi5-orchestrator.log"
     place_env("prod", net.prod_env)
-    place_env("pi5", net.pi5_env)
+    place_env("pi5", pi5_settings(net))
     net.place_env = place_env
     return net
+
+
+def pi5_settings(net, **changes):
+    """The pi5's settings, its ssh files the Pi's own copies."""
+    return net.pi.settings({**net.pi5_env, **changes}, "pi5")
+
+
+def test_prod_and_the_pi5_run_what_was_installed_there_and_the_pi5_as_pi(laptop, prod_install, pi5_install, pi):
+    looked_up = "id -un; for s in backup-db backup-orchestrator verify-backup; do command -v $s; done"
+    for place, install in (("prod", prod_install), ("pi@pi5", pi5_install)):
+        found = laptop.ssh.ssh(place, looked_up)
+        user, *paths = found.stdout.split()
+        assert user == ("pi" if place == "pi@pi5" else "root")
+        assert paths == [str(install.bin / s) for s in ("backup-db", "backup-orchestrator", "verify-backup")], paths
+        assert str(world.ROOT) not in laptop.ssh.ssh(place, "echo $PATH").stdout
+    result = laptop.run("pull-prod-backups")
+    assert result.returncode == 0, result.stdout + result.stderr
+    name = os.path.basename(dump_path(result.stdout, laptop.prod_dir))
+    assert (laptop.pi5_dir / name).stat().st_uid == pi.pw_uid and laptop.pi5_log.stat().st_uid == pi.pw_uid
 
 
 def dump_path(stdout, prod_dir):
@@ -98,7 +122,7 @@ def test_the_orchestrators_output_streams_while_it_runs(laptop):
     script.chmod(0o755)
     nas = f"{script} {gate} {world.relay_command(laptop.ssh.places['nas'].address, 10**8)}"
     config = laptop.ssh.client_config(laptop.tmp / "pi5_ssh_config", proxy={"nas": nas})
-    laptop.place_env("pi5", {**laptop.pi5_env, "SSH_CONFIG": str(config)})
+    laptop.place_env("pi5", pi5_settings(laptop, SSH_CONFIG=str(config)))
     proc = subprocess.Popen([str(world.BIN / "pull-prod-backups"), "--no-dump"], env=laptop.env(), text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
