@@ -5,13 +5,15 @@ in its config file (RCLONE_CONFIG), never on a command line. Like the nas, a cop
 into `.incoming/`, its checksum compared with the pi5's file, and only then moved to its final
 name, manifest first: a final name never holds a partial upload, whatever rclone version or
 remote. The checksum is the best one the remote offers (sha256, sha1, md5); a remote with
-none is read back (`--download`). It is a `destinations.Destination`, like the nas.
+none, and a copy the remote has no checksum of (an S3 multipart upload), is read back
+(`--download`). It is a `destinations.Destination`, like the nas.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -76,8 +78,11 @@ class Offsite:
         return self.remote + ("" if self.remote.endswith((":", "/")) else "/") + "/".join(parts)
 
     def rclone(self, *args: str, name: str) -> Cmd:
-        return Cmd(["rclone", *(["--config", self.config] if self.config else []), *RCLONE_OPTIONS, *args],
-                   name=name)
+        # Debian 12's rclone 1.60 fails every S3 call when AWS_CA_BUNDLE is set (LoadCustomCABundleError): the
+        # bundle goes to rclone's own --ca-cert instead, which means the same.
+        bundle = os.environ.get("AWS_CA_BUNDLE")
+        return Cmd(["rclone", *(["--config", self.config] if self.config else []), *RCLONE_OPTIONS,
+                    *(["--ca-cert", bundle] if bundle else []), *args], name=name, env={"AWS_CA_BUNDLE": ""})
 
     def _run(self, *args: str, name: str, input: bytes | None = None, timeout: float = 3600) -> bytes:
         try:
@@ -163,26 +168,33 @@ class Offsite:
     def _upload(self, sources: list[Path]) -> None:
         for parent in dict.fromkeys(p.parent for p in sources):
             batch = [p.name for p in sources if p.parent == parent]
-            self._run("copy", "--ignore-times", "--files-from-raw", "-", str(parent), self.path(sub=INCOMING),
-                      name="upload offsite", input="\n".join(batch).encode())
+            # --s3-disable-checksum: the md5 rclone would record with an S3 multipart upload is its own claim
+            # (object metadata), not the server's: without it such a copy has no md5 and is read back in check.
+            self._run("copy", "--ignore-times", "--s3-disable-checksum", "--files-from-raw", "-", str(parent),
+                      self.path(sub=INCOMING), name="upload offsite", input="\n".join(batch).encode())
 
     def check(self, parcels) -> str:
         """Compare each uploaded copy's checksum with the local file's; VerificationError when one differs."""
         sources = [path for parcel in parcels for path in parcel.paths]
         kind, download = self._hash_kind()
-        out = self._run("hashsum", kind, *(["--download"] if download else []), "--files-from-raw", "-",
-                        self.path(sub=INCOMING), name="checksum offsite", input="\n".join(p.name for p in sources)
-                        .encode())
-        remote = {}
-        for line in out.decode(errors="replace").splitlines():
-            digest, _, name = line.partition("  ")
-            remote[name] = digest.strip().lower()
+        remote = self._hashsum(kind, download, [p.name for p in sources])
+        # A copy the remote has no checksum of (an S3 multipart upload) is read back.
+        unknown = [name for name, digest in remote.items() if not digest]
+        if unknown and not download:
+            remote.update(self._hashsum(kind, True, unknown))
         for source in sources:
             local = self._local_hashes.pop(source, None) or _file_hash(source, kind)
             if remote.get(source.name) != local:
                 raise VerificationError(f"offsite: the uploaded {source.name} has {kind} {remote.get(source.name)}, "
                                         f"not {local}", "the next run sends it again")
-        return kind + (" (read back)" if download else "")
+        return kind + (" (read back)" if download else f" ({len(unknown)} read back)" if unknown else "")
+
+    def _hashsum(self, kind: str, download: bool, names: list[str]) -> dict[str, str]:
+        """{name: digest} of files in .incoming/, the digest empty where the remote has none."""
+        out = self._run("hashsum", kind, *(["--download"] if download else []), "--files-from-raw", "-",
+                        self.path(sub=INCOMING), name="checksum offsite", input="\n".join(names).encode())
+        width = hashlib.new(kind).digest_size * 2  # rclone pads a missing digest with spaces to this width
+        return {line[width + 2:]: line[:width].strip().lower() for line in out.decode(errors="replace").splitlines()}
 
     def _hash_kind(self) -> tuple[str, bool]:
         if self._hash is None and self.remote.startswith("/"):

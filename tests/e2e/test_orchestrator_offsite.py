@@ -1,8 +1,10 @@
 """bin/backup-orchestrator with AGE_RECIPIENTS and OFFSITE_REMOTE (issue 8), and list-backups reading the offsite.
 
-Real age, rclone and rsync; prod and the nas over the real sshd places (`net`), the offsite as a
-local directory or as rclone's sftp remote on the loopback sshd; alerts go to a real local HTTP
-server (world.Recorder) through Apprise's json:// URL.
+Real age, rclone and rsync; prod and the nas over the real sshd places (`net`, the orchestrator run
+as the Pi's unprivileged user), the offsite as an S3 bucket on moto's S3 server (rclone's `s3` remote),
+as a local directory, or as rclone's sftp remote on the loopback sshd (without checksums: read back; and
+for a link dropped mid-upload); alerts go to a real local HTTP server (world.Recorder) through Apprise's
+json:// URL.
 """
 
 import hashlib
@@ -14,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,9 +43,11 @@ def run(kw, script="backup-orchestrator", *args):
     return kw.run(script, *args, timeout=180)
 
 
-def finals(directory):
-    """Dump and manifest files under their final names."""
-    return sorted(n for n in os.listdir(directory) if n.startswith("db-")) if directory.exists() else []
+def finals(place):
+    """Dump and manifest files under their final names: in a directory, or at a remote (world.Bucket)."""
+    if isinstance(place, world.Bucket):
+        return [n for n in place.files() if n.startswith("db-")]
+    return sorted(n for n in os.listdir(place) if n.startswith("db-")) if place.exists() else []
 
 
 def with_manifests(*dumps):
@@ -67,8 +72,24 @@ def sftp_offsite(kw, **options):
     return directory
 
 
-def decrypt(path, identity):
-    return subprocess.run(["age", "-d", "-i", str(identity), str(path)], capture_output=True, check=True).stdout
+def s3_offsite(kw, s3):
+    """OFFSITE_REMOTE a path in the test's versioned bucket on moto's S3 server; the test's view of it."""
+    offsite = s3.at("kw-app")
+    kw.settings.update(OFFSITE_REMOTE=offsite.remote, RCLONE_CONFIG=str(s3.config))
+    return offsite
+
+
+def decrypt(copy, identity):
+    """The plain bytes of an encrypted copy: a file, or the bytes read from a remote."""
+    path = copy if isinstance(copy, Path) else None
+    return subprocess.run(["age", "-d", "-i", str(identity), *([str(path)] if path else [])],
+                          input=None if path else copy, capture_output=True, check=True).stdout
+
+
+def no_plain_dump_at(offsite):
+    """Not one byte of a plain dump at a remote (.incoming/ too)."""
+    for name, data in offsite.contents().items():
+        assert not re.search(r"\.sql\.gz(\.json)?$", name) and data[:2] != b"\x1f\x8b", name
 
 
 def sha256(data):
@@ -153,49 +174,49 @@ def test_only_encrypted_copies_leave_the_pi5_and_decrypt_to_its_bytes(net, key, 
     assert checked.returncode == 0, checked.stderr
 
 
-def test_a_second_run_the_same_night_encrypts_and_sends_nothing(net, key):
+def test_a_second_run_the_same_night_encrypts_and_sends_nothing(net, key, s3):
     net.settings["AGE_RECIPIENTS"] = key[1]
-    offsite = local_offsite(net)
+    offsite = s3_offsite(net, s3)
     world.synthetic_dump(net.prod_dir, NAME)
     assert run(net).returncode == 0
-    before = {**stamps(net.nas_dir), **stamps(offsite)}
+    before = stamps(net.nas_dir), offsite.versions()  # the bucket is versioned: a file sent again adds a version
     again = run(net)
     assert again.returncode == 0, again.stderr
     assert "the nas has every verified dump already" in again.stderr
     assert "offsite has every verified dump already" in again.stderr
     assert "encrypted" not in again.stderr
-    assert {**stamps(net.nas_dir), **stamps(offsite)} == before
+    assert (stamps(net.nas_dir), offsite.versions()) == before
     assert "pushed=0" in summary(net) and "offsite=ok" in summary(net)
 
 
 # --- the offsite remote ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("hashcheck", [True, False], ids=["sftp-with-checksums", "sftp-without-checksums"])
-def test_an_sftp_offsite_on_the_loopback_sshd(net, key, hashcheck):
+@pytest.mark.parametrize("kind, rows, checked_by", [
+    ("s3", 20000, "md5"),  # one part: S3's own md5 (the ETag)
+    ("s3", 200000, "md5 (1 read back)"),  # ~12 MB in parts of 5 MiB: S3 has no md5 of it, so it is read back
+    ("sftp-without-checksums", 20000, "sha256 (read back)"),  # no checksum offered: read back
+], ids=["s3", "s3-multipart", "sftp-without-checksums"])
+def test_a_remote_offsite_gets_checked_encrypted_copies(net, key, s3, kind, rows, checked_by):
     identity, public = key
     net.settings["AGE_RECIPIENTS"] = public
-    offsite = sftp_offsite(net, hashcheck=hashcheck)
-    world.synthetic_dump(net.prod_dir, NAME, rows=20000, random_bytes=True)
+    offsite = s3_offsite(net, s3) if kind == "s3" else world.Directory(sftp_offsite(net, hashcheck=False))
+    world.synthetic_dump(net.prod_dir, NAME, rows=rows, random_bytes=True)
     result = run(net)
     assert result.returncode == 0, result.stderr
-    assert finals(offsite) == with_manifests(AGE)
-    no_plain_dump_in(offsite)
-    assert decrypt(offsite / AGE, identity) == (net.pi5_dir / NAME).read_bytes()
-    assert json.loads((offsite / (AGE + ".json")).read_text())["bytes"] == (offsite / AGE).stat().st_size
-    checked = re.search(r"pushed \S+ offsite and checked their (\w+)( \(read back\))?", result.stderr)
-    assert checked, result.stderr
-    if hashcheck:  # the remote's own checksum, computed there
-        assert checked.group(1) in ("sha256", "sha1", "md5") and not checked.group(2)
-    else:  # no checksum offered: the copy is read back and hashed here
-        assert checked.group(2)
-    assert os.listdir(offsite / ".incoming") == []
+    assert [n for n in offsite.files() if n.startswith("db-")] == with_manifests(AGE)
+    no_plain_dump_at(offsite)
+    copy = offsite.read(AGE)
+    assert decrypt(copy, identity) == (net.pi5_dir / NAME).read_bytes()
+    assert json.loads(offsite.read(AGE + ".json"))["bytes"] == len(copy)
+    assert f"pushed {AGE} offsite and checked their {checked_by} in " in result.stderr, result.stderr
+    assert offsite.files(".incoming") == []
     assert re.search(r"offsite=ok offsite_push=[\d.]+s result=ok$", summary(net))
 
 
-def test_catch_up_pushes_every_missing_verified_dump_then_nothing(net, key):
+def test_catch_up_pushes_every_missing_verified_dump_then_nothing(net, key, s3):
     net.settings["AGE_RECIPIENTS"] = key[1]
-    offsite = sftp_offsite(net)
+    offsite = s3_offsite(net, s3)
     older = ["db-2024-03-08.sql.gz", "db-2024-03-09.sql.gz"]
     for name in older:
         world.synthetic_dump(net.pi5_dir, name)
@@ -206,14 +227,14 @@ def test_catch_up_pushes_every_missing_verified_dump_then_nothing(net, key):
     expected = with_manifests(*(n + ".age" for n in [*older, NAME]))
     assert finals(offsite) == expected and finals(net.nas_dir) == expected
     for name in [*older, NAME]:
-        assert decrypt(offsite / (name + ".age"), key[0]) == (net.pi5_dir / name).read_bytes()
+        assert decrypt(offsite.read(name + ".age"), key[0]) == (net.pi5_dir / name).read_bytes()
 
-    before = stamps(offsite)
+    before = offsite.versions()
     second = run(net)
     assert second.returncode == 0, second.stderr
     assert "offsite has every verified dump already" in second.stderr
     assert "encrypted" not in second.stderr
-    assert stamps(offsite) == before
+    assert offsite.versions() == before
 
 
 @pytest.mark.parametrize("place", ["offsite", "nas"])
@@ -249,16 +270,16 @@ def notes(recorder):
 
 
 @pytest.mark.parametrize("how", ["unreachable", "not-in-config"])
-def test_offsite_down_the_run_succeeds_alerts_and_the_next_run_catches_up(net, key, recorder, how):
+def test_offsite_down_the_run_succeeds_alerts_and_the_next_run_catches_up(net, key, recorder, s3, s3_server, how):
     monitored(net, recorder)
     net.settings["AGE_RECIPIENTS"] = key[1]
-    offsite = net.tmp / "sftp-offsite"
+    offsite = s3.at("kw-app")
     config = net.tmp / "rclone.conf"
     if how == "unreachable":
-        net.ssh.rclone_config(config, address="127.0.0.9")  # nothing listens there
+        s3_server.rclone_config(config, endpoint=f"http://127.0.0.9:{s3_server.port}")  # nothing listens there
     else:
-        net.ssh.rclone_config(config, name="elsewhere")
-    net.settings.update(OFFSITE_REMOTE=f"offsite:{offsite}", RCLONE_CONFIG=str(config))
+        s3_server.rclone_config(config, name="elsewhere")
+    net.settings.update(OFFSITE_REMOTE=offsite.remote, RCLONE_CONFIG=str(config))
     days = ["db-2024-03-06.sql.gz", "db-2024-03-07.sql.gz", "db-2024-03-08.sql.gz", "db-2024-03-09.sql.gz"]
     for name in days:
         world.synthetic_dump(net.pi5_dir, name)
@@ -279,15 +300,15 @@ def test_offsite_down_the_run_succeeds_alerts_and_the_next_run_catches_up(net, k
     alerts = notes(recorder)
     assert len(alerts) == 1, alerts
     assert "warning" in alerts[0]["title"].lower()
-    assert "offsite copy failed" in alerts[0]["message"] and f"offsite:{offsite}" in alerts[0]["message"]
+    assert "offsite copy failed" in alerts[0]["message"] and offsite.remote in alerts[0]["message"]
 
-    net.ssh.rclone_config(config)  # the offsite is back
+    s3_server.rclone_config(config)  # the offsite is back
     up = run(net)
     assert up.returncode == 0, up.stderr
     assert "nothing to pull" in up.stderr
     assert finals(offsite) == with_manifests(*(n + ".age" for n in kept))
     for name in kept:
-        assert decrypt(offsite / (name + ".age"), key[0]) == (net.pi5_dir / name).read_bytes()
+        assert decrypt(offsite.read(name + ".age"), key[0]) == (net.pi5_dir / name).read_bytes()
     assert re.search(r"offsite=ok offsite_push=[\d.]+s result=ok$", summary(net))
     assert len(notes(recorder)) == 1  # no new alert
 
@@ -295,9 +316,9 @@ def test_offsite_down_the_run_succeeds_alerts_and_the_next_run_catches_up(net, k
 # --- rotation at the offsite -----------------------------------------------------------------------
 
 
-def test_offsite_rotation_keeps_its_newest_and_one_dump_per_month(net, key):
+def test_offsite_rotation_keeps_its_newest_and_one_dump_per_month(net, key, s3):
     net.settings.update(AGE_RECIPIENTS=key[1], OFFSITE_KEEP="2", OFFSITE_KEEP_MONTHLY="3")
-    offsite = local_offsite(net)
+    offsite = s3_offsite(net, s3)
     for day in ("2024-01-10", "2024-01-25", "2024-02-05", "2024-02-20", "2024-03-02", "2024-03-09"):
         world.synthetic_dump(net.pi5_dir, f"db-{day}.sql.gz")
     world.synthetic_dump(net.prod_dir, NAME)
@@ -476,9 +497,9 @@ def test_a_refused_setting_does_not_echo_the_secret_in_it(net, key, setting, val
 # --- dry run ---------------------------------------------------------------------------------------
 
 
-def test_dry_run_names_the_encrypted_copies_it_would_send_offsite_and_changes_nothing(net, key):
+def test_dry_run_names_the_encrypted_copies_it_would_send_offsite_and_changes_nothing(net, key, s3):
     net.settings["AGE_RECIPIENTS"] = key[1]
-    offsite = sftp_offsite(net)
+    offsite = s3_offsite(net, s3)
     world.synthetic_dump(net.prod_dir, NAME)
     result = run(net, "backup-orchestrator", "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -499,16 +520,15 @@ def listed(lines):
 
 
 @pytest.fixture
-def backed_up(net, key):
-    """One encrypted run to an sftp offsite; plus an .age copy there that no longer matches its manifest."""
+def backed_up(net, key, s3):
+    """One encrypted run to an S3 offsite; plus an .age copy there that no longer matches its manifest."""
     net.settings["AGE_RECIPIENTS"] = key[1]
-    offsite = sftp_offsite(net)
+    offsite = s3_offsite(net, s3)
     world.synthetic_dump(net.pi5_dir, "db-2024-03-09.sql.gz")
     world.synthetic_dump(net.prod_dir, NAME)
     assert run(net).returncode == 0
-    with open(offsite / "db-2024-03-09.sql.gz.age", "ab") as f:
-        f.write(b"\0" * 10)
-    shutil.copy(offsite / AGE, offsite / "db-2024-03-01.sql.gz.age")  # no manifest
+    offsite.write("db-2024-03-09.sql.gz.age", offsite.read("db-2024-03-09.sql.gz.age") + b"\0" * 10)
+    offsite.write("db-2024-03-01.sql.gz.age", offsite.read(AGE))  # no manifest
     return offsite
 
 
@@ -517,7 +537,7 @@ def test_list_backups_shows_the_offsite_block_with_its_encrypted_dumps(net, back
     result = run(net, "list-backups")
     assert result.returncode == 0, result.stderr
     found = world.listing_blocks(result.stdout)
-    heading = f"Offsite (offsite:{offsite}/):"
+    heading = f"Offsite ({offsite.remote}/):"
     assert heading in found, result.stdout
     assert listed(found[heading]) == [(AGE, "verified"), ("db-2024-03-09.sql.gz.age", "SIZE MISMATCH"),
                                       ("db-2024-03-01.sql.gz.age", "unverified")], result.stdout
@@ -532,9 +552,9 @@ def test_list_backups_shows_the_offsite_block_with_its_encrypted_dumps(net, back
     as_json = run(net, "list-backups", "--json")
     assert as_json.returncode == 0, as_json.stderr
     rows = [row for row in json.loads(as_json.stdout) if row["place"] == "offsite"]
-    manifest = json.loads((offsite / (AGE + ".json")).read_text())
-    assert rows[0] == {"place": "offsite", "host": "offsite", "dir": str(offsite), "name": AGE,
-                       "bytes": (offsite / AGE).stat().st_size, "created_at": manifest["created_at"],
+    manifest = json.loads(offsite.read(AGE + ".json"))
+    assert rows[0] == {"place": "offsite", "host": "offsite", "dir": offsite.remote.split(":", 1)[1], "name": AGE,
+                       "bytes": len(offsite.read(AGE)), "created_at": manifest["created_at"],
                        "sha256": manifest["sha256"], "status": "verified", "pinned": False}
     assert [r["name"] for r in rows] == [AGE, "db-2024-03-09.sql.gz.age", "db-2024-03-01.sql.gz.age"]
 
@@ -553,12 +573,13 @@ def test_list_backups_a_local_directory_offsite(net, key):
     assert listed(found[f"Offsite ({offsite}/):"]) == [(AGE, "verified")], result.stdout
 
 
-def test_list_backups_with_the_offsite_unreachable_lists_the_others_and_exits_1(net, backed_up):
-    net.ssh.rclone_config(net.tmp / "rclone.conf", address="127.0.0.9")
+def test_list_backups_with_the_offsite_unreachable_lists_the_others_and_exits_1(net, backed_up, s3_server):
+    net.settings["RCLONE_CONFIG"] = str(s3_server.rclone_config(net.tmp / "rclone.conf",
+                                                                endpoint=f"http://127.0.0.9:{s3_server.port}"))
     result = run(net, "list-backups")
     assert result.returncode == 1, result.stdout + result.stderr
     found = world.listing_blocks(result.stdout)
-    offsite = found[f"Offsite (offsite:{backed_up}/):"]
+    offsite = found[f"Offsite ({backed_up.remote}/):"]
     assert len(offsite) == 1 and offsite[0].startswith("  unreachable: "), offsite
     nas = next(lines for h, lines in found.items() if h.endswith(f"(nas:{net.nas_dir}/):"))
     assert listed(nas) == [(AGE, "verified"), ("db-2024-03-09.sql.gz.age", "verified")]
@@ -655,8 +676,7 @@ def test_a_link_dropped_mid_upload_leaves_nothing_partial_offsite(net, key):
     config = net.ssh.rclone_config(net.tmp / "rclone.conf", address="127.0.0.1", port=link.port)
     net.settings.update(OFFSITE_REMOTE=f"offsite:{directory}", RCLONE_CONFIG=str(config))
     try:
-        proc = subprocess.Popen([str(world.BIN / "backup-orchestrator")], env=net.env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = net.popen("backup-orchestrator")
         partial = directory / ".incoming" / NAME
         deadline = time.monotonic() + 60
         while not (partial.exists() and partial.stat().st_size > 1_000_000):

@@ -1,10 +1,11 @@
-"""offsite.Offsite, a destination like the nas, through the real rclone: a local-directory remote and an SFTP remote
-on the loopback sshd (with and without checksums), foreign and hostile names at the remote, damage after upload,
-leftovers of failed runs, pins, an oversized manifest, and a remote that is down."""
+"""offsite.Offsite, a destination like the nas, through the real rclone: a local-directory remote, an S3 remote on
+moto's S3 server (md5 for single-part copies; multipart ones read back) and an SFTP remote on the loopback sshd
+without checksums (read back), foreign and hostile names at the remote, damage after upload, leftovers of failed
+runs, pins, an oversized manifest, and a remote that is down."""
 
-import os
 import time
 
+import certifi
 import pytest
 
 from kwbackup import crypto, dumps, names
@@ -46,8 +47,13 @@ def parcels(pi5, dump_names):
 
 
 def local(tmp_path):
-    target = tmp_path / "offsite" / "kw-app"  # not there yet: the first upload makes it
-    return Offsite(str(target), 3, NO_CALENDAR), target
+    target = world.Directory(tmp_path / "offsite" / "kw-app")  # not there yet: the first upload makes it
+    return Offsite(target.remote, 3, NO_CALENDAR), target
+
+
+def s3_remote(s3):
+    target = s3.at("kw-app")
+    return Offsite(target.remote, 3, NO_CALENDAR, str(s3.config)), target
 
 
 def sftp(tmp_path, ssh_world, hashcheck=True):
@@ -57,9 +63,10 @@ def sftp(tmp_path, ssh_world, hashcheck=True):
     return Offsite("offsite:" + str(target), 3, NO_CALENDAR, str(config)), target
 
 
-@pytest.fixture(params=["local", "sftp"])
-def remote(request, tmp_path, ssh_world):
-    return local(tmp_path) if request.param == "local" else sftp(tmp_path, ssh_world)
+@pytest.fixture(params=["local", "s3"])
+def remote(request, tmp_path):
+    """(Offsite, the test's view of its remote path: world.Directory or world.Bucket)."""
+    return local(tmp_path) if request.param == "local" else s3_remote(request.getfixturevalue("s3"))
 
 
 def send(offsite, pi5, dump_names):
@@ -68,10 +75,6 @@ def send(offsite, pi5, dump_names):
     checked = offsite.check(parcels(pi5, dump_names))
     offsite.promote(dump_names)
     return checked
-
-
-def files_at(target):
-    return sorted(p.name for p in target.iterdir() if p.is_file())
 
 
 def test_a_remote_path_never_written_to_lists_empty(remote):
@@ -84,18 +87,18 @@ def test_upload_check_promote_and_listing(remote, pi5):
     offsite, target = remote
     offsite.send(parcels(pi5, DUMPS))
     # Uploaded, not yet promoted: only .incoming/ holds them, and listing offers no dump.
-    assert sorted(os.listdir(target)) == [".incoming"]
-    assert sorted(os.listdir(target / ".incoming")) == sorted(p.name for p in sources(pi5, DUMPS))
+    assert target.files() == []
+    assert target.files(".incoming") == sorted(p.name for p in sources(pi5, DUMPS))
     assert offsite.listing() == [] and sorted(offsite.leftovers) == sorted(p.name for p in sources(pi5, DUMPS))
 
     checked = offsite.check(parcels(pi5, DUMPS))
-    # sha256 on a local directory (rclone computes any hash); over SFTP what the server's shell offers.
-    assert checked == ("sha256" if offsite.remote.startswith("/") else "sha1")
+    # sha256 on a local directory (rclone computes any hash); S3's md5 of a single-part upload (its ETag).
+    assert checked == ("sha256" if offsite.remote.startswith("/") else "md5")
     offsite.promote(DUMPS)
-    assert os.listdir(target / ".incoming") == []
-    assert files_at(target) == sorted(p.name for p in sources(pi5, DUMPS))
+    assert target.files(".incoming") == []
+    assert target.files() == sorted(p.name for p in sources(pi5, DUMPS))
     for path in sources(pi5, DUMPS):
-        assert (target / path.name).read_bytes() == path.read_bytes()
+        assert target.read(path.name) == path.read_bytes()
 
     listed = offsite.listing()
     assert [e.name for e in listed] == DUMPS[::-1]  # newest first
@@ -117,34 +120,35 @@ def test_read_streams_the_bytes_and_exists_answers(remote, pi5):
         assert code == 0 and out == (pi5 / name).read_bytes()
     assert offsite.exists(DUMPS[-1]) and offsite.exists(DUMPS[-1] + ".json")
     assert not offsite.exists(DUMPS[0])
-    with pytest.raises(StageFailed):
-        run(offsite.read(DUMPS[0]), timeout=60)
+    if offsite.remote.startswith("/"):
+        with pytest.raises(StageFailed):
+            run(offsite.read(DUMPS[0]), timeout=60)
+    else:  # S3 has no directories: rclone cat of a missing key reads nothing, so callers ask exists() first
+        assert run(offsite.read(DUMPS[0]), timeout=60)[1] == b""
 
 
 def test_foreign_and_hostile_names_are_ignored_and_never_removed(remote, pi5):
     offsite, target = remote
     send(offsite, pi5, DUMPS)
     for name in FOREIGN:
-        (target / name).write_text(f"not ours: {name}\n")
-    (target / "sub").mkdir()
-    (target / "sub" / PLAIN[0]).write_text("a dump's name one level down is not a dump here\n")
-    outside = target.parent / "x"  # what "../x" would reach
-    outside.write_text("outside the remote path\n")
+        target.write(name, f"not ours: {name}\n".encode())
+    target.write(f"sub/{PLAIN[0]}", b"a dump's name one level down is not a dump here\n")
+    target.parent.write("x", b"outside the remote path\n")  # what "../x" would reach
 
     assert [e.name for e in offsite.listing()] == DUMPS[::-1]
     offsite.remove(DUMPS)
     offsite.remove(["../x", "../kw-app/../x"])  # a hostile name never reaches outside the remote path
     assert offsite.listing() == []
-    assert files_at(target) == sorted(FOREIGN)
-    assert all((target / name).read_text() == f"not ours: {name}\n" for name in FOREIGN)
-    assert (target / "sub" / PLAIN[0]).exists() and outside.read_text() == "outside the remote path\n"
+    assert target.files() == sorted(FOREIGN)
+    assert all(target.read(name) == f"not ours: {name}\n".encode() for name in FOREIGN)
+    assert target.files("sub") == [PLAIN[0]] and target.parent.read("x") == b"outside the remote path\n"
 
 
 def test_remove_deletes_exactly_the_named_dumps_and_their_manifests(remote, pi5):
     offsite, target = remote
     send(offsite, pi5, DUMPS)
     offsite.remove([PLAIN[1], ENCRYPTED])
-    assert files_at(target) == sorted(p.name for p in sources(pi5, [PLAIN[0], PLAIN[2]]))
+    assert target.files() == sorted(p.name for p in sources(pi5, [PLAIN[0], PLAIN[2]]))
     assert [e.name for e in offsite.listing()] == [PLAIN[2], PLAIN[0]]
     offsite.remove([])  # nothing to rotate: nothing happens
     assert [e.name for e in offsite.listing()] == [PLAIN[2], PLAIN[0]]
@@ -155,11 +159,11 @@ def test_check_uploaded_catches_a_copy_altered_after_upload(remote, pi5, altered
     offsite, target = remote
     batch = parcels(pi5, [ENCRYPTED])
     offsite.send(batch)
-    copy = target / ".incoming" / (ENCRYPTED if altered == "dump" else ENCRYPTED + ".json")
-    data = bytearray(copy.read_bytes())
+    copy = ".incoming/" + (ENCRYPTED if altered == "dump" else ENCRYPTED + ".json")
+    data = bytearray(target.read(copy))
     data[len(data) // 2] ^= 0x01  # same size and (to a second) the same time: only a checksum tells
-    copy.write_bytes(bytes(data))
-    with pytest.raises(VerificationError, match=f"the uploaded {copy.name} has") as caught:
+    target.write(copy, bytes(data))
+    with pytest.raises(VerificationError, match=f"the uploaded {copy.split('/')[1]} has") as caught:
         offsite.check(batch)
     assert caught.value.exit_status == 3
     assert offsite.listing() == []  # nothing was promoted
@@ -189,16 +193,16 @@ def test_leftovers_of_a_failed_run_are_cleared_after_a_good_push(remote, pi5):
     assert offsite.listing() == [] and sorted(offsite.leftovers) == sorted(p.name for p in sources(pi5, PLAIN[:1]))
     send(offsite, pi5, PLAIN[1:2])
     offsite.finish()
-    assert list((target / ".incoming").iterdir()) == []
+    assert target.files(".incoming") == []
     assert [e.name for e in offsite.listing()] == PLAIN[1:2]
 
 
 def test_promotion_never_replaces_a_dump_already_there(remote, pi5):
     offsite, target = remote
     offsite.send(parcels(pi5, PLAIN[:1]))
-    target.joinpath(PLAIN[0]).write_bytes(b"someone else's bytes")
+    target.write(PLAIN[0], b"someone else's bytes")
     offsite.promote(PLAIN[:1])
-    assert (target / PLAIN[0]).read_bytes() == b"someone else's bytes"
+    assert target.read(PLAIN[0]) == b"someone else's bytes"
 
 
 def test_pins_are_listed_and_released(remote, pi5):
@@ -206,26 +210,62 @@ def test_pins_are_listed_and_released(remote, pi5):
     send(offsite, pi5, DUMPS)
     offsite.pin({PLAIN[0]: b'{"pinned_at": "2024-05-01T03:00:00Z", "reason": "users: 2500 -> 250"}\n'})
     assert [e.name for e in offsite.listing() if e.pinned] == [PLAIN[0]]
-    assert "users: 2500 -> 250" in (target / (PLAIN[0] + ".pin")).read_text()
+    assert b"users: 2500 -> 250" in target.read(PLAIN[0] + ".pin")
     offsite.unpin([PLAIN[0]])
-    assert not any(e.pinned for e in offsite.listing()) and not (target / (PLAIN[0] + ".pin")).exists()
+    assert not any(e.pinned for e in offsite.listing()) and PLAIN[0] + ".pin" not in target.files()
 
 
 def test_a_manifest_over_the_limit_is_invalid_and_never_fetched(remote, pi5):
     offsite, target = remote
     send(offsite, pi5, PLAIN[:1])
-    manifest = target / (PLAIN[0] + ".json")
-    manifest.write_bytes(manifest.read_bytes() + b" " * dumps.MAX_MANIFEST_BYTES)
+    manifest = PLAIN[0] + ".json"
+    target.write(manifest, target.read(manifest) + b" " * dumps.MAX_MANIFEST_BYTES)
     assert [(e.name, e.status) for e in offsite.listing()] == [(PLAIN[0], "SIZE MISMATCH")]
 
 
 @pytest.mark.parametrize("how", ["nothing listens", "no such remote in the config"])
-def test_an_unreachable_remote_fails_soon_saying_so(tmp_path, ssh_world, how):
-    config = ssh_world.rclone_config(tmp_path / "rclone.conf", address="127.0.0.9")
-    remote = "offsite:" + str(tmp_path / "sftp") if how == "nothing listens" else "elsewhere:" + str(tmp_path)
+def test_an_unreachable_remote_fails_soon_saying_so(tmp_path, s3_server, how):
+    config = s3_server.rclone_config(tmp_path / "rclone.conf", endpoint=f"http://127.0.0.9:{s3_server.port}")
+    remote = "offsite:kw-app/kw-app" if how == "nothing listens" else "elsewhere:kw-app"
     started = time.monotonic()
     with pytest.raises(Failed, match="unreachable") as caught:
         Offsite(remote, 3, NO_CALENDAR, str(config)).listing()
     assert time.monotonic() - started < 90
     assert caught.value.exit_status == 1 and remote in caught.value.line()
     assert "rclone" in caught.value.hint
+
+
+# --- S3 --------------------------------------------------------------------------------------------
+
+
+def test_s3_offers_md5_and_a_multipart_copy_which_has_none_there_is_read_back(s3, pi5):
+    """rclone would record its own md5 of a multipart upload as metadata, which proves nothing about the stored
+    bytes; uploaded without it, such a copy has no checksum at the remote and is read back, and a damaged one is
+    caught. A dump over 5 MiB goes up in parts (the tests' upload_cutoff)."""
+    offsite, target = s3_remote(s3)
+    assert offsite._hash_kind() == ("md5", False)
+    big = world.synthetic_dump(pi5, "db-2024-05-02.sql.gz", rows=200_000, random_bytes=True)
+    assert big.stat().st_size > 2 * 5 * 2**20
+    batch = parcels(pi5, [big.name])
+    offsite.send(batch)
+    hashes = target.rclone("hashsum", "md5", f"{target.remote}/.incoming").decode()
+    assert f"{' ' * 32}  {big.name}\n" in hashes  # the remote has no md5 of it
+    assert offsite.check(batch) == "md5 (1 read back)"
+    offsite.promote([big.name])
+    assert target.read(big.name) == big.read_bytes()
+
+    offsite.send(batch)
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write(f".incoming/{big.name}", bytes(data))  # streamed up in parts, as a failed upload might
+    with pytest.raises(VerificationError, match=f"the uploaded {big.name} has md5"):
+        offsite.check(batch)
+
+
+def test_an_exported_aws_ca_bundle_does_not_break_the_s3_remote(s3, pi5, monkeypatch):
+    """Debian 12's rclone 1.60 fails every S3 call when AWS_CA_BUNDLE is exported (LoadCustomCABundleError): the
+    offsite passes the bundle as rclone's --ca-cert instead."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", certifi.where())
+    offsite, _ = s3_remote(s3)
+    send(offsite, pi5, PLAIN[:1])
+    assert [e.name for e in offsite.listing()] == PLAIN[:1]
