@@ -561,8 +561,8 @@ class Pi:
                   mine.get("OFFSITE_REMOTE") if mine.get("OFFSITE_REMOTE", "").startswith("/") else None]
         self.own(env_file, *(Path(p) for p in local if p))
         argv, env = clocked([str(self.install.bin / script), *args], env, at)
+        # Its copies of SSH_CONFIG and RCLONE_CONFIG are in its env file: none of root's from the environment.
         env = {**{k: v for k, v in env.items() if k not in ("SSH_CONFIG", "RCLONE_CONFIG")},
-               **{k: mine[k] for k in ("SSH_CONFIG", "RCLONE_CONFIG") if k in env},
                "PATH": f"{self.install.bin}:{SYSTEM_PATH}", "HOME": self.user.pw_dir, "USER": self.user.pw_name,
                "LOGNAME": self.user.pw_name, "KW_BACKUP_ENV": str(env_file)}
         return ["runuser", "-u", self.user.pw_name, "--", *argv], env
