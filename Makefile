@@ -17,9 +17,10 @@ PREFIX ?= /opt/kw-backup
 INSTALL = PYTHONPATH=lib $(PYTHON) -m kwbackup.install
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+# The tools too (requirements-dev.txt); an install's venv gets requirements.txt alone.
+$(STAMP): requirements.txt requirements-dev.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
 # The system packages a target needs (system-packages.txt): as root, apt-get installs the missing ones;

@@ -22,7 +22,9 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2]
-SHIPPED = ["bin", "lib", "cron", "docs", "requirements.txt", ".env.example", "Makefile", "README.md"]
+# requirements-dev.txt: the installed Makefile names it (make venv); the installed venv is made from requirements.txt.
+SHIPPED = ["bin", "lib", "cron", "docs", "requirements.txt", "requirements-dev.txt", ".env.example", "Makefile",
+           "README.md"]
 SCRIPTS = ["backup-db", "backup-orchestrator", "list-backups", "pull-prod-backups", "restore-production-db",
            "setup-fresh-production-db", "migrate-database-to-new-prod", "backup-drill", "verify-backup",
            "backup-report"]
