@@ -316,7 +316,7 @@ def unprivileged_user(name: str) -> pwd.struct_passwd:
     except KeyError:
         made = subprocess.run(["useradd", "--create-home", "--user-group", name])
         if made.returncode not in (0, 9):  # 9: another test worker made it meanwhile
-            raise RuntimeError(f"useradd {name} failed with exit {made.returncode}")
+            raise RuntimeError(f"useradd {name} failed with exit {made.returncode}") from None
     status = subprocess.run(["passwd", "--status", name], capture_output=True, text=True, check=True).stdout
     if status.split()[1] == "L":
         subprocess.run(["usermod", "--password", "*", name], check=True)
