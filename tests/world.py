@@ -98,9 +98,20 @@ def free_port() -> int:
 def staging_leftovers(pattern: str = "kw-restore.*", lock: str = ".lock") -> set[str]:
     """Run directories in /tmp that no live run holds (restores lock their `.lock`, drills the directory
     itself: lock=""): what a run left behind. Another test's or suite's run in progress holds its lock,
-    so it never counts."""
+    so it never counts; nor does one that such a run holds again or removes a moment later (a run's
+    directory goes without its lock just after mktemp, and just before rm)."""
+    left = _unheld(glob.glob(f"/tmp/{pattern}"), lock)
+    if left:
+        time.sleep(2)
+        left = _unheld(left, lock)
+    return left
+
+
+def _unheld(paths, lock: str) -> set[str]:
     left = set()
-    for path in glob.glob(f"/tmp/{pattern}"):
+    for path in paths:
+        if not os.path.isdir(path):
+            continue  # removed meanwhile
         try:
             fd = os.open(os.path.join(path, lock), os.O_RDONLY)
         except FileNotFoundError:
@@ -743,7 +754,9 @@ def synthetic_dump(directory: Path, name: str, rows: int = 1000, random_bytes: b
            f"-- {rng.random()}\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict k\n\n").encode()
     path = directory / name
     with open(path, "wb") as out:
-        subprocess.run(["pigz", "-1", "-c"], input=sql, stdout=out, check=True)
+        # -n: no time in the gzip header (pigz stamps a pipe's with the clock), so the same name made for two
+        # places has the same bytes even when a second ticks between them.
+        subprocess.run(["pigz", "-1", "-n", "-c"], input=sql, stdout=out, check=True)
     path.chmod(0o600)
     if manifest:
         data = path.read_bytes()
