@@ -98,20 +98,9 @@ def free_port() -> int:
 def staging_leftovers(pattern: str = "kw-restore.*", lock: str = ".lock") -> set[str]:
     """Run directories in /tmp that no live run holds (restores lock their `.lock`, drills the directory
     itself: lock=""): what a run left behind. Another test's or suite's run in progress holds its lock,
-    so it never counts; nor does one that such a run holds again or removes a moment later (a run's
-    directory goes without its lock just after mktemp, and just before rm)."""
-    left = _unheld(glob.glob(f"/tmp/{pattern}"), lock)
-    if left:
-        time.sleep(2)
-        left = _unheld(left, lock)
-    return left
-
-
-def _unheld(paths, lock: str) -> set[str]:
+    so it never counts."""
     left = set()
-    for path in paths:
-        if not os.path.isdir(path):
-            continue  # removed meanwhile
+    for path in glob.glob(f"/tmp/{pattern}"):
         try:
             fd = os.open(os.path.join(path, lock), os.O_RDONLY)
         except FileNotFoundError:
