@@ -16,14 +16,15 @@ import pytest
 from tests import world
 
 # Files whose tests make /tmp names no lock tells apart (kw-migrate.*, kw-backup-install.*) and check
-# that none is left: under pytest-xdist (make test) each of them runs whole in one worker.
-ONE_WORKER = {"test_migrate_database_to_new_prod.py", "test_install.py"}
+# that none is left: under pytest-xdist (make test) the files of one name run in one worker.
+ONE_WORKER = {"test_migrate_database_to_new_prod.py": "kw-migrate", "test_anomalies_and_pins.py": "kw-migrate",
+              "test_install.py": "kw-backup-install"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+            item.add_marker(pytest.mark.xdist_group(ONE_WORKER[item.path.name]))
 
 
 # The Pi's unprivileged user works in each test's directory, so as root the session's temporary directories sit

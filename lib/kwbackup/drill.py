@@ -291,7 +291,7 @@ def docker_server(image: str):
         params = {"host": "127.0.0.1", "port": str(port), "user": "postgres", "password": password,
                   "dbname": "postgres"}
         _wait_ready(params, f"the container {name} ({image})")
-        log.info("started the container %s (%s) on 127.0.0.1:%d", name, image, port)
+        log.info("started the container %s (%s) on 127.0.0.1:%d; its run directory is %s", name, image, port, base)
         yield params
 
 
