@@ -37,6 +37,7 @@ test-unit: system-packages-unit venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/shellcheck $(SHELL_FILES)
 
 demo: system-packages-demo venv

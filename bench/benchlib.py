@@ -64,11 +64,23 @@ class BenchPostgres(world.Postgres):
             self.start()
             return
         self.port = int(re.findall(r"^port = (\d+)", conf.read_text(), re.M)[-1])
-        status = subprocess.run([str(world.PG_BIN / "pg_ctl"), "-D", str(self.data), "status"], user=self.user,
-                                capture_output=True)
+        status = subprocess.run(
+            [str(world.PG_BIN / "pg_ctl"), "-D", str(self.data), "status"], user=self.user, capture_output=True
+        )
         if status.returncode != 0:
-            self._as_server_user([str(world.PG_BIN / "pg_ctl"), "-D", str(self.data), "-l",
-                                  str(self.base / "server.log"), "-w", "-t", "60", "start"])
+            self._as_server_user(
+                [
+                    str(world.PG_BIN / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.base / "server.log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            )
 
     def settle(self) -> None:
         """Write dirty pages now (server and OS), so that the next measurement does not pay for them."""
@@ -101,8 +113,9 @@ def ensure_database(pg: BenchPostgres, scale: int, rows: int, rebuild: bool) -> 
     pg.drop_db(DB)
     pg.create_db(DB)
     env = {**os.environ, **pg.env}
-    subprocess.run([str(world.PG_BIN / "pgbench"), "-i", "-q", "-s", str(scale), DB], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(world.PG_BIN / "pgbench"), "-i", "-q", "-s", str(scale), DB], env=env, check=True, capture_output=True
+    )
     words = "ARRAY[" + ", ".join(f"'{w}'" for w in WORDS) + "]"
     pg.psql(NOTES_SQL % {"words": words, "rows": rows}, DB)
     mark_built(pg)

@@ -11,8 +11,23 @@ from pathlib import Path
 
 BYTES_PER_ROW = 60.1  # synthetic_dump(random_bytes=True) after pigz -1, measured
 # Settings the environment would override the env file with, and the tests' own variables.
-SCRUBBED = ("KW_", "PG", "DB_", "PROD_", "PI5_", "NAS_", "OLD_PROD_", "SSH_CONFIG", "LOG_FILE", "MIN_DUMP_BYTES",
-            "WORK_DIR", "SIZE_CHANGE_ALERT_PCT", "AGE_", "OFFSITE_", "RCLONE_")
+SCRUBBED = (
+    "KW_",
+    "PG",
+    "DB_",
+    "PROD_",
+    "PI5_",
+    "NAS_",
+    "OLD_PROD_",
+    "SSH_CONFIG",
+    "LOG_FILE",
+    "MIN_DUMP_BYTES",
+    "WORK_DIR",
+    "SIZE_CHANGE_ALERT_PCT",
+    "AGE_",
+    "OFFSITE_",
+    "RCLONE_",
+)
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -22,8 +37,9 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.Compl
     done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     wall = time.monotonic() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} failed (exit {done.returncode}): "
-                           f"{(done.stderr or done.stdout).strip()[-2000:]}")
+        raise RuntimeError(
+            f"{shlex.join(argv)} failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-2000:]}"
+        )
     return wall, done
 
 

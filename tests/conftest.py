@@ -17,8 +17,11 @@ from tests import world
 
 # Files whose tests make /tmp names no lock tells apart (kw-migrate.*, kw-backup-install.*) and check
 # that none is left: under pytest-xdist (make test) the files of one name run in one worker.
-ONE_WORKER = {"test_migrate_database_to_new_prod.py": "kw-migrate", "test_anomalies_and_pins.py": "kw-migrate",
-              "test_install.py": "kw-backup-install"}
+ONE_WORKER = {
+    "test_migrate_database_to_new_prod.py": "kw-migrate",
+    "test_anomalies_and_pins.py": "kw-migrate",
+    "test_install.py": "kw-backup-install",
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -33,6 +36,7 @@ def pytest_collection_modifyitems(items):
 # ended are kept, as pytest keeps its own.
 TEMPROOT_PREFIX = "kwtest-tmp-"
 if os.geteuid() == 0 and "PYTEST_DEBUG_TEMPROOT" not in os.environ:
+
     def _ended(root: Path) -> bool:
         for lock in root.glob("pytest-of-*/pytest-*/.lock"):
             try:
@@ -85,8 +89,10 @@ def ssh_world(tmp_path_factory):
     each (installed when a test first asks for prod_install or pi5_install: until then, nothing)."""
     installs = Path(tempfile.mkdtemp(prefix="kw-installs-"))
     installs.chmod(0o755)  # the Pi's user runs its install
-    places = world.SshWorld(tmp_path_factory.mktemp("ssh"), {
-        "prod": world.Install(installs / "prod", "prod"), "pi5": world.Install(installs / "pi5", "pi5", "pi")}).start()
+    places = world.SshWorld(
+        tmp_path_factory.mktemp("ssh"),
+        {"prod": world.Install(installs / "prod", "prod"), "pi5": world.Install(installs / "pi5", "pi5", "pi")},
+    ).start()
     yield places
     places.stop()
     shutil.rmtree(installs)
@@ -142,9 +148,17 @@ class Kw:
         self.standin_log = tmp / "standin.log"
         self.syslog = world.Syslog(tmp / "syslog.sock")
         self.settings = {
-            "DB_NAME": db, "DB_EXEC": "direct", "PROD_HOST": "local", "PROD_DIR": str(self.prod_dir),
-            "PI5_HOST": "local", "PI5_DIR": str(tmp / "pi5"), "NAS_HOST": "local", "NAS_DIR": str(tmp / "nas"),
-            "LOG_FILE": str(tmp / "orchestrator.log"), "WORK_DIR": str(tmp / "work"), "MIN_DUMP_BYTES": "1024",
+            "DB_NAME": db,
+            "DB_EXEC": "direct",
+            "PROD_HOST": "local",
+            "PROD_DIR": str(self.prod_dir),
+            "PI5_HOST": "local",
+            "PI5_DIR": str(tmp / "pi5"),
+            "NAS_HOST": "local",
+            "NAS_DIR": str(tmp / "nas"),
+            "LOG_FILE": str(tmp / "orchestrator.log"),
+            "WORK_DIR": str(tmp / "work"),
+            "MIN_DUMP_BYTES": "1024",
             # The fixtures' dumps are dated 2024; freshness has its own tests, on a clock moved by faketime.
             "MAX_DUMP_AGE_HOURS": "1000000",
         }
@@ -154,30 +168,38 @@ class Kw:
     def env(self, **extra: str) -> dict[str, str]:
         world.write_env(self.env_file, self.settings)
         base = {k: v for k, v in os.environ.items() if not k.startswith(("KW_", "PG", "DB_", "PROD_", "PI5_", "NAS_"))}
-        return {**base, **self.pg.env, "KW_BACKUP_ENV": str(self.env_file),
-                "KW_BACKUP_SYSLOG": str(self.syslog.path), "STANDIN_LOG": str(self.standin_log),
-                "PATH": f"{world.STANDINS}:{os.environ['PATH']}", **extra}
+        return {
+            **base,
+            **self.pg.env,
+            "KW_BACKUP_ENV": str(self.env_file),
+            "KW_BACKUP_SYSLOG": str(self.syslog.path),
+            "STANDIN_LOG": str(self.standin_log),
+            "PATH": f"{world.STANDINS}:{os.environ['PATH']}",
+            **extra,
+        }
 
-    def command(self, script: str, *args: str, env: dict | None = None,
-                at: str | None = None) -> tuple[list[str], dict[str, str]]:
+    def command(
+        self, script: str, *args: str, env: dict | None = None, at: str | None = None
+    ) -> tuple[list[str], dict[str, str]]:
         """bin/<script> with this setup's env file, or with `pi` the installed orchestrator as the Pi runs it."""
         env = env or self.env()
         if self.pi and script == "backup-orchestrator":
             return self.pi.command(script, args, self.settings, env, at)
         return world.clocked([str(world.BIN / script), *args], env, at)
 
-    def run(self, script: str, *args: str, env: dict | None = None, at: str | None = None, timeout: float = 120,
-            **kw):
+    def run(self, script: str, *args: str, env: dict | None = None, at: str | None = None, timeout: float = 120, **kw):
         """Run a script (see command); `at="2024-03-10 03:00:00"` moves its clock (datefudge)."""
         argv, env = self.command(script, *args, env=env, at=at)
-        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, **kw)
+        return subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw
+        )
 
     def popen(self, script: str, *args: str) -> subprocess.Popen:
         """A script started in the background (see command), its output piped."""
         argv, env = self.command(script, *args)
-        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        )
 
     def dumps(self, directory: Path | None = None) -> list[str]:
         directory = directory or self.prod_dir
@@ -195,9 +217,12 @@ def kw(tmp_path, pg, db):
 def big_db(pg):
     """A database whose dump takes a few seconds: for killing and racing backup-db mid-stream."""
     name = pg.create_db("kw_big", template="kw_template")
-    pg.psql("CREATE TABLE events (id bigint PRIMARY KEY, kind text, payload text, at timestamptz);"
-            "INSERT INTO events SELECT i, 'kind' || (i % 13), md5(i::text) || repeat('x', 60), now() "
-            "FROM generate_series(1, 1500000) i;", name)
+    pg.psql(
+        "CREATE TABLE events (id bigint PRIMARY KEY, kind text, payload text, at timestamptz);"
+        "INSERT INTO events SELECT i, 'kind' || (i % 13), md5(i::text) || repeat('x', 60), now() "
+        "FROM generate_series(1, 1500000) i;",
+        name,
+    )
     return name
 
 
@@ -208,9 +233,24 @@ PAGILA = Path(__file__).resolve().parent / "fixtures" / "pagila"  # with its lic
 def pagila_db(pg):
     """pagila: 165 partitions, triggers, an enum, non-ASCII domains, views, bytea."""
     name = pg.create_db("pagila")
-    result = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", name, "-f", str(PAGILA / "schema.sql"),
-                             "-f", str(PAGILA / "data.sql")], env={**os.environ, **pg.env}, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [
+            "psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            name,
+            "-f",
+            str(PAGILA / "schema.sql"),
+            "-f",
+            str(PAGILA / "data.sql"),
+        ],
+        env={**os.environ, **pg.env},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return name
 
@@ -224,8 +264,9 @@ def fresh_prod(ssh_world, pg, tmp_path_factory):
     PostgreSQL as the accessory's container would) and PostgreSQL, nothing of kw-backup on the login's PATH."""
     base = tmp_path_factory.mktemp("fresh-prod-bin")
     (base / "docker").symlink_to(world.STANDINS / "docker")
-    sshd = ssh_world.add_place("fresh-prod", FRESH_PROD_ADDRESS, f"{base}:/usr/bin:/bin",
-                               {**pg.env, "STANDIN_LOG": str(base / "docker.log")})
+    sshd = ssh_world.add_place(
+        "fresh-prod", FRESH_PROD_ADDRESS, f"{base}:/usr/bin:/bin", {**pg.env, "STANDIN_LOG": str(base / "docker.log")}
+    )
     sshd.standin_log = base / "docker.log"
     found = ssh_world.ssh("fresh-prod", "command -v verify-backup backup-db python3 docker psql")
     assert "verify-backup" not in found.stdout and "backup-db" not in found.stdout, found.stdout
@@ -237,8 +278,9 @@ def remote_prod(kw, ssh_world, fresh_prod):
     """kw with prod the fresh server over ssh (DB_EXEC=docker there), the nas over ssh, the pi5 local."""
     kw.ssh = ssh_world
     kw.fresh_prod = fresh_prod
-    kw.settings.update(PROD_HOST="fresh-prod", DB_EXEC="docker", NAS_HOST="nas", PI5_HOST="local",
-                       SSH_CONFIG=str(ssh_world.config))
+    kw.settings.update(
+        PROD_HOST="fresh-prod", DB_EXEC="docker", NAS_HOST="nas", PI5_HOST="local", SSH_CONFIG=str(ssh_world.config)
+    )
     kw.pi5_dir = kw.tmp / "pi5"
     kw.nas_dir = kw.tmp / "nas"
     fresh_prod.standin_log.unlink(missing_ok=True)

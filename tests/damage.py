@@ -30,8 +30,11 @@ def rewrite(path, change) -> None:
 
 
 def content(pg, dbname) -> tuple:
-    return pg.row_counts(dbname), pg.psql("SELECT md5(string_agg(concat_ws(',', u.email, u.name, o.total, o.details), "
-                                          "',' ORDER BY o.id)) FROM orders o JOIN users u ON u.id = o.user_id", dbname)
+    return pg.row_counts(dbname), pg.psql(
+        "SELECT md5(string_agg(concat_ws(',', u.email, u.name, o.total, o.details), "
+        "',' ORDER BY o.id)) FROM orders o JOIN users u ON u.id = o.user_id",
+        dbname,
+    )
 
 
 def databases(pg, db) -> list[str]:

@@ -35,7 +35,7 @@ def main() -> None:
     def to_stdout(data):
         view = memoryview(data)
         while view:
-            view = view[os.write(1, view):]
+            view = view[os.write(1, view) :]
 
     threading.Thread(target=pump, args=(lambda n: os.read(0, n), sock.sendall, rate), daemon=True).start()
     pump(sock.recv, to_stdout, rate)

@@ -51,8 +51,13 @@ def newest_pg_bin() -> Path:
 
 PG_BIN = newest_pg_bin()
 # "offsite" is an SFTP server for rclone's sftp remote (tests/world.rclone_config), not a kw-backup place.
-PLACE_ADDRESSES = {"prod": "127.0.0.2", "pi5": "127.0.0.3", "nas": "127.0.0.4", "old-prod": "127.0.0.5",
-                   "offsite": "127.0.0.6"}
+PLACE_ADDRESSES = {
+    "prod": "127.0.0.2",
+    "pi5": "127.0.0.3",
+    "nas": "127.0.0.4",
+    "old-prod": "127.0.0.5",
+    "offsite": "127.0.0.6",
+}
 SSH_PORT = 2222  # replaced by the running SshWorld's own free port (a bench or another run may hold 2222)
 
 RAILS_SCHEMA = """
@@ -84,8 +89,11 @@ INSERT INTO "Odd ""Name"" table" VALUES (1, 'gęś'), (2, E'\\\\.');
 SELECT nextval('invoice_number_seq') FROM generate_series(1, 5);
 """
 RAILS_TABLE_ROWS = {
-    "public.schema_migrations": 40, "public.ar_internal_metadata": 1, "public.users": 300,
-    "public.orders": 2000, 'public.Odd "Name" table': 2,
+    "public.schema_migrations": 40,
+    "public.ar_internal_metadata": 1,
+    "public.users": 300,
+    "public.orders": 2000,
+    'public.Odd "Name" table': 2,
 }
 
 
@@ -154,14 +162,39 @@ class Postgres:
             shutil.chown(self.base, self.user)
             shutil.chown(self.sockets, self.user)
         self.base.chmod(0o755)
-        self._as_server_user([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                              "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
-        conf = (f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.sockets}'\n"
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 50\n")
+        self._as_server_user(
+            [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ]
+        )
+        conf = (
+            f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.sockets}'\n"
+            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 50\n"
+        )
         with open(self.data / "postgresql.conf", "a") as f:
             f.write(conf)
-        self._as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "server.log"),
-                              "-w", "-t", "60", "start"])
+        self._as_server_user(
+            [
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.base / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
         return self
 
     def stop(self) -> None:
@@ -174,8 +207,12 @@ class Postgres:
         return {"PGHOST": str(self.sockets), "PGPORT": str(self.port), "PGUSER": "postgres"}
 
     def psql(self, sql: str, db: str = "postgres", check: bool = True) -> str:
-        out = subprocess.run(["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql],
-                             env={**os.environ, **self.env}, capture_output=True, text=True)
+        out = subprocess.run(
+            ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+        )
         if check and out.returncode:
             raise AssertionError(f"psql failed: {out.stderr}")
         return out.stdout.strip()
@@ -189,10 +226,13 @@ class Postgres:
 
     def row_counts(self, db: str) -> dict[str, int]:
         """Rows of every table, keyed `schema.table` unquoted, as manifests key them."""
-        listing = self.psql("SELECT n.nspname || '.' || c.relname || chr(9) || format('%I.%I', n.nspname, c.relname) "
-                            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
-                            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                            "AND n.nspname NOT LIKE 'pg_toast%'", db)
+        listing = self.psql(
+            "SELECT n.nspname || '.' || c.relname || chr(9) || format('%I.%I', n.nspname, c.relname) "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg_toast%'",
+            db,
+        )
         counts = {}
         for line in filter(None, listing.splitlines()):
             key, quoted = line.split("\t")
@@ -207,8 +247,16 @@ class Sshd:
     KW_BACKUP_ENV the place's settings: `install`'s env file, or an empty one of its own.
     """
 
-    def __init__(self, base: Path, name: str, address: str, port: int, path: str | None = None,
-                 env: dict[str, str] | None = None, install: Install | None = None):
+    def __init__(
+        self,
+        base: Path,
+        name: str,
+        address: str,
+        port: int,
+        path: str | None = None,
+        env: dict[str, str] | None = None,
+        install: Install | None = None,
+    ):
         self.base = base
         self.port = port
         self.name = name
@@ -238,7 +286,8 @@ class Sshd:
             f"Subsystem sftp internal-sftp -u 077\n"  # as README advises for an sftp offsite: private files
             f"SetEnv KW_TEST_PLACE={self.name} PATH={self.path} "
             f"KW_BACKUP_ENV={self.env_file} KW_BACKUP_SYSLOG={self.base / 'no-syslog'}"
-            + "".join(f" {k}={v}" for k, v in self.env.items()) + "\n"
+            + "".join(f" {k}={v}" for k, v in self.env.items())
+            + "\n"
         )
         subprocess.run(["/usr/sbin/sshd", "-f", str(config), "-E", str(self.base / "sshd.log")], check=True)
         for _ in range(100):
@@ -298,9 +347,21 @@ class Install:
 
     def make(self) -> Install:
         if self.output is None:
-            done = subprocess.run(["make", "-s", f"install-{self.role}", f"DESTDIR={self.dest}",
-                                   f"BACKUP_USER={self.user}", "PYTHON=/usr/bin/python3"], cwd=ROOT,
-                                  capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                [
+                    "make",
+                    "-s",
+                    f"install-{self.role}",
+                    f"DESTDIR={self.dest}",
+                    f"BACKUP_USER={self.user}",
+                    "PYTHON=/usr/bin/python3",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                stdin=subprocess.DEVNULL,
+            )
             if done.returncode:
                 raise RuntimeError(f"make install-{self.role} failed: {done.stdout}{done.stderr}")
             self.output = done.stdout
@@ -333,8 +394,10 @@ class SshWorld:
         self.known_hosts = base / "client" / "known_hosts"
         self.config = base / "client" / "ssh_config"
         self.port = free_port()
-        self.places = {name: Sshd(base / name, name, addr, self.port, install=(installs or {}).get(name))
-                       for name, addr in PLACE_ADDRESSES.items()}
+        self.places = {
+            name: Sshd(base / name, name, addr, self.port, install=(installs or {}).get(name))
+            for name, addr in PLACE_ADDRESSES.items()
+        }
 
     def start(self) -> SshWorld:
         global SSH_PORT
@@ -363,17 +426,21 @@ class SshWorld:
             aliases.append(f"Host {name}\n  HostName {sshd.address}\n")
         self.known_hosts.write_text("\n".join(known) + "\n")
         aliases.append("Host gone\n  HostName 127.0.0.9\n")  # nothing listens there: an unreachable place
-        self.config.write_text("\n".join(aliases) + (
-            f"\nHost *\n  Port {self.port}\n  User {user}\n  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
-            f"  UserKnownHostsFile {self.known_hosts}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
-        ))
+        self.config.write_text(
+            "\n".join(aliases)
+            + (
+                f"\nHost *\n  Port {self.port}\n  User {user}\n  IdentityFile {self.key}\n  IdentitiesOnly yes\n"
+                f"  UserKnownHostsFile {self.known_hosts}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
+            )
+        )
 
     def stop(self) -> None:
         for sshd in self.places.values():
             sshd.stop()
 
-    def client_config(self, path: Path, identity: dict[str, Path] | None = None,
-                      proxy: dict[str, str] | None = None) -> Path:
+    def client_config(
+        self, path: Path, identity: dict[str, Path] | None = None, proxy: dict[str, str] | None = None
+    ) -> Path:
         """A copy of the ssh config with other keys or a ProxyCommand for some places."""
         text = ""
         for name, sshd in self.places.items():
@@ -395,8 +462,14 @@ class SshWorld:
         self.places["prod"].authorize(public, f'restrict,command="rrsync -ro {prod_dir}"')
         return key, public
 
-    def rclone_config(self, path: Path, name: str = "offsite", hashcheck: bool = True, address: str | None = None,
-                      port: int | None = None) -> Path:
+    def rclone_config(
+        self,
+        path: Path,
+        name: str = "offsite",
+        hashcheck: bool = True,
+        address: str | None = None,
+        port: int | None = None,
+    ) -> Path:
         """An rclone config with an sftp remote `name` on the offsite sshd (or another address), checking its host key.
 
         hashcheck=False: a remote that offers no checksums (a storage box without a shell). With another
@@ -408,16 +481,21 @@ class SshWorld:
             host_key = self.places["offsite"].host_key.with_suffix(".pub").read_text().split()
             known_hosts.write_text(self.known_hosts.read_text() + f"[{address}]:{port} {host_key[0]} {host_key[1]}\n")
         user = pwd.getpwuid(os.geteuid()).pw_name
-        path.write_text(f"[{name}]\ntype = sftp\nhost = {address or self.places['offsite'].address}\n"
-                        f"port = {port or self.port}\nuser = {user}\nkey_file = {self.key}\n"
-                        f"known_hosts_file = {known_hosts}\n"
-                        + ("" if hashcheck else "disable_hashcheck = true\n"))
+        path.write_text(
+            f"[{name}]\ntype = sftp\nhost = {address or self.places['offsite'].address}\n"
+            f"port = {port or self.port}\nuser = {user}\nkey_file = {self.key}\n"
+            f"known_hosts_file = {known_hosts}\n" + ("" if hashcheck else "disable_hashcheck = true\n")
+        )
         path.chmod(0o600)
         return path
 
     def ssh(self, place: str, *argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["ssh", "-F", str(self.config), "-o", "BatchMode=yes", place, *argv],
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            ["ssh", "-F", str(self.config), "-o", "BatchMode=yes", place, *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
 
 class Syslog:
@@ -448,15 +526,17 @@ def write_env(path: Path, settings: dict[str, str]) -> Path:
     return path
 
 
-def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120, at: str | None = None,
-               **kw) -> subprocess.CompletedProcess:
+def run_script(
+    name: str, *args: str, env: dict[str, str], timeout: float = 120, at: str | None = None, **kw
+) -> subprocess.CompletedProcess:
     """Run bin/<name> as a user would: a plain process, its own environment, no terminal.
 
     `at` ("2024-03-10 03:00:00", UTC) runs it with the machine's clock there, ticking on (clocked()).
     """
     argv, env = clocked([str(BIN / name), *args], env, at)
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          **kw)
+    return subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw
+    )
 
 
 def clocked(argv: list[str], env: dict[str, str], at: str | None) -> tuple[list[str], dict[str, str]]:
@@ -514,6 +594,7 @@ class Pi:
     def _copies(self, text: str, directory: Path, options: str) -> str:
         """`text` with each file named by one of `options` (ssh's `Option path`, rclone's `option = path`)
         replaced by the Pi's own copy in `directory`."""
+
         def copy(match: re.Match) -> str:
             source = Path(match[2])
             target = directory / f"{len(list(directory.iterdir()))}-{source.name}"
@@ -532,8 +613,10 @@ class Pi:
         directory.mkdir(mode=0o700)
         self.own(directory)
         mine = dict(settings)
-        for setting, options in (("SSH_CONFIG", "IdentityFile|UserKnownHostsFile"),
-                                 ("RCLONE_CONFIG", "key_file|known_hosts_file")):
+        for setting, options in (
+            ("SSH_CONFIG", "IdentityFile|UserKnownHostsFile"),
+            ("RCLONE_CONFIG", "key_file|known_hosts_file"),
+        ):
             if not settings.get(setting):
                 continue
             text = Path(settings[setting]).read_text()
@@ -550,21 +633,29 @@ class Pi:
             mine[setting] = str(path)
         return mine
 
-    def command(self, script: str, args: tuple[str, ...], settings: dict[str, str], env: dict[str, str],
-                at: str | None = None) -> tuple[list[str], dict[str, str]]:
+    def command(
+        self, script: str, args: tuple[str, ...], settings: dict[str, str], env: dict[str, str], at: str | None = None
+    ) -> tuple[list[str], dict[str, str]]:
         """The installed `script` run as the Pi with `settings` (its env file) and `env` (less root's PATH and
         home): an argument list and an environment for subprocess."""
         mine = self.settings(settings)
         env_file = write_env(self.home / "backup.env", mine)
         local = [mine.get(k) for k in ("PI5_DIR", "LOG_FILE", "HISTORY_FILE", "DRILL_LOG", "WORK_DIR")]
-        local += [mine.get("NAS_DIR") if mine.get("NAS_HOST") == "local" else None,
-                  mine.get("OFFSITE_REMOTE") if mine.get("OFFSITE_REMOTE", "").startswith("/") else None]
+        local += [
+            mine.get("NAS_DIR") if mine.get("NAS_HOST") == "local" else None,
+            mine.get("OFFSITE_REMOTE") if mine.get("OFFSITE_REMOTE", "").startswith("/") else None,
+        ]
         self.own(env_file, *(Path(p) for p in local if p))
         argv, env = clocked([str(self.install.bin / script), *args], env, at)
         # Its copies of SSH_CONFIG and RCLONE_CONFIG are in its env file: none of root's from the environment.
-        env = {**{k: v for k, v in env.items() if k not in ("SSH_CONFIG", "RCLONE_CONFIG")},
-               "PATH": f"{self.install.bin}:{SYSTEM_PATH}", "HOME": self.user.pw_dir, "USER": self.user.pw_name,
-               "LOGNAME": self.user.pw_name, "KW_BACKUP_ENV": str(env_file)}
+        env = {
+            **{k: v for k, v in env.items() if k not in ("SSH_CONFIG", "RCLONE_CONFIG")},
+            "PATH": f"{self.install.bin}:{SYSTEM_PATH}",
+            "HOME": self.user.pw_dir,
+            "USER": self.user.pw_name,
+            "LOGNAME": self.user.pw_name,
+            "KW_BACKUP_ENV": str(env_file),
+        }
         return ["runuser", "-u", self.user.pw_name, "--", *argv], env
 
 
@@ -585,9 +676,12 @@ class S3:
 
     def start(self) -> S3:
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
-                                          str(self.port)], stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         for _ in range(200):
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
@@ -611,10 +705,12 @@ class S3:
     def rclone_config(self, path: Path, name: str = "offsite", endpoint: str | None = None) -> Path:
         """An rclone config with an `s3` remote `name` on this server (or `endpoint`): parts of 5 MiB above
         5 MiB (rclone's default cutoff is 200 MiB), so a dump of ~12 MB goes up as a multipart upload."""
-        path.write_text(f"[{name}]\ntype = s3\nprovider = Other\nenv_auth = false\n"
-                        f"access_key_id = {self.ACCESS_KEY}\nsecret_access_key = {self.SECRET_KEY}\n"
-                        f"endpoint = {endpoint or self.url}\nregion = us-east-1\n"
-                        "upload_cutoff = 5M\nchunk_size = 5M\n")
+        path.write_text(
+            f"[{name}]\ntype = s3\nprovider = Other\nenv_auth = false\n"
+            f"access_key_id = {self.ACCESS_KEY}\nsecret_access_key = {self.SECRET_KEY}\n"
+            f"endpoint = {endpoint or self.url}\nregion = us-east-1\n"
+            "upload_cutoff = 5M\nchunk_size = 5M\n"
+        )
         path.chmod(0o600)
         return path
 
@@ -665,8 +761,9 @@ class Bucket:
     def rclone(self, *args: str, input: bytes | None = None) -> bytes:
         # Debian's rclone 1.60 cannot use AWS_CA_BUNDLE (LoadCustomCABundleError): never pass it on.
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-        done = subprocess.run(["rclone", "--config", str(self.config), *args], input=input, capture_output=True,
-                              env=env, timeout=120)
+        done = subprocess.run(
+            ["rclone", "--config", str(self.config), *args], input=input, capture_output=True, env=env, timeout=120
+        )
         if done.returncode:
             raise AssertionError(f"rclone {' '.join(args)}: {done.stderr.decode(errors='replace')}")
         return done.stdout
@@ -685,8 +782,10 @@ class Bucket:
         return json.loads(self.rclone("lsjson", "-R", "--files-only", *flags, self.remote))
 
     def files(self, sub: str = "") -> list[str]:
-        return sorted(i["Path"] for i in json.loads(self.rclone("lsjson", "--files-only", f"{self.remote}/{sub}"
-                                                                 if sub else self.remote)))
+        return sorted(
+            i["Path"]
+            for i in json.loads(self.rclone("lsjson", "--files-only", f"{self.remote}/{sub}" if sub else self.remote))
+        )
 
     def read(self, name: str) -> bytes:
         return self.rclone("cat", f"{self.remote}/{name}")
@@ -723,24 +822,28 @@ def age_key(directory: Path, name: str = "age-key.txt") -> tuple[Path, str]:
     path = directory / name
     subprocess.run(["age-keygen", "-o", str(path)], check=True, capture_output=True)
     path.chmod(0o600)
-    return path, subprocess.run(["age-keygen", "-y", str(path)], check=True, capture_output=True,
-                                text=True).stdout.strip()
+    return path, subprocess.run(
+        ["age-keygen", "-y", str(path)], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
-def synthetic_dump(directory: Path, name: str, rows: int = 1000, random_bytes: bool = False,
-                   manifest: bool = True) -> Path:
+def synthetic_dump(
+    directory: Path, name: str, rows: int = 1000, random_bytes: bool = False, manifest: bool = True
+) -> Path:
     """A valid dump with its manifest, quickly: pg_dump's shape, one table of `rows` rows."""
     import hashlib
     import random
 
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     rng = random.Random(name)
-    body = (os.urandom(rows * 48).hex() if random_bytes else "x" * (rows * 96))
-    lines = "".join(f"{i}\t{body[i * 96:(i + 1) * 96]}\n" for i in range(rows))
-    sql = ("--\n-- PostgreSQL database dump\n--\n\n\\restrict k\n\n-- Dumped from database version 15.18\n"
-           "-- Dumped by pg_dump version 15.18\n\nCREATE TABLE public.t (id int, v text);\n\n"
-           f"COPY public.t (id, v) FROM stdin;\n{lines}\\.\n\n"
-           f"-- {rng.random()}\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict k\n\n").encode()
+    body = os.urandom(rows * 48).hex() if random_bytes else "x" * (rows * 96)
+    lines = "".join(f"{i}\t{body[i * 96 : (i + 1) * 96]}\n" for i in range(rows))
+    sql = (
+        "--\n-- PostgreSQL database dump\n--\n\n\\restrict k\n\n-- Dumped from database version 15.18\n"
+        "-- Dumped by pg_dump version 15.18\n\nCREATE TABLE public.t (id int, v text);\n\n"
+        f"COPY public.t (id, v) FROM stdin;\n{lines}\\.\n\n"
+        f"-- {rng.random()}\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict k\n\n"
+    ).encode()
     path = directory / name
     with open(path, "wb") as out:
         # -n: no time in the gzip header (pigz stamps a pipe's with the clock), so the same name made for two
@@ -749,10 +852,22 @@ def synthetic_dump(directory: Path, name: str, rows: int = 1000, random_bytes: b
     path.chmod(0o600)
     if manifest:
         data = path.read_bytes()
-        (directory / (name + ".json")).write_text(json.dumps({
-            "file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "created_at": "2024-01-01T02:00:00Z", "database": "kw_app_production", "server_version": "15.18",
-            "pg_dump_version": "15.18", "tables": {"public.t": rows}, "tool_version": "test"}, indent=2))
+        (directory / (name + ".json")).write_text(
+            json.dumps(
+                {
+                    "file": name,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "created_at": "2024-01-01T02:00:00Z",
+                    "database": "kw_app_production",
+                    "server_version": "15.18",
+                    "pg_dump_version": "15.18",
+                    "tables": {"public.t": rows},
+                    "tool_version": "test",
+                },
+                indent=2,
+            )
+        )
         (directory / (name + ".json")).chmod(0o600)
     return path
 

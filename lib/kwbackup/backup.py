@@ -49,9 +49,13 @@ def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dump
         try:
             pipeline([db.dump(), scanner, ProgressTap(progress), Cmd(compressor(), name="compress"), writer])
         except StageFailed as exc:
-            hint = "check DB_NAME, DB_EXEC and that PostgreSQL is running" if exc.stage.startswith("pg_dump") \
-                else "check free space and permissions in the backup directory" if exc.stage == writer.name \
+            hint = (
+                "check DB_NAME, DB_EXEC and that PostgreSQL is running"
+                if exc.stage.startswith("pg_dump")
+                else "check free space and permissions in the backup directory"
+                if exc.stage == writer.name
                 else ""
+            )
             raise Failed(f"dump failed, no new dump kept: {exc.message}", hint) from exc
         finally:
             progress.finish()
@@ -60,17 +64,25 @@ def write_dump(db: Database, directory: Path, name: str, min_bytes: int) -> dump
             raise VerificationError(f"dump failed verification, no new dump kept: {problem}")
         crc, length = struct.unpack("<II", writer.last8) if writer.size >= 18 else (None, None)
         if (crc, length) != (scanner.crc, scanner.size & 0xFFFFFFFF):
-            raise VerificationError("dump failed verification, no new dump kept: the gzip trailer does not "
-                                    "match the SQL pg_dump produced")
+            raise VerificationError(
+                "dump failed verification, no new dump kept: the gzip trailer does not match the SQL pg_dump produced"
+            )
         if writer.size < min_bytes:
-            raise Failed(f"dump is only {writer.size} bytes (MIN_DUMP_BYTES={min_bytes}), no new dump kept",
-                         "check that DB_NAME is the production database")
+            raise Failed(
+                f"dump is only {writer.size} bytes (MIN_DUMP_BYTES={min_bytes}), no new dump kept",
+                "check that DB_NAME is the production database",
+            )
         if os.fstat(out.fd).st_size != writer.size:
             raise VerificationError("dump failed verification: the file's size differs from what was written")
         manifest = dumps.Manifest(
-            file=name, bytes=writer.size, sha256=writer.sha256.hexdigest(), created_at=created_at,
-            database=db.name, server_version=scanner.version("from database"),
-            pg_dump_version=scanner.version("by pg_dump"), tables=scanner.tables,
+            file=name,
+            bytes=writer.size,
+            sha256=writer.sha256.hexdigest(),
+            created_at=created_at,
+            database=db.name,
+            server_version=scanner.version("from database"),
+            pg_dump_version=scanner.version("by pg_dump"),
+            tables=scanner.tables,
         )
         # The manifest goes first: a dump never appears without one, and a failed manifest
         # write leaves no new dump. A crash between the two leaves only an orphan manifest.
@@ -94,9 +106,11 @@ def new_name(directory: Path, clock: names.Clock) -> str:
     name = names.nightly_name_for(clock.now, set(existing))
     later = [d for d in names.dumps_in(existing) if d.nightly and d.sort_key > names.parse(name).sort_key]
     if later:
-        raise Failed(f"not dumping: {later[0].name} in {directory} is dated after this clock "
-                     f"({clock.now:%Y-%m-%d %H:%M:%S} UTC), so the new dump {name} would sort before it",
-                     "fix the clock (timedatectl), or remove the future-dated dump by hand")
+        raise Failed(
+            f"not dumping: {later[0].name} in {directory} is dated after this clock "
+            f"({clock.now:%Y-%m-%d %H:%M:%S} UTC), so the new dump {name} would sort before it",
+            "fix the clock (timedatectl), or remove the future-dated dump by hand",
+        )
     return name
 
 
@@ -125,8 +139,14 @@ def backup(settings: Settings, prod: Place, keep: int, dry_run: bool = False) ->
         manifest = write_dump(db, directory, name, min_bytes)
         seconds = time.monotonic() - started
         rows = sum(manifest.tables.values())
-        log.info("wrote %s: %s, %d rows in %d tables, verified, in %.1fs",
-                 name, size(manifest.bytes), rows, len(manifest.tables), seconds)
+        log.info(
+            "wrote %s: %s, %d rows in %d tables, verified, in %.1fs",
+            name,
+            size(manifest.bytes),
+            rows,
+            len(manifest.tables),
+            seconds,
+        )
         monitor.record(dump=name, bytes=manifest.bytes)
         removed = retention.rotate_local(directory, keep, clock, calendar=prod.calendar)
         free = space.free_local(directory)

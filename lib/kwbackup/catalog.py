@@ -12,19 +12,26 @@ import json
 from .database import Database
 
 # Every table with data of its own: (schema, table, the server's quoted `schema.table`).
-TABLES = ("SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.relname) FROM pg_class c "
-          "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
-          "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'")
+TABLES = (
+    "SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
+)
 # The timestamp columns that say how recent the data is: (quoted table, quoted column).
-RECENT_COLUMNS = ("SELECT format('%I.%I', table_schema, table_name), quote_ident(column_name) "
-                  "FROM information_schema.columns WHERE column_name IN ('created_at', 'updated_at') "
-                  "AND data_type LIKE 'timestamp%' AND table_schema NOT IN ('pg_catalog', 'information_schema')")
+RECENT_COLUMNS = (
+    "SELECT format('%I.%I', table_schema, table_name), quote_ident(column_name) "
+    "FROM information_schema.columns WHERE column_name IN ('created_at', 'updated_at') "
+    "AND data_type LIKE 'timestamp%' AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+)
 
 
 def newest_record_sql(columns: list[list[str]]) -> str:
     """The newest of the RECENT_COLUMNS rows' values (identifiers as the server quoted them)."""
-    return "SELECT max(m) FROM (" + " UNION ALL ".join(f"SELECT max({c})::timestamp AS m FROM {t}"
-                                                       for t, c in columns) + ") x"
+    return (
+        "SELECT max(m) FROM ("
+        + " UNION ALL ".join(f"SELECT max({c})::timestamp AS m FROM {t}" for t, c in columns)
+        + ") x"
+    )
 
 
 # One restore per database at a time, whichever machine runs it: a session-level advisory lock of
@@ -51,8 +58,10 @@ SELECT coalesce((SELECT format('CREATE DATABASE %I TEMPLATE template0 ENCODING %
 
 # What interrupted runs left: their half-made databases. DROP waits for a swap still running on
 # the server (it holds the database's lock), after which a database it renamed is no longer here.
-LEFTOVERS = ("SELECT datname FROM pg_database WHERE starts_with(datname, :'target' || '_restore_') "
-             "AND substr(datname, length(:'target') + 10) ~ '^[0-9]{14}$' ORDER BY 1;\n")
+LEFTOVERS = (
+    "SELECT datname FROM pg_database WHERE starts_with(datname, :'target' || '_restore_') "
+    "AND substr(datname, length(:'target') + 10) ~ '^[0-9]{14}$' ORDER BY 1;\n"
+)
 DROP = "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', :'name')\n\\gexec\n"
 
 HOLDS_TABLES = f"SELECT EXISTS ({TABLES});\n"

@@ -17,10 +17,14 @@ from .errors import KwError, failure_line
 def parser(doc: str) -> argparse.ArgumentParser:
     """argparse with the script's docstring as description and the flags every script has."""
     first, _, rest = (doc or "").strip().partition("\n")
-    p = argparse.ArgumentParser(description=first, epilog=rest.strip() or None,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env-file", metavar="PATH", help="settings file (default: $KW_BACKUP_ENV, "
-                   ".env beside bin/, /etc/kw-backup/backup.env)")
+    p = argparse.ArgumentParser(
+        description=first, epilog=rest.strip() or None, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="settings file (default: $KW_BACKUP_ENV, .env beside bin/, /etc/kw-backup/backup.env)",
+    )
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="show debug detail, commands included")
     loud.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -31,8 +35,9 @@ def script_name() -> str:
     return os.path.basename(sys.argv[0]) or "kw-backup"
 
 
-def load(args: argparse.Namespace, overrides: dict | None = None, syslog: bool = False,
-         log_file: bool = False) -> settingsmod.Settings:
+def load(
+    args: argparse.Namespace, overrides: dict | None = None, syslog: bool = False, log_file: bool = False
+) -> settingsmod.Settings:
     """Settings (flags > environment > env file) validated, then logging set up from them."""
     script = script_name()
     logmod.setup(script, args.verbose, args.quiet)

@@ -33,8 +33,9 @@ def identity(settings: Settings, what: str) -> str:
     """AGE_IDENTITY_FILE, needed to read the encrypted `what`; UsageError (exit 2) when unset or missing."""
     path = settings["AGE_IDENTITY_FILE"]
     if not path:
-        raise UsageError(f"{what} is encrypted: set AGE_IDENTITY_FILE to the age identity (secret key) file",
-                         IDENTITY_HINT)
+        raise UsageError(
+            f"{what} is encrypted: set AGE_IDENTITY_FILE to the age identity (secret key) file", IDENTITY_HINT
+        )
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -50,12 +51,20 @@ def decrypt_cmd(identity_file: str) -> Cmd:
 
 def _reason(exc: StageFailed) -> str:
     """age's own error line, without its request to report errors upstream."""
-    return next((part.split("age: error: ", 1)[1] for line in reversed(exc.tail.splitlines())
-                 for part in line.split(" | ") if "age: error: " in part), exc.tail or exc.detail)
+    return next(
+        (
+            part.split("age: error: ", 1)[1]
+            for line in reversed(exc.tail.splitlines())
+            for part in line.split(" | ")
+            if "age: error: " in part
+        ),
+        exc.tail or exc.detail,
+    )
 
 
-def decryption_error(exc: StageFailed, name: str, identity_file: str | None = None,
-                     recipients: list[str] | None = None) -> KwError:
+def decryption_error(
+    exc: StageFailed, name: str, identity_file: str | None = None, recipients: list[str] | None = None
+) -> KwError:
     """A failed decryption: the wrong key is the operator's to fix (exit 1); a damaged copy is exit 3.
 
     With the identity file and the manifest's recipients, a key that is one of them but does not
@@ -64,15 +73,21 @@ def decryption_error(exc: StageFailed, name: str, identity_file: str | None = No
     reason = _reason(exc)
     ours = bool(identity_file and recipients and _public_keys(identity_file) & set(recipients))
     if "no identity matched" in reason and ours:
-        return VerificationError(f"{name}: cannot be decrypted, the copy is damaged or incomplete (its header does "
-                                 "not open with the key, one of its recipients)", "use another copy (list-backups)")
+        return VerificationError(
+            f"{name}: cannot be decrypted, the copy is damaged or incomplete (its header does "
+            "not open with the key, one of its recipients)",
+            "use another copy (list-backups)",
+        )
     if "no identity matched" in reason:
-        return Failed(f"AGE_IDENTITY_FILE cannot decrypt {name}: its key is not one of the dump's recipients",
-                      "use the identity whose public key is in AGE_RECIPIENTS (the manifest lists them)")
+        return Failed(
+            f"AGE_IDENTITY_FILE cannot decrypt {name}: its key is not one of the dump's recipients",
+            "use the identity whose public key is in AGE_RECIPIENTS (the manifest lists them)",
+        )
     if reason.startswith("reading "):
         return UsageError(f"AGE_IDENTITY_FILE is not a usable age identity: {reason}", IDENTITY_HINT)
-    return VerificationError(f"{name}: cannot be decrypted, the copy is damaged or incomplete ({reason})",
-                             "use another copy (list-backups)")
+    return VerificationError(
+        f"{name}: cannot be decrypted, the copy is damaged or incomplete ({reason})", "use another copy (list-backups)"
+    )
 
 
 def _public_keys(identity_file: str) -> set[str]:
@@ -92,24 +107,44 @@ def encrypt(source: Path, manifest: dumps.Manifest, directory: Path, keys: list[
     # Not fsynced: a copy on its way out, made again if lost; each place makes its own copy durable.
     with files.AtomicFile(directory, name, replace=True, durable=False) as out, open(source, "rb") as plain:
         try:
-            pipeline([Cmd(["age", "--encrypt", *(arg for key in keys for arg in ("-r", key))], name=ENCRYPT_STAGE)],
-                     stdin=plain.fileno(), stdout=out.fd)
+            pipeline(
+                [Cmd(["age", "--encrypt", *(arg for key in keys for arg in ("-r", key))], name=ENCRYPT_STAGE)],
+                stdin=plain.fileno(),
+                stdout=out.fd,
+            )
         except StageFailed as exc:
             reason = _reason(exc)
-            hint = "free space in PI5_DIR: the encrypted copy needs as much as the dump" \
-                if "no space left" in reason.lower() else "check AGE_RECIPIENTS and the pi5"
+            hint = (
+                "free space in PI5_DIR: the encrypted copy needs as much as the dump"
+                if "no space left" in reason.lower()
+                else "check AGE_RECIPIENTS and the pi5"
+            )
             raise Failed(f"encrypting {source.name} failed: {reason}", hint) from exc
         finally:
             source_check.join()
         if (source_check.size, source_check.hexdigest) != (manifest.bytes, manifest.sha256):
-            raise VerificationError(f"{source} no longer matches its manifest; not encrypting it",
-                                    "the pi5's copy is damaged: check its disk")
+            raise VerificationError(
+                f"{source} no longer matches its manifest; not encrypting it",
+                "the pi5's copy is damaged: check its disk",
+            )
         out.commit()
     copy = _Digest(directory / name)
     copy.run()
-    encrypted = dumps.Manifest(**{**vars(manifest), "file": name, "bytes": copy.size, "sha256": copy.hexdigest,
-                                  "encryption": {"method": "age", "recipients": keys, "plain_file": manifest.file,
-                                                 "plain_bytes": manifest.bytes, "plain_sha256": manifest.sha256}})
+    encrypted = dumps.Manifest(
+        **{
+            **vars(manifest),
+            "file": name,
+            "bytes": copy.size,
+            "sha256": copy.hexdigest,
+            "encryption": {
+                "method": "age",
+                "recipients": keys,
+                "plain_file": manifest.file,
+                "plain_bytes": manifest.bytes,
+                "plain_sha256": manifest.sha256,
+            },
+        }
+    )
     files.write_atomic(directory, name + names.MANIFEST_SUFFIX, encrypted.to_json(), replace=True)
     return encrypted
 
@@ -142,14 +177,19 @@ def decrypt_file(path: Path, identity_file: str, directory: Path) -> Path:
         try:
             pipeline([decrypt_cmd(identity_file), writer], stdin=dumps.FileChunks(path))
         except StageFailed as exc:
-            raise (decryption_error(exc, path.name, identity_file, _recipients(manifest))
-                   if exc.stage == DECRYPT_STAGE else exc) from exc
+            raise (
+                decryption_error(exc, path.name, identity_file, _recipients(manifest))
+                if exc.stage == DECRYPT_STAGE
+                else exc
+            ) from exc
         out.commit()
     if manifest is not None:
         plain = manifest.plain()
         if (writer.size, writer.sha256.hexdigest()) != (plain.bytes, plain.sha256):
-            raise VerificationError(f"{path.name} decrypts to other bytes than the dump its manifest describes",
-                                    "use another copy (list-backups)")
+            raise VerificationError(
+                f"{path.name} decrypts to other bytes than the dump its manifest describes",
+                "use another copy (list-backups)",
+            )
         files.write_atomic(directory, plain_name + names.MANIFEST_SUFFIX, plain.to_json(), replace=True)
     return directory / plain_name
 

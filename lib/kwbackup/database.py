@@ -44,8 +44,20 @@ class Database:
         else:
             inner = shquote_list([tool, "-U", s["DB_USER"], *args])
             mode_flag = "--raw" if output else "-i"
-            return Cmd(["kamal", "accessory", "exec", "--reuse", mode_flag, "-d", s["KAMAL_DESTINATION"],
-                        s["KAMAL_ACCESSORY"], *inner], name=tool)
+            return Cmd(
+                [
+                    "kamal",
+                    "accessory",
+                    "exec",
+                    "--reuse",
+                    mode_flag,
+                    "-d",
+                    s["KAMAL_DESTINATION"],
+                    s["KAMAL_ACCESSORY"],
+                    *inner,
+                ],
+                name=tool,
+            )
         if self.host is None or self.host.is_local:
             return Cmd(argv, name=tool)
         return self.host.command(argv, name=f"{tool} on {self.host.name}")
@@ -56,8 +68,11 @@ class Database:
 
     def psql(self, dbname: str, *args: str, output: bool = False, quiet: bool = True) -> Cmd:
         """psql on `dbname` that stops at the first error, reading SQL from stdin."""
-        return self._tool("psql", ["--no-password", "-X", *(["-q"] if quiet else []), "-v", "ON_ERROR_STOP=1",
-                                   "-d", dbname, *args], output=output)
+        return self._tool(
+            "psql",
+            ["--no-password", "-X", *(["-q"] if quiet else []), "-v", "ON_ERROR_STOP=1", "-d", dbname, *args],
+            output=output,
+        )
 
     def shell(self, argv: list[str], name: str = "") -> Cmd:
         """Any command where PostgreSQL runs (its container for docker and kamal), e.g. df."""
@@ -65,14 +80,27 @@ class Database:
         if self.mode == "docker":
             argv = ["docker", "exec", "-i", s["DB_CONTAINER"], *argv]
         elif self.mode == "kamal":
-            return Cmd(["kamal", "accessory", "exec", "--reuse", "--raw", "-d", s["KAMAL_DESTINATION"],
-                        s["KAMAL_ACCESSORY"], *shquote_list(argv)], name=name or argv[0])
+            return Cmd(
+                [
+                    "kamal",
+                    "accessory",
+                    "exec",
+                    "--reuse",
+                    "--raw",
+                    "-d",
+                    s["KAMAL_DESTINATION"],
+                    s["KAMAL_ACCESSORY"],
+                    *shquote_list(argv),
+                ],
+                name=name or argv[0],
+            )
         if self.host is None or self.host.is_local:
             return Cmd(argv, name=name or argv[0])
         return self.host.command(argv, name=name or f"{argv[0]} on {self.host.name}")
 
-    def sql(self, script: str, dbname: str = "postgres", timeout: float | None = 600, **variables: str
-            ) -> list[list[str]]:
+    def sql(
+        self, script: str, dbname: str = "postgres", timeout: float | None = 600, **variables: str
+    ) -> list[list[str]]:
         """Rows of a psql script fed on stdin, its values given as psql variables (`:'name'` in the script)."""
         assigned = [arg for name, value in variables.items() for arg in ("-v", f"{name}={value}")]
         cmd = self.psql(dbname, "-A", "-t", "-F", "\t", *assigned)

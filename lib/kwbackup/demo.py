@@ -47,8 +47,10 @@ def main(argv=None) -> int:
     try:
         return _demo(argv)
     except subprocess.CalledProcessError as exc:
-        print(f"demo: a step failed: {' '.join(map(str, exc.cmd[:1]))} exited {exc.returncode}; see above",
-              file=sys.stderr)
+        print(
+            f"demo: a step failed: {' '.join(map(str, exc.cmd[:1]))} exited {exc.returncode}; see above",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -62,10 +64,20 @@ def _demo(argv=None) -> int:
     with temporary_cluster() as server:
         env_file = base / "backup.env"
         settings = {
-            "DB_EXEC": "direct", "DB_NAME": "kw_app_production", "DB_HOST": server["host"], "DB_PORT": server["port"],
-            "DB_USER": "postgres", "PROD_HOST": "local", "PROD_DIR": base / "prod", "PI5_HOST": "local",
-            "PI5_DIR": base / "pi5", "NAS_HOST": "local", "NAS_DIR": base / "nas",
-            "LOG_FILE": base / "orchestrator.log", "WORK_DIR": base / "work", "DRILL_LOG": base / "drill.log",
+            "DB_EXEC": "direct",
+            "DB_NAME": "kw_app_production",
+            "DB_HOST": server["host"],
+            "DB_PORT": server["port"],
+            "DB_USER": "postgres",
+            "PROD_HOST": "local",
+            "PROD_DIR": base / "prod",
+            "PI5_HOST": "local",
+            "PI5_DIR": base / "pi5",
+            "NAS_HOST": "local",
+            "NAS_DIR": base / "nas",
+            "LOG_FILE": base / "orchestrator.log",
+            "WORK_DIR": base / "work",
+            "DRILL_LOG": base / "drill.log",
             "MIN_DUMP_BYTES": "1024",
         }
         offsite = bool(shutil.which("age-keygen") and shutil.which("rclone"))
@@ -73,8 +85,9 @@ def _demo(argv=None) -> int:
             key = base / "age-key.txt"
             subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
             public = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True, text=True)
-            settings.update(AGE_RECIPIENTS=public.stdout.strip(), AGE_IDENTITY_FILE=key,
-                            OFFSITE_REMOTE=base / "offsite")
+            settings.update(
+                AGE_RECIPIENTS=public.stdout.strip(), AGE_IDENTITY_FILE=key, OFFSITE_REMOTE=base / "offsite"
+            )
         env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         env_file.chmod(0o600)
         # The demo's env file decides, whatever this shell has set.
@@ -83,41 +96,94 @@ def _demo(argv=None) -> int:
         env.update(KW_BACKUP_ENV=str(env_file), KW_BACKUP_SYSLOG=str(base / "no-syslog"), PGPASSWORD=server["password"])
 
         def sql(query: str) -> str:
-            return subprocess.run(["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", server["host"], "-p",
-                                   server["port"], "-U", "postgres", "-d", "kw_app_production", "-c", query],
-                                  env=env, check=True, capture_output=True, text=True).stdout.strip()
+            return subprocess.run(
+                [
+                    "psql",
+                    "-X",
+                    "-q",
+                    "-At",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    server["host"],
+                    "-p",
+                    server["port"],
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "kw_app_production",
+                    "-c",
+                    query,
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
 
         def script(name: str, *script_args: str) -> None:
             print(f"$ {name} {' '.join(script_args)}".rstrip(), flush=True)
             subprocess.run([str(ROOT / "bin" / name), *script_args], env=env, check=True)
 
         say("A temporary PostgreSQL with a small Rails-like database (kw_app_production)")
-        subprocess.run(["psql", "-X", "-q", "-h", server["host"], "-p", server["port"], "-U", "postgres", "-d",
-                        "postgres", "-c", "CREATE DATABASE kw_app_production"], env=env, check=True)
+        subprocess.run(
+            [
+                "psql",
+                "-X",
+                "-q",
+                "-h",
+                server["host"],
+                "-p",
+                server["port"],
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                "CREATE DATABASE kw_app_production",
+            ],
+            env=env,
+            check=True,
+        )
         sql(SAMPLE)
-        print(f"users: {sql('SELECT count(*) FROM users')}, orders: {sql('SELECT count(*) FROM orders')}; "
-              f"places prod, pi5 and nas are directories in {base}")
+        print(
+            f"users: {sql('SELECT count(*) FROM users')}, orders: {sql('SELECT count(*) FROM orders')}; "
+            f"places prod, pi5 and nas are directories in {base}"
+        )
 
         say("backup-db on prod: one pass dumps, counts every table's rows, compresses, hashes, verifies")
         script("backup-db")
-        say("backup-orchestrator on the pi5: pulls the newest dump, verifies it as it arrives, pushes to the nas, "
-            "checks the copy's sha256 there" + ("; encrypts what leaves the pi5 (age, a demo key) and pushes a "
-                                               "fourth copy offsite (rclone, a directory here)" if offsite else ""))
+        say(
+            "backup-orchestrator on the pi5: pulls the newest dump, verifies it as it arrives, pushes to the nas, "
+            "checks the copy's sha256 there"
+            + (
+                "; encrypts what leaves the pi5 (age, a demo key) and pushes a "
+                "fourth copy offsite (rclone, a directory here)"
+                if offsite
+                else ""
+            )
+        )
         script("backup-orchestrator")
         say("list-backups: the same verified dump in every place" + (" (.age: encrypted)" if offsite else ""))
         script("list-backups")
         say("A bad day: someone deletes most orders")
         sql("DELETE FROM orders WHERE id > 100")
         print(f"orders now: {sql('SELECT count(*) FROM orders')}")
-        say("restore-production-db --local latest --yes: restored into a new database, row counts checked against "
-            "the manifest, then swapped in (the old one is kept)")
+        say(
+            "restore-production-db --local latest --yes: restored into a new database, row counts checked against "
+            "the manifest, then swapped in (the old one is kept)"
+        )
         script("restore-production-db", "--local", "latest", "--yes")
         print(f"orders after the restore: {sql('SELECT count(*) FROM orders')} (the change is gone)")
-        say(f"backup-drill: the {'offsite copy decrypted and' if offsite else 'nas copy'} restored into a throwaway "
-            "database on another temporary PostgreSQL, every table compared with the manifest")
+        say(
+            f"backup-drill: the {'offsite copy decrypted and' if offsite else 'nas copy'} restored into a throwaway "
+            "database on another temporary PostgreSQL, every table compared with the manifest"
+        )
         script("backup-drill", "--from", "offsite" if offsite else "nas")
-        say(f"Done. Every step above was checked; the files are in {base}. The temporary PostgreSQL is stopped and "
-            "removed now.")
+        say(
+            f"Done. Every step above was checked; the files are in {base}. The temporary PostgreSQL is stopped and "
+            "removed now."
+        )
     return 0
 
 

@@ -113,15 +113,18 @@ class NasDestination:
         return self.place.listing(timeout)
 
     def _script(self, script: str, *args: str, what: str) -> str:
-        code, out, err = run(self.place.script(script, self._dir(), *args, name=f"{what} on {self.name}"),
-                             check=False, timeout=3600)
+        code, out, err = run(
+            self.place.script(script, self._dir(), *args, name=f"{what} on {self.name}"), check=False, timeout=3600
+        )
         for line in out.decode(errors="replace").splitlines():
             log.info("%s: %s", self.name, line)
         if code == 3:
             raise VerificationError(f"{self.name}: {err.strip()}", "run the orchestrator again; compare by hand")
         if code != 0:
-            raise Failed(f"{self.name} ({self.place.host}): could not {what}: {err.strip()}",
-                         "check the nas and run the orchestrator again")
+            raise Failed(
+                f"{self.name} ({self.place.host}): could not {what}: {err.strip()}",
+                "check the nas and run the orchestrator again",
+            )
         return out.decode(errors="replace")
 
     def _dir(self) -> str:
@@ -139,8 +142,20 @@ class NasDestination:
             prepare = [f"--rsync-path=mkdir -p -- {incoming} && chmod 700 -- {top} {incoming} && rsync"]
 
         def attempt(number: int) -> None:
-            run(Cmd([*rsync_base(self.place), *prepare, "--inplace", "--chmod=F600",
-                     *(["--append-verify"] if number > 1 else []), *sources, dest], name=f"rsync to {self.name}"))
+            run(
+                Cmd(
+                    [
+                        *rsync_base(self.place),
+                        *prepare,
+                        "--inplace",
+                        "--chmod=F600",
+                        *(["--append-verify"] if number > 1 else []),
+                        *sources,
+                        dest,
+                    ],
+                    name=f"rsync to {self.name}",
+                )
+            )
 
         with_retries(attempt, f"pushing to the {self.name}", "check the nas; the next run catches up")
 
@@ -157,8 +172,9 @@ class NasDestination:
 
     def pin(self, pins: dict[str, bytes]) -> None:
         if pins:
-            self._script(PIN_SCRIPT, *[a for dump, content in pins.items() for a in (dump, content.decode())],
-                         what="pin")
+            self._script(
+                PIN_SCRIPT, *[a for dump, content in pins.items() for a in (dump, content.decode())], what="pin"
+            )
 
     def unpin(self, dumps: list[str]) -> None:
         if dumps:
@@ -167,8 +183,11 @@ class NasDestination:
     def finish(self) -> None:
         """Nothing waits in .incoming after a good push: what is left there came from failed runs."""
         target = self.place.local_dir() / INCOMING if self.place.is_local else self.place.remote_path(INCOMING)
-        run(self.place.command(["rm", "-rf", "--", str(target)], name=f"clear {self.name} .incoming"), check=False,
-            timeout=600)
+        run(
+            self.place.command(["rm", "-rf", "--", str(target)], name=f"clear {self.name} .incoming"),
+            check=False,
+            timeout=600,
+        )
 
 
 @dataclass
@@ -191,8 +210,9 @@ def holds(entry: Entry, there: dict[str, Entry]) -> bool:
     return any(c.status == "verified" and c.plain_sha256 == entry.sha256 for c in copies_of(entry, there))
 
 
-def plan(here: list[Entry], there: list[Entry], dest: Destination, name_for, pins: dict[str, bytes],
-         clock: names.Clock) -> Plan:
+def plan(
+    here: list[Entry], there: list[Entry], dest: Destination, name_for, pins: dict[str, bytes], clock: names.Clock
+) -> Plan:
     """The verified pi5 dumps (`here`) a destination lacks, what rotation removes there once they have arrived,
     the names it holds with other bytes, and the pins it lacks. `name_for` gives a dump's outgoing name."""
     by_name = {e.name: e for e in there}
@@ -219,8 +239,9 @@ def plan(here: list[Entry], there: list[Entry], dest: Destination, name_for, pin
     return result
 
 
-def push(dest: Destination, here: list[Entry], parcel_for, name_for, pins: dict[str, bytes], clock: names.Clock
-         ) -> tuple[Plan, float]:
+def push(
+    dest: Destination, here: list[Entry], parcel_for, name_for, pins: dict[str, bytes], clock: names.Clock
+) -> tuple[Plan, float]:
     """Send every verified pi5 dump the destination lacks, check, promote, pin, rotate; the plan and its seconds.
 
     Names it holds with other bytes are left as they are and returned in the plan's conflicts.
@@ -237,8 +258,13 @@ def push(dest: Destination, here: list[Entry], parcel_for, name_for, pins: dict[
         dest.send(parcels)
         checked = dest.check(parcels)
         dest.promote([p.entry.name for p in parcels])
-        log.info("pushed %s %s and checked their %s in %.1fs", ", ".join(p.entry.name for p in parcels),
-                 "offsite" if dest.name == "offsite" else f"to the {dest.name}", checked, time.monotonic() - started)
+        log.info(
+            "pushed %s %s and checked their %s in %.1fs",
+            ", ".join(p.entry.name for p in parcels),
+            "offsite" if dest.name == "offsite" else f"to the {dest.name}",
+            checked,
+            time.monotonic() - started,
+        )
     dest.pin(steps.pin)
     dest.remove(steps.remove)
     if parcels:
@@ -251,4 +277,3 @@ def release(dest: Destination) -> list[str]:
     pinned = [e.name for e in dest.listing() if e.pinned]
     dest.unpin(pinned)
     return pinned
-

@@ -27,8 +27,14 @@ class _Writer(Tap):
         self.progress.add(len(chunk))
 
 
-def fetch(reader: Cmd, directory: Path, name: str, total: int | None = None, identity_file: str | None = None,
-          recipients: list[str] | None = None) -> Path:
+def fetch(
+    reader: Cmd,
+    directory: Path,
+    name: str,
+    total: int | None = None,
+    identity_file: str | None = None,
+    recipients: list[str] | None = None,
+) -> Path:
     """Stream what `reader` prints into `directory/name`, decrypted on the way when given an identity file.
 
     The file appears only when complete.
@@ -41,8 +47,9 @@ def fetch(reader: Cmd, directory: Path, name: str, total: int | None = None, ide
         except StageFailed as exc:
             if exc.stage == crypto.DECRYPT_STAGE:
                 raise crypto.decryption_error(exc, name, identity_file, recipients) from exc
-            raise Failed(f"downloading {name} ({reader.name}) failed: {exc.message}",
-                         "check the place and the network") from exc
+            raise Failed(
+                f"downloading {name} ({reader.name}) failed: {exc.message}", "check the place and the network"
+            ) from exc
         finally:
             progress.finish()
         return out.commit()
@@ -59,8 +66,9 @@ def work_dir(base: str):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def fetch_dump(origin: Place | Offsite, name: str, directory: Path, settings: Settings, total: int | None = None
-               ) -> Path:
+def fetch_dump(
+    origin: Place | Offsite, name: str, directory: Path, settings: Settings, total: int | None = None
+) -> Path:
     """A dump and (when it has one) its manifest from a place's DIR or offsite; an encrypted one arrives decrypted.
 
     A decrypted dump gets the plain dump's manifest (from the encrypted copy's), so the usual
@@ -71,8 +79,14 @@ def fetch_dump(origin: Place | Offsite, name: str, directory: Path, settings: Se
     manifest_name = name + names.MANIFEST_SUFFIX
     raw = run(origin.read(manifest_name), timeout=600)[1] if origin.exists(manifest_name) else None
     manifest = dumps.Manifest.from_json(raw, f"{origin.name}:{manifest_name}") if raw is not None else None
-    path = fetch(origin.read(name), directory, plain, total, key, (manifest.encryption or {}).get("recipients")
-                 if manifest else None)
+    path = fetch(
+        origin.read(name),
+        directory,
+        plain,
+        total,
+        key,
+        (manifest.encryption or {}).get("recipients") if manifest else None,
+    )
     if manifest is not None:
         files.write_atomic(directory, plain + names.MANIFEST_SUFFIX, manifest.plain().to_json(), replace=True)
     return path

@@ -49,9 +49,19 @@ from .run import Cmd, StageFailed, pipeline, run
 from .settings import Settings
 from .sources import Source, offsite_or_fail, resolve
 
-LIBPQ_ENV = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "user": "PGUSER",
-             "password": "PGPASSWORD", "passfile": "PGPASSFILE", "options": "PGOPTIONS", "sslmode": "PGSSLMODE",
-             "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY"}
+LIBPQ_ENV = {
+    "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
+    "port": "PGPORT",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "passfile": "PGPASSFILE",
+    "options": "PGOPTIONS",
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+}
 # In /tmp itself, not $TMPDIR: that may be private to this user, and the server runs as another.
 RUN_ROOT = Path("/tmp")
 RUN_PREFIX = "kw-drill-run-"
@@ -72,6 +82,7 @@ class Scratch:
 
 # --- PostgreSQL's programs ----------------------------------------------------------------------
 
+
 def _major(version: str | None) -> int:
     found = re.match(r"\d+", version or "")
     return int(found.group()) if found else 0
@@ -81,17 +92,24 @@ def pg_bindir(setting: str | None, tool: str) -> Path:
     """DRILL_PG_BINDIR, else the newest /usr/lib/postgresql/*/bin that has `tool`, else where PATH finds it."""
     if setting:
         if not (Path(setting) / tool).is_file():
-            raise UsageError(f"setting DRILL_PG_BINDIR={setting} has no {tool}",
-                             "point it at a PostgreSQL bin directory such as /usr/lib/postgresql/17/bin")
+            raise UsageError(
+                f"setting DRILL_PG_BINDIR={setting} has no {tool}",
+                "point it at a PostgreSQL bin directory such as /usr/lib/postgresql/17/bin",
+            )
         return Path(setting)
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"),
-                   key=lambda p: [int(n) for n in re.findall(r"\d+", p.split("/")[4])])
+    found = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"),
+        key=lambda p: [int(n) for n in re.findall(r"\d+", p.split("/")[4])],
+    )
     if found:
         return Path(found[-1]).parent
     if on_path := shutil.which(tool):
         return Path(on_path).parent
-    raise Failed(f"{tool} not found", "apt-get install postgresql (the drill starts a temporary cluster), or set "
-                 "DRILL_PG_BINDIR, DRILL_DOCKER_IMAGE or DRILL_DATABASE_URL")
+    raise Failed(
+        f"{tool} not found",
+        "apt-get install postgresql (the drill starts a temporary cluster), or set "
+        "DRILL_PG_BINDIR, DRILL_DOCKER_IMAGE or DRILL_DATABASE_URL",
+    )
 
 
 def _installed_version(bindir: Path) -> str:
@@ -105,8 +123,11 @@ def _made_by(needs: dict, verified: dumps.Verified) -> tuple[str, str] | None:
 
     pg_dump's major is never older than its server's, and it is pg_dump's that psql must understand.
     """
-    found = [(f"pg_dump {v}", v) for v in (needs["pg_dump_version"],
-                                           verified.manifest and verified.manifest.pg_dump_version) if v]
+    found = [
+        (f"pg_dump {v}", v)
+        for v in (needs["pg_dump_version"], verified.manifest and verified.manifest.pg_dump_version)
+        if v
+    ]
     if verified.manifest and verified.manifest.server_version:
         found.append((f"a PostgreSQL {verified.manifest.server_version} server", verified.manifest.server_version))
     return max(found, key=lambda f: _major(f[1]), default=None)
@@ -116,13 +137,16 @@ def _refuse_newer(made_by: tuple[str, str] | None, server_version: str, where: s
     """A newer major's dump fails deep inside psql (pg_dump 17 writes SET transaction_timeout): refuse it first."""
     major = _major(made_by[1]) if made_by else 0
     if major > _major(server_version):
-        raise Failed(f"the dump was made by {made_by[0]}, newer than {where} (PostgreSQL {server_version})",
-                     f"drill it on PostgreSQL {major} or newer: DRILL_PG_BINDIR=/usr/lib/postgresql/{major}/bin "
-                     f"(apt-get install postgresql-{major}), DRILL_DOCKER_IMAGE=postgres:{major}, or such a "
-                     "server as DRILL_DATABASE_URL")
+        raise Failed(
+            f"the dump was made by {made_by[0]}, newer than {where} (PostgreSQL {server_version})",
+            f"drill it on PostgreSQL {major} or newer: DRILL_PG_BINDIR=/usr/lib/postgresql/{major}/bin "
+            f"(apt-get install postgresql-{major}), DRILL_DOCKER_IMAGE=postgres:{major}, or such a "
+            "server as DRILL_DATABASE_URL",
+        )
 
 
 # --- run directories: one per drill server, locked while its drill lives -------------------------
+
 
 def _service_user() -> str | None:
     """PostgreSQL refuses to run as root: the temporary cluster runs as an unprivileged user."""
@@ -182,16 +206,22 @@ def _teardown(base: Path, bindir: Path | None = None) -> bool:
         name = container.read_text().strip()
         code, _, err = run(Cmd(["docker", "rm", "-f", name], name="docker rm"), check=False, timeout=120)
         if code and "No such container" not in err:
-            log.warning("could not remove the drill's container %s (%s); the next drill tries again", name,
-                        " ".join(err.split()))
+            log.warning(
+                "could not remove the drill's container %s (%s); the next drill tries again",
+                name,
+                " ".join(err.split()),
+            )
             return False
     data = base / "data"
     # Also when interrupted during `pg_ctl start`: the server may be up before pg_ctl says so, and
     # its socket would appear in `base` after rmtree had emptied it.
     if (data / "postmaster.pid").exists():
         pg_ctl = (bindir or pg_bindir(None, "pg_ctl")) / "pg_ctl"
-        run(Cmd(_as(_owner(base), [pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"]), name="pg_ctl stop"),
-            check=False, timeout=120)
+        run(
+            Cmd(_as(_owner(base), [pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"]), name="pg_ctl stop"),
+            check=False,
+            timeout=120,
+        )
     for _ in range(100):  # pg_ctl returns once the pid file is gone; the server removes its socket last
         shutil.rmtree(base, ignore_errors=True)
         if not base.exists():
@@ -230,6 +260,7 @@ def sweep(bindir_setting: str | None) -> None:
 
 # --- the drill's own servers ---------------------------------------------------------------------
 
+
 def _password() -> str:
     password = secrets.token_urlsafe(24)
     add_secrets([password])
@@ -254,20 +285,51 @@ def temporary_cluster(bindir: Path | None = None):
         try:  # initdb reads the password from a file; it stays only until initdb is done
             if user:
                 shutil.chown(pwfile, user)
-            run(Cmd(_as(user, [bindir / "initdb", "-D", data, "-U", "postgres", "--auth=scram-sha-256",
-                               f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]), name="initdb"),
-                timeout=300)
+            run(
+                Cmd(
+                    _as(
+                        user,
+                        [
+                            bindir / "initdb",
+                            "-D",
+                            data,
+                            "-U",
+                            "postgres",
+                            "--auth=scram-sha-256",
+                            f"--pwfile={pwfile}",
+                            "-E",
+                            "UTF8",
+                            "--locale=C.UTF-8",
+                            "--no-sync",
+                        ],
+                    ),
+                    name="initdb",
+                ),
+                timeout=300,
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         with open(data / "postgresql.conf", "a") as conf:
-            conf.write(f"port = {CLUSTER_PORT}\nlisten_addresses = ''\nunix_socket_directories = '{base}'\n"
-                       "unix_socket_permissions = 0700\nfsync = off\nsynchronous_commit = off\n"
-                       "full_page_writes = off\n")
-        run(Cmd(_as(user, [bindir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "120", "start"]),
-                name="pg_ctl start"), timeout=180)
+            conf.write(
+                f"port = {CLUSTER_PORT}\nlisten_addresses = ''\nunix_socket_directories = '{base}'\n"
+                "unix_socket_permissions = 0700\nfsync = off\nsynchronous_commit = off\n"
+                "full_page_writes = off\n"
+            )
+        run(
+            Cmd(
+                _as(user, [bindir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "120", "start"]),
+                name="pg_ctl start",
+            ),
+            timeout=180,
+        )
         log.info("started a private temporary PostgreSQL in %s (socket only, password authentication)", base)
-        yield {"host": str(base), "port": str(CLUSTER_PORT), "user": "postgres", "password": password,
-               "dbname": "postgres"}
+        yield {
+            "host": str(base),
+            "port": str(CLUSTER_PORT),
+            "user": "postgres",
+            "password": password,
+            "dbname": "postgres",
+        }
 
 
 def _free_port() -> int:
@@ -285,11 +347,33 @@ def docker_server(image: str):
         (base / "container").write_text(name + "\n")  # first: however this drill dies, the next one knows it
         port = _free_port()
         # `-e NAME` takes the value from docker's environment: the password is on no command line.
-        run(Cmd(["docker", "run", "--rm", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5432", "-e",
-                 "POSTGRES_PASSWORD", image], name="docker run", env={"POSTGRES_PASSWORD": password}),
-            timeout=1800)  # the first run pulls the image
-        params = {"host": "127.0.0.1", "port": str(port), "user": "postgres", "password": password,
-                  "dbname": "postgres"}
+        run(
+            Cmd(
+                [
+                    "docker",
+                    "run",
+                    "--rm",
+                    "-d",
+                    "--name",
+                    name,
+                    "-p",
+                    f"127.0.0.1:{port}:5432",
+                    "-e",
+                    "POSTGRES_PASSWORD",
+                    image,
+                ],
+                name="docker run",
+                env={"POSTGRES_PASSWORD": password},
+            ),
+            timeout=1800,
+        )  # the first run pulls the image
+        params = {
+            "host": "127.0.0.1",
+            "port": str(port),
+            "user": "postgres",
+            "password": password,
+            "dbname": "postgres",
+        }
         _wait_ready(params, f"the container {name} ({image})")
         log.info("started the container %s (%s) on 127.0.0.1:%d; its run directory is %s", name, image, port, base)
         yield params
@@ -304,8 +388,10 @@ def _wait_ready(params: dict, what: str) -> None:
                 return
         except psycopg.OperationalError as exc:
             if time.monotonic() > deadline:
-                raise Failed(f"{what} accepted no connection within {READY_SECONDS}s: {exc}",
-                             "check docker and DRILL_DOCKER_IMAGE (a postgres image)") from exc
+                raise Failed(
+                    f"{what} accepted no connection within {READY_SECONDS}s: {exc}",
+                    "check docker and DRILL_DOCKER_IMAGE (a postgres image)",
+                ) from exc
         time.sleep(0.5)
 
 
@@ -318,26 +404,37 @@ def _scratch(settings: Settings, args, made_by: tuple[str, str] | None):
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
-            raise UsageError(f"{source} is not a PostgreSQL URL ({' '.join(str(exc).split())})",
-                             "postgresql://USER@HOST/DATABASE") from exc
+            raise UsageError(
+                f"{source} is not a PostgreSQL URL ({' '.join(str(exc).split())})", "postgresql://USER@HOST/DATABASE"
+            ) from exc
         add_secrets([params.get("password")])
-        yield Scratch(params, f"the scratch server of {source}", f"check {source}: the server must be up and its "
-                      "role allowed to log in and create databases", False,
-                      str(pg_bindir(settings["DRILL_PG_BINDIR"], "psql") / "psql"))
+        yield Scratch(
+            params,
+            f"the scratch server of {source}",
+            f"check {source}: the server must be up and its role allowed to log in and create databases",
+            False,
+            str(pg_bindir(settings["DRILL_PG_BINDIR"], "psql") / "psql"),
+        )
     elif image := settings["DRILL_DOCKER_IMAGE"]:
         psql = str(pg_bindir(settings["DRILL_PG_BINDIR"], "psql") / "psql")
         tag = image.split("@")[0].rpartition("/")[2].partition(":")[2]
         if re.match(r"\d", tag):  # postgres:15, postgres:15.8-alpine: refused without pulling or starting it
             _refuse_newer(made_by, tag, f"DRILL_DOCKER_IMAGE {image}")
         with docker_server(image) as params:
-            yield Scratch(params, f"the drill's container of {image}", "check docker and DRILL_DOCKER_IMAGE", True,
-                          psql)
+            yield Scratch(
+                params, f"the drill's container of {image}", "check docker and DRILL_DOCKER_IMAGE", True, psql
+            )
     else:
         bindir = pg_bindir(settings["DRILL_PG_BINDIR"], "initdb")
         _refuse_newer(made_by, _installed_version(bindir), f"DRILL_PG_BINDIR {bindir}")
         with temporary_cluster(bindir) as params:
-            yield Scratch(params, "the drill's temporary PostgreSQL", "run with --verbose to see its commands", True,
-                          str(bindir / "psql"))
+            yield Scratch(
+                params,
+                "the drill's temporary PostgreSQL",
+                "run with --verbose to see its commands",
+                True,
+                str(bindir / "psql"),
+            )
 
 
 @contextmanager
@@ -355,18 +452,34 @@ def _libpq_env(params: dict) -> dict[str, str]:
 
 
 def _connect(params: dict, dbname: str | None = None, timeout: int = 30):
-    return psycopg.connect(**{"connect_timeout": timeout, **params, "dbname": dbname or params.get("dbname")
-                              or "postgres"}, autocommit=True)
+    return psycopg.connect(
+        **{"connect_timeout": timeout, **params, "dbname": dbname or params.get("dbname") or "postgres"},
+        autocommit=True,
+    )
 
 
 def drill(settings: Settings, args) -> dict:
-    report = {"time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "source": None, "dump": None, "bytes": 0,
-              "server": None, "download_seconds": 0.0, "restore_seconds": 0.0, "tables": 0, "rows": 0,
-              "checks": [], "result": "error", "error": None}
+    report = {
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": None,
+        "dump": None,
+        "bytes": 0,
+        "server": None,
+        "download_seconds": 0.0,
+        "restore_seconds": 0.0,
+        "tables": 0,
+        "rows": 0,
+        "checks": [],
+        "result": "error",
+        "error": None,
+    }
     wanted = names.require(args.dump or "latest", "--dump")
     try:
-        with Monitor(settings, "backup-drill", "here"), Multiplexer() as shared, \
-                work_dir(settings["WORK_DIR"]) as local:
+        with (
+            Monitor(settings, "backup-drill", "here"),
+            Multiplexer() as shared,
+            work_dir(settings["WORK_DIR"]) as local,
+        ):
             sweep(settings["DRILL_PG_BINDIR"])
             started = time.monotonic()
             if args.from_file:
@@ -400,8 +513,15 @@ def drill(settings: Settings, args) -> dict:
     return report
 
 
-def _restore_and_check(scratch: Scratch, path: Path, needs: dict, made_by: tuple[str, str] | None,
-                       verified: dumps.Verified, settings: Settings, report: dict) -> None:
+def _restore_and_check(
+    scratch: Scratch,
+    path: Path,
+    needs: dict,
+    made_by: tuple[str, str] | None,
+    verified: dumps.Verified,
+    settings: Settings,
+    report: dict,
+) -> None:
     throwaway = f"kw_drill_{datetime.now(UTC):%Y%m%d%H%M%S}_{os.getpid()}"
     with _database_errors(scratch), _connect(scratch.params) as admin:
         version = admin.execute("SELECT current_setting('server_version')").fetchone()[0].split()[0]
@@ -410,8 +530,10 @@ def _restore_and_check(scratch: Scratch, path: Path, needs: dict, made_by: tuple
         have = {r for (r,) in admin.execute("SELECT rolname FROM pg_roles")}
         missing = sorted(set(needs["roles"]) - have)
         if missing and not scratch.ours:
-            raise Failed(f"the scratch server lacks roles the dump needs: {', '.join(missing)}",
-                         "create them there, or drop DRILL_DATABASE_URL to use a temporary cluster")
+            raise Failed(
+                f"the scratch server lacks roles the dump needs: {', '.join(missing)}",
+                "create them there, or drop DRILL_DATABASE_URL to use a temporary cluster",
+            )
         for role in missing:
             admin.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(throwaway)))
@@ -435,10 +557,15 @@ def _drop(scratch: Scratch, dbname: str, failing: bool) -> None:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
     except psycopg.Error as exc:
         if not failing:
-            raise Failed(f"could not drop the throwaway database {dbname} on {scratch.label}: {exc}",
-                         "drop it there by hand") from exc
-        log.warning("could not drop the throwaway database %s on %s (drop it by hand): %s", dbname, scratch.label,
-                    " ".join(str(exc).split()))
+            raise Failed(
+                f"could not drop the throwaway database {dbname} on {scratch.label}: {exc}", "drop it there by hand"
+            ) from exc
+        log.warning(
+            "could not drop the throwaway database %s on %s (drop it by hand): %s",
+            dbname,
+            scratch.label,
+            " ".join(str(exc).split()),
+        )
 
 
 def _load(scratch: Scratch, dbname: str, path: Path, jobs: int = 1) -> None:
@@ -447,12 +574,24 @@ def _load(scratch: Scratch, dbname: str, path: Path, jobs: int = 1) -> None:
     env = _libpq_env(scratch.params)
     if jobs > 1:
         session = [scratch.psql, "-X", "--no-password", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-d", dbname]
-        loader = Cmd([sys.executable, parallel_load.__file__, "--jobs", str(jobs), "--session", json.dumps(session),
-                      "--dump", str(path)], name="parallel load", env=env)
+        loader = Cmd(
+            [
+                sys.executable,
+                parallel_load.__file__,
+                "--jobs",
+                str(jobs),
+                "--session",
+                json.dumps(session),
+                "--dump",
+                str(path),
+            ],
+            name="parallel load",
+            env=env,
+        )
         code, _, err = run(loader, check=False, timeout=None)
         for line in err.splitlines():
             if line.startswith(parallel_load.PREFIX):
-                text = line[len(parallel_load.PREFIX):]
+                text = line[len(parallel_load.PREFIX) :]
                 (log.warning if "one session" in text else log.info)("parallel load: %s", text)
         if code == parallel_load.DAMAGED:
             raise VerificationError(f"the dump does not restore: {_last(err)}", "use another copy")
@@ -460,17 +599,20 @@ def _load(scratch: Scratch, dbname: str, path: Path, jobs: int = 1) -> None:
             _went_away(scratch, _last(err))
             raise VerificationError(f"the dump does not restore: {_last(err)}", "use another copy; investigate")
         return
-    decompress = Cmd([*dumps.decompressor(), "--", str(path)] if path.name.endswith(".gz") else ["cat", "--",
-                                                                                               str(path)],
-                     name="gzip stream check")
-    psql = Cmd([scratch.psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d",
-                dbname], name="psql", env=env)
+    decompress = Cmd(
+        [*dumps.decompressor(), "--", str(path)] if path.name.endswith(".gz") else ["cat", "--", str(path)],
+        name="gzip stream check",
+    )
+    psql = Cmd(
+        [scratch.psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d", dbname],
+        name="psql",
+        env=env,
+    )
     try:
         pipeline([decompress, psql])
     except StageFailed as exc:
         _went_away(scratch, exc.message)
-        raise VerificationError(f"the dump does not restore: {exc.message}", "use another copy; investigate") \
-            from exc
+        raise VerificationError(f"the dump does not restore: {exc.message}", "use another copy; investigate") from exc
 
 
 def _went_away(scratch: Scratch, message: str) -> None:
@@ -500,8 +642,7 @@ def _compare(params: dict, dbname: str, verified: dumps.Verified, settings: Sett
         counts = {f"{s}.{t}": conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()[0] for s, t, quoted in tables}
         report.update(tables=len(counts), rows=sum(counts.values()))
         expected = verified.manifest.tables if verified.manifest else verified.tables
-        wrong = [f"{k} ({counts.get(k)} rows, dump has {v})" for k, v in sorted(expected.items())
-                 if counts.get(k) != v]
+        wrong = [f"{k} ({counts.get(k)} rows, dump has {v})" for k, v in sorted(expected.items()) if counts.get(k) != v]
         if wrong:
             raise VerificationError(f"row counts differ: {', '.join(wrong[:5])}")
         for check in filter(None, (q.strip() for q in (settings["DRILL_SQL"] or "").split(";"))):
@@ -527,9 +668,12 @@ def _record(settings: Settings, args, report: dict) -> None:
 
 
 def print_report(report: dict) -> None:
-    print(f"source:   {report['source']}\ndump:     {report['dump']} ({size(report['bytes'])})\n"
-          f"server:   {report['server']}\n"
-          f"download: {report['download_seconds']:.1f}s\nrestore:  {report['restore_seconds']:.1f}s\n"
-          f"tables:   {report['tables']}\nrows:     {report['rows']}\n"
-          + "".join(f"check:    {c['sql']} -> {'true' if c['passed'] else 'NOT TRUE'}\n" for c in report["checks"])
-          + f"result:   {report['result']}", flush=True)
+    print(
+        f"source:   {report['source']}\ndump:     {report['dump']} ({size(report['bytes'])})\n"
+        f"server:   {report['server']}\n"
+        f"download: {report['download_seconds']:.1f}s\nrestore:  {report['restore_seconds']:.1f}s\n"
+        f"tables:   {report['tables']}\nrows:     {report['rows']}\n"
+        + "".join(f"check:    {c['sql']} -> {'true' if c['passed'] else 'NOT TRUE'}\n" for c in report["checks"])
+        + f"result:   {report['result']}",
+        flush=True,
+    )

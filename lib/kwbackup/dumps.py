@@ -137,8 +137,9 @@ class DumpScanner(Tap):
             newline = buf.find(b"\n", pos)
             if newline < 0:
                 if len(buf) - pos > LINE_LIMIT:
-                    raise VerificationError(f"a line beginning with COPY is longer than {LINE_LIMIT} bytes: "
-                                            "not pg_dump's output")
+                    raise VerificationError(
+                        f"a line beginning with COPY is longer than {LINE_LIMIT} bytes: not pg_dump's output"
+                    )
                 self.partial = buf[pos:]
                 return len(buf)
             m = COPY_HEADER_RE.fullmatch(buf[pos:newline].decode(errors="replace"))
@@ -209,8 +210,13 @@ class Manifest:
         """The manifest of the decrypted dump (itself when not encrypted)."""
         if not self.encryption:
             return self
-        return replace(self, file=self.encryption["plain_file"], bytes=self.encryption["plain_bytes"],
-                       sha256=self.encryption["plain_sha256"], encryption=None)
+        return replace(
+            self,
+            file=self.encryption["plain_file"],
+            bytes=self.encryption["plain_bytes"],
+            sha256=self.encryption["plain_sha256"],
+            encryption=None,
+        )
 
     @classmethod
     def from_json(cls, data: bytes, source: str = "manifest") -> Manifest:
@@ -262,9 +268,13 @@ def manifest_problem(raw) -> str | None:
         return "tables is not an object of table names to non-negative row counts"
     encryption = raw.get("encryption")
     if encryption is not None:
-        if not isinstance(encryption, dict) or not isinstance(encryption.get("plain_file"), str) \
-                or not _count(encryption.get("plain_bytes")) or not _sha256(encryption.get("plain_sha256")) \
-                or not isinstance(encryption.get("recipients", []), list):
+        if (
+            not isinstance(encryption, dict)
+            or not isinstance(encryption.get("plain_file"), str)
+            or not _count(encryption.get("plain_bytes"))
+            or not _sha256(encryption.get("plain_sha256"))
+            or not isinstance(encryption.get("recipients", []), list)
+        ):
             return "encryption lacks plain_file, plain_bytes or plain_sha256"
     return None
 
@@ -343,8 +353,16 @@ class Verified:
         return "verified" if self.manifest else "unverified"
 
 
-def verify_file(path: Path, manifest: Manifest | None = None, *, use_manifest: bool = True, whole: bool = True,
-                reader: FileChunks | None = None, name: str | None = None, decrypt: Cmd | None = None) -> Verified:
+def verify_file(
+    path: Path,
+    manifest: Manifest | None = None,
+    *,
+    use_manifest: bool = True,
+    whole: bool = True,
+    reader: FileChunks | None = None,
+    name: str | None = None,
+    decrypt: Cmd | None = None,
+) -> Verified:
     """The one check of a dump: VerificationError (exit 3) says what is wrong with it.
 
     Whole (the default): the gzip stream, pg_dump's completion line and every table's row count,
@@ -381,8 +399,9 @@ def verify_file(path: Path, manifest: Manifest | None = None, *, use_manifest: b
             raise
         if isinstance(exc.__cause__, VerificationError):
             raise VerificationError(f"{shown}: {exc.__cause__.message}", "use another copy (list-backups)") from exc
-        raise VerificationError(f"{shown}: corrupt gzip stream ({exc.tail or exc.detail})",
-                                "use another copy (list-backups)") from exc
+        raise VerificationError(
+            f"{shown}: corrupt gzip stream ({exc.tail or exc.detail})", "use another copy (list-backups)"
+        ) from exc
     problem = scanner.problem()
     if problem:
         raise VerificationError(f"{shown}: incomplete dump: {problem}", "use another copy (list-backups)")
@@ -417,17 +436,21 @@ def check_against_manifest(path, manifest: Manifest, size: int, sha256: str, tab
     if manifest.file != Path(path).name:
         raise VerificationError(f"{path}: its manifest describes {manifest.file}")
     if manifest.bytes != size:
-        raise VerificationError(f"{path}: size {size} differs from the manifest's {manifest.bytes}",
-                                "the copy is damaged or incomplete: use another copy")
+        raise VerificationError(
+            f"{path}: size {size} differs from the manifest's {manifest.bytes}",
+            "the copy is damaged or incomplete: use another copy",
+        )
     if manifest.sha256 != sha256:
-        raise VerificationError(f"{path}: sha256 differs from the manifest's",
-                                "the copy is damaged: use another copy")
+        raise VerificationError(f"{path}: sha256 differs from the manifest's", "the copy is damaged: use another copy")
     if tables is not None and manifest.tables != tables:
         differ = sorted(k for k in set(manifest.tables) | set(tables) if manifest.tables.get(k) != tables.get(k))
-        shown = ", ".join(f"{k} ({tables.get(k, 'absent')} rows, manifest {manifest.tables.get(k, 'absent')})"
-                          for k in differ[:5])
-        raise VerificationError(f"{path}: row counts differ from the manifest's: {shown}",
-                                "the dump is not what backup-db wrote: use another copy")
+        shown = ", ".join(
+            f"{k} ({tables.get(k, 'absent')} rows, manifest {manifest.tables.get(k, 'absent')})" for k in differ[:5]
+        )
+        raise VerificationError(
+            f"{path}: row counts differ from the manifest's: {shown}",
+            "the dump is not what backup-db wrote: use another copy",
+        )
 
 
 OWNER_RE = re.compile(rb"^ALTER [A-Z ]+ .* OWNER TO (\"(?:[^\"]|\"\")+\"|[^\s;]+);$", re.M)
@@ -452,15 +475,18 @@ class HeadReader(Tap):
         self.data += chunk
         found = self.data.find(b"\nCOPY ", start)
         if found >= 0 or len(self.data) > self.limit:
-            del self.data[found if found >= 0 else self.limit:]
+            del self.data[found if found >= 0 else self.limit :]
             raise _Enough()
 
 
 def requirements(path: Path) -> dict:
     """Roles, extensions and pg_dump version a dump needs, from its schema part (before any data)."""
     head = HeadReader()
-    steps = [Cmd([*decompressor(), "--", str(path)], name="gzip stream check"), head] if str(path).endswith(".gz") \
+    steps = (
+        [Cmd([*decompressor(), "--", str(path)], name="gzip stream check"), head]
+        if str(path).endswith(".gz")
         else [Cmd(["cat", "--", str(path)], name="read"), head]
+    )
     try:
         pipeline(steps)
     except StageFailed as exc:
@@ -476,8 +502,11 @@ def needs(schema: bytes) -> dict:
     roles = {_unquote(m.decode()) for m in OWNER_RE.findall(data)}
     extensions = {_unquote(m.decode()) for m in EXTENSION_RE.findall(data)}
     version = re.search(rb"^-- Dumped by pg_dump version (\S+)", data, re.M)
-    return {"roles": sorted(roles), "extensions": sorted(extensions),
-            "pg_dump_version": version.group(1).decode() if version else None}
+    return {
+        "roles": sorted(roles),
+        "extensions": sorted(extensions),
+        "pg_dump_version": version.group(1).decode() if version else None,
+    }
 
 
 COPY_TAG_RE = re.compile(r"COPY (\d+)")

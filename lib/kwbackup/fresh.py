@@ -18,9 +18,17 @@ from .run import run
 from .settings import Settings
 
 
-def setup_fresh(settings: Settings, *, origin: str | None = None, from_file: str | None = None,
-                from_ssh: str | None = None, dump: str | None = None, yes: bool = False, dry_run: bool = False,
-                force: bool = False) -> None:
+def setup_fresh(
+    settings: Settings,
+    *,
+    origin: str | None = None,
+    from_file: str | None = None,
+    from_ssh: str | None = None,
+    dump: str | None = None,
+    yes: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+) -> None:
     """The dump (from `origin` nas|pi5|offsite, a file, USER@HOST:/PATH, or else the first place that has one)
     fetched here, verified, and restored into DB_NAME; refused when DB_NAME holds tables unless `force`."""
     wanted = names.require(dump or "latest", "--dump")
@@ -32,17 +40,31 @@ def setup_fresh(settings: Settings, *, origin: str | None = None, from_file: str
             host, _, remote = source.path.partition(":")
             reader = shared(Place("old-prod", host, "/", None, settings["SSH_CONFIG"]))
             key = sources.key_for(settings, source)
-            path = fetch(reader.command(["cat", "--", remote], name=f"read from {host}"), local,
-                         names.plain_name(source.name), identity_file=key)
+            path = fetch(
+                reader.command(["cat", "--", remote], name=f"read from {host}"),
+                local,
+                names.plain_name(source.name),
+                identity_file=key,
+            )
         else:
-            chosen = sources.resolve(sources.Source(f"--from-{origin}", sources.origin(settings, origin, shared),
-                                                    wanted), names.Clock.from_settings(settings)) if origin \
+            chosen = (
+                sources.resolve(
+                    sources.Source(f"--from-{origin}", sources.origin(settings, origin, shared), wanted),
+                    names.Clock.from_settings(settings),
+                )
+                if origin
                 else sources.first_good(settings, shared, wanted)
+            )
             path = fetch_dump(chosen.origin, chosen.name, local, settings)
         verified = dumps.verify_file(path)
         log.info("verified %s here: %s", path.name, verified.status)
-        restore.restore(settings, sources.Source("--from-file", path=str(path), name=path.name), yes=yes,
-                        dry_run=dry_run, refuse_tables=not force)
+        restore.restore(
+            settings,
+            sources.Source("--from-file", path=str(path), name=path.name),
+            yes=yes,
+            dry_run=dry_run,
+            refuse_tables=not force,
+        )
 
 
 COMPRESS_SCRIPT = r"""
@@ -53,8 +75,9 @@ echo "$dir"
 """
 
 
-def migrate(settings: Settings, *, dump: str | None = None, dry_run: bool = False, yes: bool = False,
-            keep_dump: bool = False) -> None:
+def migrate(
+    settings: Settings, *, dump: str | None = None, dry_run: bool = False, yes: bool = False, keep_dump: bool = False
+) -> None:
     """old-prod's newest migration dump (or `dump`) compressed there, fetched here, verified, restored into DB_NAME."""
     if dump:
         names.require(dump, "--dump", allow_latest=False)
@@ -77,8 +100,13 @@ def migrate(settings: Settings, *, dump: str | None = None, dry_run: bool = Fals
                 _, out, _ = run(old.script(COMPRESS_SCRIPT, remote, gz, name="gzip on old-prod"), timeout=None)
                 temp_dir = out.decode().strip()
                 remote = f"{temp_dir}/{gz}"
-            path = fetch(old.command(["cat", "--", remote], name="read from old-prod"), local,
-                         "migration-dump.sql.gz", chosen.size or None, identity_file=key)
+            path = fetch(
+                old.command(["cat", "--", remote], name="read from old-prod"),
+                local,
+                "migration-dump.sql.gz",
+                chosen.size or None,
+                identity_file=key,
+            )
         finally:
             if temp_dir:
                 run(old.command(["rm", "-rf", "--", temp_dir], name="cleanup on old-prod"), check=False, timeout=60)
@@ -88,16 +116,21 @@ def migrate(settings: Settings, *, dump: str | None = None, dry_run: bool = Fals
             path.unlink(missing_ok=True)
 
 
-def _verify_and_restore(settings: Settings, original: str, path: Path, *, dry_run: bool, yes: bool,
-                        keep_dump: bool) -> None:
+def _verify_and_restore(
+    settings: Settings, original: str, path: Path, *, dry_run: bool, yes: bool, keep_dump: bool
+) -> None:
     verified = dumps.verify_file(path)
     log.info("verified the migration dump: %s, %d tables", verified.status, len(verified.tables))
     if dry_run:
-        dry("downloaded and verified %s; would upload it to prod and restore it into %s", original,
-            settings["DB_NAME"])
+        dry("downloaded and verified %s; would upload it to prod and restore it into %s", original, settings["DB_NAME"])
         return
-    restore.restore(settings, sources.Source("--from-file", path=str(path), name=path.name), yes=yes,
-                    dry_run=False, keep_as=_kept_name(original) if keep_dump else None)
+    restore.restore(
+        settings,
+        sources.Source("--from-file", path=str(path), name=path.name),
+        yes=yes,
+        dry_run=False,
+        keep_as=_kept_name(original) if keep_dump else None,
+    )
 
 
 def _kept_name(original: str) -> str:

@@ -23,11 +23,29 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2]
 # requirements-dev.txt: the installed Makefile names it (make venv); the installed venv is made from requirements.txt.
-SHIPPED = ["bin", "lib", "cron", "docs", "requirements.txt", "requirements-dev.txt", ".env.example", "Makefile",
-           "README.md"]
-SCRIPTS = ["backup-db", "backup-orchestrator", "list-backups", "pull-prod-backups", "restore-production-db",
-           "setup-fresh-production-db", "migrate-database-to-new-prod", "backup-drill", "verify-backup",
-           "backup-report"]
+SHIPPED = [
+    "bin",
+    "lib",
+    "cron",
+    "docs",
+    "requirements.txt",
+    "requirements-dev.txt",
+    ".env.example",
+    "Makefile",
+    "README.md",
+]
+SCRIPTS = [
+    "backup-db",
+    "backup-orchestrator",
+    "list-backups",
+    "pull-prod-backups",
+    "restore-production-db",
+    "setup-fresh-production-db",
+    "migrate-database-to-new-prod",
+    "backup-drill",
+    "verify-backup",
+    "backup-report",
+]
 CRON = {"prod": ["prod"], "pi5": ["pi5", "drill"]}
 ENV_FILE = "/etc/kw-backup/backup.env"
 CRON_LOG = "/var/log/backup-cron.log"  # where the lines of cron/ send what the scripts print
@@ -74,13 +92,17 @@ class Installer:
         self.backup_dir()
         self.logs()
         self.cron()
-        print("nothing changed: already installed" if not self.changes else f"done: {len(self.changes)} changes",
-              flush=True)
+        print(
+            "nothing changed: already installed" if not self.changes else f"done: {len(self.changes)} changes",
+            flush=True,
+        )
 
     def check_prerequisites(self) -> None:
         if os.geteuid() == 0 and not _user_exists(self.user):
-            sys.exit(f"kw-backup install: BACKUP_USER {self.user} does not exist here: create it (adduser "
-                     f"{self.user}) or name another")
+            sys.exit(
+                f"kw-backup install: BACKUP_USER {self.user} does not exist here: create it (adduser "
+                f"{self.user}) or name another"
+            )
         missing = []
         if self.role == "prod" and not (shutil.which("pg_dump") or shutil.which("docker")):
             missing.append("pg_dump or docker (apt-get install postgresql-client, or install Docker)")
@@ -93,8 +115,11 @@ class Installer:
         if self.role == "pi5":
             for tool, needed_for in (("age", "AGE_RECIPIENTS (encryption)"), ("rclone", "OFFSITE_REMOTE")):
                 if not shutil.which(tool):
-                    print(f"  note: {tool} is not installed; it is needed only with {needed_for} "
-                          f"(apt-get install {tool})", flush=True)
+                    print(
+                        f"  note: {tool} is not installed; it is needed only with {needed_for} "
+                        f"(apt-get install {tool})",
+                        flush=True,
+                    )
 
     def copy_tree(self) -> None:
         target = self.at(self.prefix)
@@ -102,7 +127,7 @@ class Installer:
         wanted = set()
         for item in SHIPPED:
             source = SOURCE / item
-            for path in ([source] if source.is_file() else sorted(source.rglob("*"))):
+            for path in [source] if source.is_file() else sorted(source.rglob("*")):
                 if "__pycache__" in path.parts or path.is_dir():
                     continue
                 relative = path.relative_to(SOURCE)
@@ -128,8 +153,17 @@ class Installer:
         if stamp.exists() and stamp.read_text().strip() == digest:
             return
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "-r",
-                        str(SOURCE / "requirements.txt")], check=True)
+        subprocess.run(
+            [
+                str(venv / "bin" / "pip"),
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+                str(SOURCE / "requirements.txt"),
+            ],
+            check=True,
+        )
         stamp.write_text(digest + "\n")
         self.changed(f"made the venv {venv} from the pinned requirements")
 
@@ -164,8 +198,9 @@ class Installer:
 
     def backup_dir(self) -> None:
         setting = "PROD_DIR" if self.role == "prod" else "PI5_DIR"
-        directory = _setting(self.at(ENV_FILE), setting) or \
-            ("/var/backups/kw-app" if self.role == "prod" else "/backups/kw-app")
+        directory = _setting(self.at(ENV_FILE), setting) or (
+            "/var/backups/kw-app" if self.role == "prod" else "/backups/kw-app"
+        )
         path = self.at(directory)
         if not path.is_dir():
             path.mkdir(parents=True, mode=0o700)
@@ -193,8 +228,9 @@ class Installer:
                 path.touch()
                 self.changed(f"made the log {path}")
             self.own(path, 0o640, group)
-        rule = LOGROTATE.format(role=self.role, paths=" ".join(rotated), user=self.user,
-                                group=group or _primary_group(self.user))
+        rule = LOGROTATE.format(
+            role=self.role, paths=" ".join(rotated), user=self.user, group=group or _primary_group(self.user)
+        )
         self.write_if_different(self.at("/etc/logrotate.d/kw-backup"), rule, 0o644)
 
     def cron(self) -> None:
@@ -300,9 +336,15 @@ def authorize_pi5(key_file: str, authorized_keys: str | None, prod_dir: str | No
 def pi5_keys(home: str | None) -> None:
     ssh = Path(home or Path.home()) / ".ssh"
     ssh.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name, comment, what in (("id_prod_backup", "pi5-backup", "on prod: make authorize-pi5 KEY=id_prod_backup.pub"),
-                                ("id_nas_backup", "pi5-to-nas", "on the nas: add it to the backup user's "
-                                 "~/.ssh/authorized_keys (ssh-copy-id -i ~/.ssh/id_nas_backup user@nas.local)")):
+    for name, comment, what in (
+        ("id_prod_backup", "pi5-backup", "on prod: make authorize-pi5 KEY=id_prod_backup.pub"),
+        (
+            "id_nas_backup",
+            "pi5-to-nas",
+            "on the nas: add it to the backup user's "
+            "~/.ssh/authorized_keys (ssh-copy-id -i ~/.ssh/id_nas_backup user@nas.local)",
+        ),
+    ):
         key = ssh / name
         if key.exists():
             print(f"{key} exists; kept")
@@ -315,14 +357,25 @@ def pi5_keys(home: str | None) -> None:
 def remote(target: str, host: str, make_args: list[str]) -> None:
     """Copy this tree to HOST over ssh and run the same make target there with sudo."""
     ssh = ["ssh", *(["-F", os.environ["SSH_CONFIG"]] if os.environ.get("SSH_CONFIG") else []), "-o", "BatchMode=yes"]
-    staging = subprocess.run([*ssh, host, "mktemp -d /tmp/kw-backup-install.XXXXXXXX"], check=True,
-                             capture_output=True, text=True).stdout.strip()
+    staging = subprocess.run(
+        [*ssh, host, "mktemp -d /tmp/kw-backup-install.XXXXXXXX"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     try:
         rsync_e = " ".join(shlex.quote(a) for a in ssh)
-        subprocess.run(["rsync", "-a", "-e", rsync_e, *[str(SOURCE / item) for item in SHIPPED], f"{host}:{staging}/"],
-                       check=True)
-        command = ["sh", "-c", 'if [ "$(id -u)" = 0 ]; then exec "$@"; else exec sudo "$@"; fi', "sh",
-                   "make", "-C", staging, target, *make_args]
+        subprocess.run(
+            ["rsync", "-a", "-e", rsync_e, *[str(SOURCE / item) for item in SHIPPED], f"{host}:{staging}/"], check=True
+        )
+        command = [
+            "sh",
+            "-c",
+            'if [ "$(id -u)" = 0 ]; then exec "$@"; else exec sudo "$@"; fi',
+            "sh",
+            "make",
+            "-C",
+            staging,
+            target,
+            *make_args,
+        ]
         done = subprocess.run([*ssh, "-t" if sys.stdin.isatty() else "-T", host, shlex.join(command)])
         if done.returncode:
             sys.exit(done.returncode)
@@ -332,8 +385,10 @@ def remote(target: str, host: str, make_args: list[str]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("action", choices=["install-prod", "install-pi5", "uninstall-prod", "uninstall-pi5",
-                                      "authorize-pi5", "pi5-keys"])
+    p.add_argument(
+        "action",
+        choices=["install-prod", "install-pi5", "uninstall-prod", "uninstall-pi5", "authorize-pi5", "pi5-keys"],
+    )
     p.add_argument("--prefix", default="/opt/kw-backup")
     p.add_argument("--destdir", default="")
     p.add_argument("--host", default="")
@@ -343,8 +398,11 @@ def main(argv=None) -> int:
     p.add_argument("--prod-dir", default="")
     args = p.parse_args(argv)
     if args.host:
-        make_args = [f"PREFIX={args.prefix}"] + ([f"DESTDIR={args.destdir}"] if args.destdir else []) + \
-            ([f"BACKUP_USER={args.user}"] if args.user else [])
+        make_args = (
+            [f"PREFIX={args.prefix}"]
+            + ([f"DESTDIR={args.destdir}"] if args.destdir else [])
+            + ([f"BACKUP_USER={args.user}"] if args.user else [])
+        )
         remote(args.action, args.host, make_args)
     elif args.action == "authorize-pi5":
         if not args.key:

@@ -37,8 +37,11 @@ class PlaceListing:
 
 def places_to_list(settings: Settings, only: list[str] | None) -> list[Place | Offsite]:
     offsite = Offsite.from_settings(settings)
-    chosen = ["prod", "pi5", "nas"] + (["old-prod"] if settings.is_given("OLD_PROD_HOST") else []) + \
-        (["offsite"] if offsite else [])
+    chosen = (
+        ["prod", "pi5", "nas"]
+        + (["old-prod"] if settings.is_given("OLD_PROD_HOST") else [])
+        + (["offsite"] if offsite else [])
+    )
     if only:
         if "offsite" in only and offsite is None:
             raise UsageError("--only offsite: OFFSITE_REMOTE is not set")
@@ -93,8 +96,10 @@ def as_text(listings: list[PlaceListing]) -> str:
         size_width = max((len(short_size(e.size)) for e in listing.entries), default=0)
         for e in listing.entries:
             pinned = "  pinned" if e.pinned else ""
-            lines.append(f"  {e.name.ljust(width)}  {short_size(e.size).rjust(size_width)}  "
-                         f"{e.created_at:%Y-%m-%d %H:%M}  {status(e, listing.clock)}{pinned}")
+            lines.append(
+                f"  {e.name.ljust(width)}  {short_size(e.size).rjust(size_width)}  "
+                f"{e.created_at:%Y-%m-%d %H:%M}  {status(e, listing.clock)}{pinned}"
+            )
         if listing.stale:
             lines.append(f"  stale: {listing.stale}")
         if not listing.error:
@@ -104,10 +109,27 @@ def as_text(listings: list[PlaceListing]) -> str:
 
 
 def as_json(listings: list[PlaceListing]) -> str:
-    rows = [dict(zip(JSON_KEYS, (
-        listing.place.name, listing.place.host, listing.place.dir, e.name, e.size,
-        e.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"), e.sha256, status(e, listing.clock), e.pinned,
-    ), strict=True)) for listing in listings for e in listing.entries]
+    rows = [
+        dict(
+            zip(
+                JSON_KEYS,
+                (
+                    listing.place.name,
+                    listing.place.host,
+                    listing.place.dir,
+                    e.name,
+                    e.size,
+                    e.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    e.sha256,
+                    status(e, listing.clock),
+                    e.pinned,
+                ),
+                strict=True,
+            )
+        )
+        for listing in listings
+        for e in listing.entries
+    ]
     return json.dumps(rows, indent=2)
 
 
@@ -139,8 +161,7 @@ def tables_text(counts: dict[str, dict[str, int]]) -> str:
     tables = sorted({t for rows in counts.values() for t in rows})
     width = max([len("table")] + [len(t) for t in tables])
     widths = [max(len(c), 9) for c in columns]
-    lines = ["  ".join(["table".ljust(width), *(c.rjust(w) for c, w in zip(columns, widths, strict=True)),
-                        "change"])]
+    lines = ["  ".join(["table".ljust(width), *(c.rjust(w) for c, w in zip(columns, widths, strict=True)), "change"])]
     for table in tables:
         values = [rows.get(table) for rows in counts.values()]
         cells = ["-" if v is None else str(v) for v in values]
@@ -150,6 +171,7 @@ def tables_text(counts: dict[str, dict[str, int]]) -> str:
                 change = "gone"
             elif values[-2] and values[-1] != values[-2]:
                 change = f"{(values[-1] - values[-2]) * 100.0 / values[-2]:+.0f}%"
-        lines.append("  ".join([table.ljust(width), *(c.rjust(w) for c, w in zip(cells, widths, strict=True)),
-                                change]).rstrip())
+        lines.append(
+            "  ".join([table.ljust(width), *(c.rjust(w) for c, w in zip(cells, widths, strict=True)), change]).rstrip()
+        )
     return "\n".join(lines)

@@ -68,8 +68,9 @@ def ping_url(base: str, suffix: str, rid: str) -> str:
     with /start or /fail on its path and `rid` merged into its query."""
     parts = urllib.parse.urlsplit(base)
     query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k != "rid"]
-    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix,
-                                                  query=urllib.parse.urlencode([*query, ("rid", rid)])))
+    return urllib.parse.urlunsplit(
+        parts._replace(path=parts.path.rstrip("/") + suffix, query=urllib.parse.urlencode([*query, ("rid", rid)]))
+    )
 
 
 class Monitor:
@@ -107,12 +108,19 @@ class Monitor:
         duration = time.monotonic() - self.started
         ok = exc_type is None
         if ok and duration > SLOW_RUN_SECONDS:
-            self.warn(f"slow run: {self.script} on {self.place} took {duration / 60:.0f} minutes "
-                      f"(more than {SLOW_RUN_SECONDS // 60})")
+            self.warn(
+                f"slow run: {self.script} on {self.place} took {duration / 60:.0f} minutes "
+                f"(more than {SLOW_RUN_SECONDS // 60})"
+            )
         error = None if ok else failure_line(exc)
         # cli.guard logs the error line once the run has unwound, too late for the tail: it ends the /fail body here.
-        last = None if ok else logging.makeLogRecord({"msg": mask(f"error: {error}", known_secrets()),
-                                                      "levelno": logging.ERROR, "levelname": "ERROR"})
+        last = (
+            None
+            if ok
+            else logging.makeLogRecord(
+                {"msg": mask(f"error: {error}", known_secrets()), "levelno": logging.ERROR, "levelname": "ERROR"}
+            )
+        )
         self._healthchecks("" if ok else "/fail", last)
         if ok:
             self._checkin(start=False)
@@ -125,8 +133,9 @@ class Monitor:
 
     # --- sinks ----------------------------------------------------------------------------------
     def _post(self, what: str, url: str, body: bytes, content_type: str) -> None:
-        request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type,
-                                                                                 "User-Agent": "kw-backup"})
+        request = urllib.request.Request(
+            url, data=body, method="POST", headers={"Content-Type": content_type, "User-Agent": "kw-backup"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=SINK_TIMEOUT) as response:
                 response.read()
@@ -136,8 +145,9 @@ class Monitor:
     def _healthchecks(self, suffix: str, last: logging.LogRecord | None = None) -> None:
         base = self.settings["HEALTHCHECKS_URL"]
         if base:
-            self._post("Healthchecks", ping_url(base, suffix, self.rid), self.tail.body(last),
-                       "text/plain; charset=utf-8")
+            self._post(
+                "Healthchecks", ping_url(base, suffix, self.rid), self.tail.body(last), "text/plain; charset=utf-8"
+            )
 
     def _checkin(self, start: bool) -> None:
         key, identifier = self.settings["APPSIGNAL_PUSH_API_KEY"], self.settings["APPSIGNAL_CHECKIN_IDENTIFIER"]
@@ -156,17 +166,27 @@ class Monitor:
             values["backup.size"] = self.fields["bytes"]
         if self.fields.get("age_hours") is not None:
             values["backup.age_hours"] = self.fields["age_hours"]
-        for leg, field in (("backup.prod_to_pi5.duration", "pull_seconds"),
-                           ("backup.pi5_to_nas.duration", "push_seconds"),
-                           ("backup.pi5_to_offsite.duration", "offsite_seconds")):
+        for leg, field in (
+            ("backup.prod_to_pi5.duration", "pull_seconds"),
+            ("backup.pi5_to_nas.duration", "push_seconds"),
+            ("backup.pi5_to_offsite.duration", "offsite_seconds"),
+        ):
             if self.fields.get(field):
                 values[leg] = round(self.fields[field], 3)
         metrics = [{"name": n, "metricType": "gauge", "value": v, "tags": tags} for n, v in values.items()]
-        metrics += [{"name": "backup.free_bytes", "metricType": "gauge", "value": free,
-                     "tags": {"place": place, "script": self.script}} for place, free in self.free.items()]
+        metrics += [
+            {
+                "name": "backup.free_bytes",
+                "metricType": "gauge",
+                "value": free,
+                "tags": {"place": place, "script": self.script},
+            }
+            for place, free in self.free.items()
+        ]
         body = json.dumps(metrics)
-        url = f"{self.settings['APPSIGNAL_ENDPOINT'].rstrip('/')}/metrics/json?" \
-              f"{urllib.parse.urlencode({'api_key': key})}"
+        url = (
+            f"{self.settings['APPSIGNAL_ENDPOINT'].rstrip('/')}/metrics/json?{urllib.parse.urlencode({'api_key': key})}"
+        )
         self._post("AppSignal metrics", url, body.encode(), "application/json")
 
     def _notify(self, title: str, body: str) -> None:
@@ -186,11 +206,19 @@ class Monitor:
 
     def _history(self, duration: float, ok: bool, error: str | None) -> None:
         path = Path(self.settings["HISTORY_FILE"] or Path(self.settings["LOG_FILE"]).parent / "backup-history.jsonl")
-        entry = {"time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "script": self.script,
-                 "place": self.place, "dump": self.fields.get("dump"), "bytes": self.fields.get("bytes"),
-                 "duration": round(duration, 2), "pull_seconds": self.fields.get("pull_seconds"),
-                 "push_seconds": self.fields.get("push_seconds"), "result": "ok" if ok else "failed",
-                 "warnings": self.warnings, "error": error}
+        entry = {
+            "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "script": self.script,
+            "place": self.place,
+            "dump": self.fields.get("dump"),
+            "bytes": self.fields.get("bytes"),
+            "duration": round(duration, 2),
+            "pull_seconds": self.fields.get("pull_seconds"),
+            "push_seconds": self.fields.get("push_seconds"),
+            "result": "ok" if ok else "failed",
+            "warnings": self.warnings,
+            "error": error,
+        }
         try:
             with open(path, "a") as out:
                 out.write(json.dumps(entry) + "\n")

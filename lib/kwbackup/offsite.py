@@ -81,28 +81,46 @@ class Offsite:
         # Debian 12's rclone 1.60 fails every S3 call when AWS_CA_BUNDLE is set (LoadCustomCABundleError): the
         # bundle goes to rclone's own --ca-cert instead, which means the same.
         bundle = os.environ.get("AWS_CA_BUNDLE")
-        return Cmd(["rclone", *(["--config", self.config] if self.config else []), *RCLONE_OPTIONS,
-                    *(["--ca-cert", bundle] if bundle else []), *args], name=name, env={"AWS_CA_BUNDLE": ""})
+        return Cmd(
+            [
+                "rclone",
+                *(["--config", self.config] if self.config else []),
+                *RCLONE_OPTIONS,
+                *(["--ca-cert", bundle] if bundle else []),
+                *args,
+            ],
+            name=name,
+            env={"AWS_CA_BUNDLE": ""},
+        )
 
     def _run(self, *args: str, name: str, input: bytes | None = None, timeout: float = 3600) -> bytes:
         try:
             return run(self.rclone(*args, name=name), input=input, timeout=timeout)[1]
         except StageFailed as exc:
-            raise Failed(f"offsite ({self.remote}): {name} failed: {exc.tail or exc.detail}",
-                         "check the remote (rclone lsd) and the network; the next run catches up") from exc
+            raise Failed(
+                f"offsite ({self.remote}): {name} failed: {exc.tail or exc.detail}",
+                "check the remote (rclone lsd) and the network; the next run catches up",
+            ) from exc
 
     # --- reading ----------------------------------------------------------------------------------
     def listing(self, timeout: float = 60) -> list[Entry]:
         """The dumps at the remote (newest first) with sizes and manifests; Failed when unreachable."""
         # One level down too: what is in .incoming/ comes with the same call.
-        code, out, err = run(self.rclone("lsjson", "-R", "--max-depth", "2", "--files-only", "--no-mimetype",
-                                         self.path(), name="list offsite"), check=False, timeout=timeout)
+        code, out, err = run(
+            self.rclone(
+                "lsjson", "-R", "--max-depth", "2", "--files-only", "--no-mimetype", self.path(), name="list offsite"
+            ),
+            check=False,
+            timeout=timeout,
+        )
         if code == DIRECTORY_NOT_FOUND:
             return []
         if code != 0:
             reason = " | ".join(line.strip() for line in err.strip().splitlines()[-2:]) or f"rclone exit {code}"
-            raise Failed(f"offsite ({self.remote}) unreachable: {reason}",
-                          "check the network and the rclone remote (rclone lsd REMOTE:)")
+            raise Failed(
+                f"offsite ({self.remote}) unreachable: {reason}",
+                "check the network and the rclone remote (rclone lsd REMOTE:)",
+            )
         found, sizes = {}, {}
         items = json.loads(out or b"[]")
         self.leftovers = [i["Path"].split("/", 1)[1] for i in items if i["Path"].startswith(INCOMING + "/")]
@@ -123,17 +141,29 @@ class Offsite:
             return {}
         scratch = Path(tempfile.mkdtemp(prefix="kw-offsite-"))
         try:
-            self._run("copy", "--files-from-raw", "-", self.path(), str(scratch), name="read offsite manifests",
-                      input="\n".join(wanted).encode(), timeout=timeout)
-            return {m[: -len(names.MANIFEST_SUFFIX)]: manifest_or_none((scratch / m).read_bytes())
-                    for m in wanted if (scratch / m).is_file()}
+            self._run(
+                "copy",
+                "--files-from-raw",
+                "-",
+                self.path(),
+                str(scratch),
+                name="read offsite manifests",
+                input="\n".join(wanted).encode(),
+                timeout=timeout,
+            )
+            return {
+                m[: -len(names.MANIFEST_SUFFIX)]: manifest_or_none((scratch / m).read_bytes())
+                for m in wanted
+                if (scratch / m).is_file()
+            }
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def free(self, timeout: float = 60) -> int | None:
         """The remote's free space (rclone about); None where the backend does not say (S3, for one)."""
-        code, out, _ = run(self.rclone("about", "--json", self.path(), name="offsite about"), check=False,
-                           timeout=timeout)
+        code, out, _ = run(
+            self.rclone("about", "--json", self.path(), name="offsite about"), check=False, timeout=timeout
+        )
         try:
             free = json.loads(out).get("free") if code == 0 else None
         except ValueError:
@@ -144,8 +174,16 @@ class Offsite:
         return self.rclone("cat", self.path(name), name="read from offsite")
 
     def exists(self, name: str) -> bool:
-        out = self._run("lsf", "--files-only", "--files-from-raw", "-", self.path(), name="look offsite",
-                        input=name.encode(), timeout=120)
+        out = self._run(
+            "lsf",
+            "--files-only",
+            "--files-from-raw",
+            "-",
+            self.path(),
+            name="look offsite",
+            input=name.encode(),
+            timeout=120,
+        )
         return name in out.decode(errors="replace").splitlines()
 
     # --- writing (the orchestrator) ---------------------------------------------------------------
@@ -157,8 +195,10 @@ class Offsite:
         """
         sources = [path for parcel in parcels for path in parcel.paths]
         kind, _ = self._hash_kind()
-        hasher = threading.Thread(target=lambda: self._local_hashes.update(
-            {source: _file_hash(source, kind) for source in sources}), daemon=True)
+        hasher = threading.Thread(
+            target=lambda: self._local_hashes.update({source: _file_hash(source, kind) for source in sources}),
+            daemon=True,
+        )
         hasher.start()
         try:
             self._upload(sources)
@@ -170,8 +210,17 @@ class Offsite:
             batch = [p.name for p in sources if p.parent == parent]
             # --s3-disable-checksum: the md5 rclone would record with an S3 multipart upload is its own claim
             # (object metadata), not the server's: without it such a copy has no md5 and is read back in check.
-            self._run("copy", "--ignore-times", "--s3-disable-checksum", "--files-from-raw", "-", str(parent),
-                      self.path(sub=INCOMING), name="upload offsite", input="\n".join(batch).encode())
+            self._run(
+                "copy",
+                "--ignore-times",
+                "--s3-disable-checksum",
+                "--files-from-raw",
+                "-",
+                str(parent),
+                self.path(sub=INCOMING),
+                name="upload offsite",
+                input="\n".join(batch).encode(),
+            )
 
     def check(self, parcels) -> str:
         """Compare each uploaded copy's checksum with the local file's; VerificationError when one differs."""
@@ -185,23 +234,34 @@ class Offsite:
         for source in sources:
             local = self._local_hashes.pop(source, None) or _file_hash(source, kind)
             if remote.get(source.name) != local:
-                raise VerificationError(f"offsite: the uploaded {source.name} has {kind} {remote.get(source.name)}, "
-                                        f"not {local}", "the next run sends it again")
+                raise VerificationError(
+                    f"offsite: the uploaded {source.name} has {kind} {remote.get(source.name)}, not {local}",
+                    "the next run sends it again",
+                )
         return kind + (" (read back)" if download else f" ({len(unknown)} read back)" if unknown else "")
 
     def _hashsum(self, kind: str, download: bool, names: list[str]) -> dict[str, str]:
         """{name: digest} of files in .incoming/, the digest empty where the remote has none."""
-        out = self._run("hashsum", kind, *(["--download"] if download else []), "--files-from-raw", "-",
-                        self.path(sub=INCOMING), name="checksum offsite", input="\n".join(names).encode())
+        out = self._run(
+            "hashsum",
+            kind,
+            *(["--download"] if download else []),
+            "--files-from-raw",
+            "-",
+            self.path(sub=INCOMING),
+            name="checksum offsite",
+            input="\n".join(names).encode(),
+        )
         width = hashlib.new(kind).digest_size * 2  # rclone pads a missing digest with spaces to this width
-        return {line[width + 2:]: line[:width].strip().lower() for line in out.decode(errors="replace").splitlines()}
+        return {line[width + 2 :]: line[:width].strip().lower() for line in out.decode(errors="replace").splitlines()}
 
     def _hash_kind(self) -> tuple[str, bool]:
         if self._hash is None and self.remote.startswith("/"):
             self._hash = ("sha256", False)  # rclone's local backend computes any hash
         if self._hash is None:
-            features = json.loads(self._run("backend", "features", self.path(), name="offsite features",
-                                            timeout=120) or b"{}")
+            features = json.loads(
+                self._run("backend", "features", self.path(), name="offsite features", timeout=120) or b"{}"
+            )
             offered = set(features.get("Hashes") or [])
             kind = next((h for h in HASHES if h in offered), None)
             self._hash = (kind, False) if kind else ("sha256", True)
@@ -211,10 +271,13 @@ class Offsite:
     def promote(self, dumps: list[str]) -> None:
         """Move checked copies from .incoming/ to their final names, manifest first, never over a dump."""
         for name in dumps:
-            self._run("moveto", self.path(name + names.MANIFEST_SUFFIX, INCOMING),
-                      self.path(name + names.MANIFEST_SUFFIX), name="promote offsite")
-            self._run("moveto", "--ignore-existing", self.path(name, INCOMING), self.path(name),
-                      name="promote offsite")
+            self._run(
+                "moveto",
+                self.path(name + names.MANIFEST_SUFFIX, INCOMING),
+                self.path(name + names.MANIFEST_SUFFIX),
+                name="promote offsite",
+            )
+            self._run("moveto", "--ignore-existing", self.path(name, INCOMING), self.path(name), name="promote offsite")
             self.promoted.append(name)
 
     def pin(self, pins: dict[str, bytes]) -> None:
@@ -223,8 +286,16 @@ class Offsite:
 
     def unpin(self, dumps: list[str]) -> None:
         if dumps:
-            self._run("delete", "--max-depth", "1", "--files-from-raw", "-", self.path(), name="release offsite pins",
-                      input="\n".join(d + names.PIN_SUFFIX for d in dumps).encode())
+            self._run(
+                "delete",
+                "--max-depth",
+                "1",
+                "--files-from-raw",
+                "-",
+                self.path(),
+                name="release offsite pins",
+                input="\n".join(d + names.PIN_SUFFIX for d in dumps).encode(),
+            )
 
     def finish(self) -> None:
         """Remove what failed runs left in .incoming/ (only the orchestrator, under its lock, writes there)."""
@@ -232,17 +303,28 @@ class Offsite:
         stale = [n for n in self.leftovers if n not in moved]
         if not stale:
             return
-        code, _, err = run(self.rclone("delete", "--files-from-raw", "-", self.path(sub=INCOMING),
-                                       name="clear offsite .incoming"), input="\n".join(stale).encode(),
-                           check=False, timeout=600)
+        code, _, err = run(
+            self.rclone("delete", "--files-from-raw", "-", self.path(sub=INCOMING), name="clear offsite .incoming"),
+            input="\n".join(stale).encode(),
+            check=False,
+            timeout=600,
+        )
         if code not in (0, DIRECTORY_NOT_FOUND):
             log.warning("offsite: could not clear %s: %s", self.path(sub=INCOMING), err.strip()[-200:])
 
     def remove(self, dumps: list[str]) -> None:
         if dumps:
             listed = [n for name in dumps for n in (name, name + names.MANIFEST_SUFFIX)]
-            self._run("delete", "--max-depth", "1", "--files-from-raw", "-", self.path(), name="rotate offsite",
-                      input="\n".join(listed).encode())
+            self._run(
+                "delete",
+                "--max-depth",
+                "1",
+                "--files-from-raw",
+                "-",
+                self.path(),
+                name="rotate offsite",
+                input="\n".join(listed).encode(),
+            )
 
 
 def _timestamp(text: str) -> float:

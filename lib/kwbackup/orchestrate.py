@@ -53,11 +53,13 @@ class Summary:
 
     def line(self, result: str) -> str:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return (f"summary: time={now} dump={self.dump} size={self.bytes} pull={self.pull_seconds:.1f}s "
-                f"push={self.push_seconds:.1f}s total={time.monotonic() - self.started:.1f}s "
-                f"pushed={len(self.pushed)} removed={len(self.removed)} pinned={','.join(self.pinned) or '-'} "
-                f"offsite={self.offsite} "
-                f"offsite_push={self.offsite_seconds:.1f}s result={result}")
+        return (
+            f"summary: time={now} dump={self.dump} size={self.bytes} pull={self.pull_seconds:.1f}s "
+            f"push={self.push_seconds:.1f}s total={time.monotonic() - self.started:.1f}s "
+            f"pushed={len(self.pushed)} removed={len(self.removed)} pinned={','.join(self.pinned) or '-'} "
+            f"offsite={self.offsite} "
+            f"offsite_push={self.offsite_seconds:.1f}s result={result}"
+        )
 
 
 class Run:
@@ -90,8 +92,9 @@ class Run:
         raise type(first)("; ".join(p.message for p in self.problems), first.hint)
 
 
-def orchestrate(settings: Settings, dry_run: bool = False, no_push: bool = False,
-                release_pins: bool = False) -> Summary:
+def orchestrate(
+    settings: Settings, dry_run: bool = False, no_push: bool = False, release_pins: bool = False
+) -> Summary:
     pi5 = place(settings, "pi5")
     if not pi5.is_local:
         raise UsageError("backup-orchestrator runs on the pi5 itself: set PI5_HOST=local there")
@@ -112,9 +115,13 @@ def orchestrate(settings: Settings, dry_run: bool = False, no_push: bool = False
                 log.info(summary.line(f"failed ({type(exc).__name__})"))
                 raise
             finally:
-                monitor.record(dump=summary.dump if summary.dump != "-" else None, bytes=summary.bytes or None,
-                               pull_seconds=summary.pull_seconds, push_seconds=summary.push_seconds,
-                               offsite_seconds=summary.offsite_seconds)
+                monitor.record(
+                    dump=summary.dump if summary.dump != "-" else None,
+                    bytes=summary.bytes or None,
+                    pull_seconds=summary.pull_seconds,
+                    push_seconds=summary.push_seconds,
+                    offsite_seconds=summary.offsite_seconds,
+                )
             log.info(summary.line("ok" if not summary.warnings else "ok-with-warnings"))
     return summary
 
@@ -132,8 +139,9 @@ def _run(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release_
         log.info("--no-push: not pushing to the nas, and so not rotating either")
     else:
         _push_everywhere(this, pi5, nas, offsite)
-        for removed in retention.rotate_local(directory, pi5.keep, this.clock, calendar=pi5.calendar,
-                                              held=this.in_question):
+        for removed in retention.rotate_local(
+            directory, pi5.keep, this.clock, calendar=pi5.calendar, held=this.in_question
+        ):
             this.summary.removed.append(f"pi5:{removed}")
         _check_space(this, directory, nas)
     this.summary.pinned = sorted(retention.pinned_in(directory))
@@ -153,8 +161,10 @@ def _to_pull(this: Run, listing: list[Entry], directory: Path) -> list[Entry]:
     """Prod's dumps newer than the pi5's newest verified copy, oldest first, with future-dated names warned about."""
     for entry in listing:
         if this.clock.is_future(entry.name):
-            this.warn(f"prod has {entry.name}, dated ahead of this clock ({this.clock.now:%Y-%m-%d %H:%M} UTC): "
-                      "not pulling it; remove or rename it on prod if it is wrong")
+            this.warn(
+                f"prod has {entry.name}, dated ahead of this clock ({this.clock.now:%Y-%m-%d %H:%M} UTC): "
+                "not pulling it; remove or rename it on prod if it is wrong"
+            )
     listing = [e for e in listing if not this.clock.is_future(e.name)]
     here = _verified_here(this, directory)
     newest = names.parse(here[0].name).sort_key if here else None
@@ -203,12 +213,17 @@ class _Conflict(VerificationError):
 def _pull_one(this: Run, source: RsyncSource, entry: Entry, directory: Path, incoming: Path) -> Entry:
     min_bytes = this.settings.int("MIN_DUMP_BYTES")
     if entry.size < min_bytes:
-        raise _TooSmall(f"the prod dump {entry.name} is only {entry.size} bytes (MIN_DUMP_BYTES={min_bytes})",
-                        "a failed dump: check backup-db on prod")
+        raise _TooSmall(
+            f"the prod dump {entry.name} is only {entry.size} bytes (MIN_DUMP_BYTES={min_bytes})",
+            "a failed dump: check backup-db on prod",
+        )
     manifest_size = source.seen.get(entry.name + names.MANIFEST_SUFFIX)
     if manifest_size is not None and manifest_size > dumps.MAX_MANIFEST_BYTES:
-        raise VerificationError(f"prod's manifest of {entry.name} is {manifest_size} bytes, more than a manifest "
-                                f"may be ({dumps.MAX_MANIFEST_BYTES}): not fetching it", "check backup-db on prod")
+        raise VerificationError(
+            f"prod's manifest of {entry.name} is {manifest_size} bytes, more than a manifest "
+            f"may be ({dumps.MAX_MANIFEST_BYTES}): not fetching it",
+            "check backup-db on prod",
+        )
     started = time.monotonic()
     log.info("pulling %s (%s) from prod", entry.name, size(entry.size))
     try:
@@ -227,8 +242,16 @@ def _pull_one(this: Run, source: RsyncSource, entry: Entry, directory: Path, inc
 
 def _manifest_from(verified: dumps.Verified, name: str) -> dumps.Manifest:
     """A dump that came without a manifest gets one from its own verification on the pi5."""
-    return dumps.Manifest(file=name, bytes=verified.size, sha256=verified.sha256, created_at=dumps.now_iso(),
-                          database=None, server_version=None, pg_dump_version=None, tables=verified.tables)
+    return dumps.Manifest(
+        file=name,
+        bytes=verified.size,
+        sha256=verified.sha256,
+        created_at=dumps.now_iso(),
+        database=None,
+        server_version=None,
+        pg_dump_version=None,
+        tables=verified.tables,
+    )
 
 
 def _promote_local(incoming: Path, directory: Path, name: str, manifest: dumps.Manifest) -> None:
@@ -241,8 +264,10 @@ def _promote_local(incoming: Path, directory: Path, name: str, manifest: dumps.M
         for leftover in (name, name + names.MANIFEST_SUFFIX):
             (incoming / leftover).unlink(missing_ok=True)
         if held.sha256.hexdigest() != manifest.sha256:
-            raise _Conflict(f"the pi5 already holds {name} with other bytes than prod's: not replacing it",
-                            "compare the two by hand; the pi5's copy is as it was")
+            raise _Conflict(
+                f"the pi5 already holds {name} with other bytes than prod's: not replacing it",
+                "compare the two by hand; the pi5's copy is as it was",
+            )
         if not final.with_name(name + names.MANIFEST_SUFFIX).exists():  # the same dump: only its manifest was lost
             files.write_atomic(directory, name + names.MANIFEST_SUFFIX, manifest.to_json())
         log.info("%s is already here with the same bytes", name)
@@ -273,8 +298,10 @@ def _pin_before_anomalies(this: Run, directory: Path, pulled: list[Entry]) -> No
         if not previous.pinned:
             pins.pin_local(directory, previous.name, pins.pin_content(f"the next dump, {new.name}: {figures}"))
             previous.pinned = True
-        this.warn(f"anomaly: {new.name} against {previous.name}: {figures}; pinned {previous.name} on the pi5 and "
-                  "the destinations until backup-orchestrator --release-pins (list-backups --tables shows the rows)")
+        this.warn(
+            f"anomaly: {new.name} against {previous.name}: {figures}; pinned {previous.name} on the pi5 and "
+            "the destinations until backup-orchestrator --release-pins (list-backups --tables shows the rows)"
+        )
 
 
 def _release_pins(this: Run, directory: Path, targets: list) -> None:
@@ -313,8 +340,9 @@ class Outgoing:
             return Parcel(self.directory, entry)
         if entry.name not in self.made:
             files.ensure_private_dir(self.dir)
-            encrypted = crypto.encrypt(self.directory / entry.name, dumps.read_manifest(self.directory / entry.name),
-                                       self.dir, self.keys)
+            encrypted = crypto.encrypt(
+                self.directory / entry.name, dumps.read_manifest(self.directory / entry.name), self.dir, self.keys
+            )
             log.info("encrypted %s for %d recipient(s)", entry.name, len(self.keys))
             self.made[entry.name] = Entry(encrypted.file, encrypted.bytes, manifest=json.loads(encrypted.to_json()))
         return Parcel(self.dir, self.made[entry.name])
@@ -329,15 +357,17 @@ def _push_everywhere(this: Run, pi5: Place, nas: Place, offsite: Offsite | None)
     pinned = {e.name: pins.read_local(directory, e.name) for e in here if e.pinned}
     outgoing = Outgoing(directory, crypto.recipients(this.settings))
     try:
-        steps, this.summary.push_seconds = destinations.push(NasDestination(nas), here, outgoing.parcel_for,
-                                                              outgoing.name_for, pinned, this.clock)
+        steps, this.summary.push_seconds = destinations.push(
+            NasDestination(nas), here, outgoing.parcel_for, outgoing.name_for, pinned, this.clock
+        )
         this.summary.pushed = [e.name for e in steps.send]
         this.summary.removed += [f"nas:{name}" for name in steps.remove]
         _conflicts(this, "nas", steps.conflicts)
         if offsite is not None:
             try:
-                steps, this.summary.offsite_seconds = destinations.push(offsite, here, outgoing.parcel_for,
-                                                                        outgoing.name_for, pinned, this.clock)
+                steps, this.summary.offsite_seconds = destinations.push(
+                    offsite, here, outgoing.parcel_for, outgoing.name_for, pinned, this.clock
+                )
             except KwError as exc:  # the fourth copy: the run still succeeds, with a warning and an alert
                 this.summary.offsite = "failed"
                 this.warn(f"offsite copy failed: {exc.message}; the pi5 and the nas are done, the next run catches up")
@@ -351,9 +381,12 @@ def _push_everywhere(this: Run, pi5: Place, nas: Place, offsite: Offsite | None)
 
 def _conflicts(this: Run, where: str, conflicting: list[str]) -> None:
     for name in conflicting:
-        this.problems.append(VerificationError(
-            f"the {where} already holds {name} with other bytes than the pi5's verified copy: not replacing it",
-            "compare the copies by hand; the existing one is as it was"))
+        this.problems.append(
+            VerificationError(
+                f"the {where} already holds {name} with other bytes than the pi5's verified copy: not replacing it",
+                "compare the copies by hand; the existing one is as it was",
+            )
+        )
 
 
 # --- free space ---------------------------------------------------------------------------------
@@ -381,17 +414,23 @@ def _check_freshness(this: Run, directory: Path) -> None:
         this.monitor.record(age_hours=round(age, 2))
     limit = float(this.settings["MAX_DUMP_AGE_HOURS"])
     if age > limit:
-        this.problems.append(Failed(
-            f"no new dump for {age:.0f} hours: the pi5's newest verified dump is {here[0].name} "
-            f"(MAX_DUMP_AGE_HOURS={limit:g})", "check backup-db and the clock on prod, and list-backups"))
+        this.problems.append(
+            Failed(
+                f"no new dump for {age:.0f} hours: the pi5's newest verified dump is {here[0].name} "
+                f"(MAX_DUMP_AGE_HOURS={limit:g})",
+                "check backup-db and the clock on prod, and list-backups",
+            )
+        )
 
 
 # --- dry run ------------------------------------------------------------------------------------
 def _plan(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release_pins: bool) -> None:
     directory = pi5.local_dir()
     if release_pins:
-        dry("would release every pin (on the pi5: %s)", ", ".join(sorted(retention.pinned_in(directory)))
-            if directory.is_dir() else "none")
+        dry(
+            "would release every pin (on the pi5: %s)",
+            ", ".join(sorted(retention.pinned_in(directory))) if directory.is_dir() else "none",
+        )
     listing = RsyncSource(prod).listing()
     wanted = _to_pull(this, listing, directory)
     if not listing:
@@ -416,7 +455,14 @@ def _plan(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release
             continue
         for entry in here:
             if not destinations.holds(entry, there):
-                dry("would push %s to %s and check its checksum there",
-                    entry.name + (names.AGE_SUFFIX if keys else ""), target.name)
-    dry("would rotate the pi5 to %d and the nas to %d valid dumps%s", pi5.keep, nas.keep,
-        f", offsite to {offsite.keep}" if offsite else "")
+                dry(
+                    "would push %s to %s and check its checksum there",
+                    entry.name + (names.AGE_SUFFIX if keys else ""),
+                    target.name,
+                )
+    dry(
+        "would rotate the pi5 to %d and the nas to %d valid dumps%s",
+        pi5.keep,
+        nas.keep,
+        f", offsite to {offsite.keep}" if offsite else "",
+    )

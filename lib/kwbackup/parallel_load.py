@@ -43,8 +43,10 @@ SPOOL_CAP = 4 << 30
 HEADER_RE = re.compile(rb"^-- (?:Data for )?Name: (.*); Type: (.*?); Schema: (.*?); Owner: (.*?)(?:; Tablespace: .*)?$")
 COPY_RE = re.compile(rb"^COPY (.+?) (?:\(.*\) )?FROM stdin;$")
 TAG_RE = re.compile(rb"^COPY (\d+)$")
-STATE_RE = re.compile(rb"^(?:SET (default_tablespace|default_table_access_method|default_with_oids|search_path) = "
-                      rb"|(SET SESSION AUTHORIZATION|RESET SESSION AUTHORIZATION))")
+STATE_RE = re.compile(
+    rb"^(?:SET (default_tablespace|default_table_access_method|default_with_oids|search_path) = "
+    rb"|(SET SESSION AUTHORIZATION|RESET SESSION AUTHORIZATION))"
+)
 RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict ")
 PREAMBLE_RE = re.compile(rb"^(?:SET \w+ = .*;|SELECT pg_catalog\.set_config\(.*\);|\\restrict \S+)$")
 IDENT = rb'(?:"(?:[^"]|"")*"|[^."\s(]+)'
@@ -56,13 +58,33 @@ ATTACH_RE = re.compile(rb"^ALTER TABLE ONLY " + QUALIFIED + rb" ATTACH PARTITION
 
 PRE_DATA, DATA, POST_DATA = "pre-data", "data", "post-data"
 DATA_TYPES = {b"TABLE DATA", b"SEQUENCE SET", b"BLOBS", b"BLOB", b"BLOB DATA", b"LARGE OBJECTS"}
-POST_TYPES = {b"INDEX", b"CONSTRAINT", b"CHECK CONSTRAINT", b"FK CONSTRAINT", b"INDEX ATTACH", b"TRIGGER", b"RULE",
-              b"POLICY", b"ROW SECURITY", b"EVENT TRIGGER", b"MATERIALIZED VIEW DATA", b"STATISTICS",
-              b"PUBLICATION", b"PUBLICATION TABLE", b"PUBLICATION TABLES IN SCHEMA", b"SUBSCRIPTION",
-              b"SUBSCRIPTION TABLE", b"STATISTICS DATA"}
+POST_TYPES = {
+    b"INDEX",
+    b"CONSTRAINT",
+    b"CHECK CONSTRAINT",
+    b"FK CONSTRAINT",
+    b"INDEX ATTACH",
+    b"TRIGGER",
+    b"RULE",
+    b"POLICY",
+    b"ROW SECURITY",
+    b"EVENT TRIGGER",
+    b"MATERIALIZED VIEW DATA",
+    b"STATISTICS",
+    b"PUBLICATION",
+    b"PUBLICATION TABLE",
+    b"PUBLICATION TABLES IN SCHEMA",
+    b"SUBSCRIPTION",
+    b"SUBSCRIPTION TABLE",
+    b"STATISTICS DATA",
+}
 # Post-data that may run after the indexes, constraints and foreign keys, in the dump's order.
 LATER_TYPES = POST_TYPES - {b"INDEX", b"CONSTRAINT", b"FK CONSTRAINT", b"INDEX ATTACH"} | {
-    b"COMMENT", b"ACL", b"DEFAULT ACL", b"SECURITY LABEL"}
+    b"COMMENT",
+    b"ACL",
+    b"DEFAULT ACL",
+    b"SECURITY LABEL",
+}
 
 
 def program():
@@ -83,6 +105,7 @@ class LoadFailed(Exception):
 
 
 # --- the stream ---------------------------------------------------------------------------------
+
 
 def chunks_of(fd):
     """The stream in whole 1 MiB pieces (a pipe gives what is there, often 64 KiB: each piece costs
@@ -110,7 +133,7 @@ def events(chunks):
         size = len(buf)
         while pos < size:
             if copying is not None:
-                probe = last + buf[pos:pos + 3]
+                probe = last + buf[pos : pos + 3]
                 i = probe.find(b"\n\\.\n")
                 if 0 <= i < len(last) < i + 4:  # begun in what was passed on
                     found_end = pos + i + 4 - len(last)
@@ -124,13 +147,13 @@ def events(chunks):
                     copying = None
                     continue
                 yield "data", view[pos:]
-                last = (last + buf[max(pos, size - 3):])[-3:]
+                last = (last + buf[max(pos, size - 3) :])[-3:]
                 pos = size
                 break
             newline = buf.find(b"\n", pos)
             if newline < 0:
                 break
-            line = buf[pos:newline + 1]
+            line = buf[pos : newline + 1]
             pos = newline + 1
             if line.startswith(b"COPY ") and COPY_RE.match(line.rstrip(b"\n")):
                 copying = line
@@ -173,6 +196,7 @@ def key_of(qualified):
 
 
 # --- sessions -----------------------------------------------------------------------------------
+
 
 class Unit:
     """What one session runs between two markers."""
@@ -293,8 +317,9 @@ class Session:
         self.spool_end = 0
         self.errors = collections.deque(maxlen=20)
         try:
-            self.proc = subprocess.Popen(loader.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, bufsize=0)
+            self.proc = subprocess.Popen(
+                loader.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            )
         except OSError as exc:
             raise LoadFailed(f"cannot start {loader.argv[0]}: {exc.strerror}") from exc
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -331,7 +356,7 @@ class Session:
         view = memoryview(data)
         offset = self.spool_end
         while view:
-            view = view[os.pwrite(fd, view, self.spool_end):]
+            view = view[os.pwrite(fd, view, self.spool_end) :]
             self.spool_end = offset + len(data) - len(view)
         self.loader.spool_left -= len(data)
         last = self.queue[-1] if self.queue else None
@@ -382,7 +407,7 @@ class Session:
             if line.startswith(marker):
                 with loader.cond:
                     unit = self.pending.popleft() if self.pending else None
-                    if unit is None or str(unit.id).encode() != line[len(marker):]:
+                    if unit is None or str(unit.id).encode() != line[len(marker) :]:
                         loader.failure = loader.failure or f"session {self.index}: out of step at {line!r}"
                     else:
                         unit.done = True
@@ -440,6 +465,7 @@ def _memory_cap():
 def _large_pipe(fd):
     try:
         import fcntl
+
         fcntl.fcntl(fd, 1031, CHUNK)  # F_SETPIPE_SZ (Linux): 1 MiB pipes, a quarter of the reads and writes
     except (OSError, ImportError):
         pass
@@ -448,10 +474,11 @@ def _large_pipe(fd):
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 # --- the plan -----------------------------------------------------------------------------------
+
 
 class Plan:
     """Reads the stream, feeds the sessions, and schedules what comes after the data."""
@@ -489,8 +516,10 @@ class Plan:
             else:
                 self.at_eof()
                 if value is not None:
-                    raise LoadFailed("the dump ends inside the data of table "
-                                     + key_of(COPY_RE.match(value.rstrip(b"\n")).group(1)), DAMAGED)
+                    raise LoadFailed(
+                        "the dump ends inside the data of table " + key_of(COPY_RE.match(value.rstrip(b"\n")).group(1)),
+                        DAMAGED,
+                    )
         if self.section == "preamble":
             self.go_serial("no pg_dump entry headers")
         if self.serial:
@@ -619,8 +648,12 @@ class Plan:
     def copy_start(self, header):
         if not self.serial:
             entry = self.entry
-            if self.section != DATA or entry is None or entry.type != b"TABLE DATA" or \
-                    not all(_is_noise(line) for line in entry.lines):
+            if (
+                self.section != DATA
+                or entry is None
+                or entry.type != b"TABLE DATA"
+                or not all(_is_noise(line) for line in entry.lines)
+            ):
                 self.go_serial(f"a COPY outside a TABLE DATA entry ({header[:60].decode(errors='replace').strip()})")
         if self.serial:
             self.open_unit.copies.append(header)
@@ -721,9 +754,17 @@ class Plan:
             by_root[root].add(unit.id)
         firsts = []
         for entry, table, is_index in first:
-            firsts.append(loader.unit(entry.label(), "index" if is_index else "constraint", entry=entry, table=table,
-                                      shared=is_index, deps=by_root.get(self.root(table), set()) | rows,
-                                      cost=self.sizes[table]))
+            firsts.append(
+                loader.unit(
+                    entry.label(),
+                    "index" if is_index else "constraint",
+                    entry=entry,
+                    table=table,
+                    shared=is_index,
+                    deps=by_root.get(self.root(table), set()) | rows,
+                    cost=self.sizes[table],
+                )
+            )
         firsts.sort(key=lambda u: -u.cost)  # the longest first
         barrier = {u.id for u in firsts}
         attaches, chain = [], set()
@@ -776,11 +817,17 @@ class Plan:
     @staticmethod
     def _conflicts(unit, running):
         if unit.kind == "fk":
-            return any(other.kind == "fk" and (unit.locks is None or other.locks is None or unit.locks & other.locks)
-                       for other in running)
+            return any(
+                other.kind == "fk" and (unit.locks is None or other.locks is None or unit.locks & other.locks)
+                for other in running
+            )
         if unit.kind in ("index", "constraint"):
-            return any(other.kind in ("index", "constraint") and other.table == unit.table
-                       and not (unit.shared and other.shared) for other in running)
+            return any(
+                other.kind in ("index", "constraint")
+                and other.table == unit.table
+                and not (unit.shared and other.shared)
+                for other in running
+            )
         return False
 
 
@@ -793,6 +840,7 @@ def _state_lines(state):
 
 
 # --- the program --------------------------------------------------------------------------------
+
 
 def decompressor(path):
     if not path.endswith(".gz"):
@@ -849,9 +897,11 @@ def load(argv, jobs, dump=None, stdin_fd=0):
         if source is not None:
             source.kill()
         raise
-    note(f"loaded with {jobs} sessions in {time.monotonic() - started:.1f}s: {plan.copies} tables' data"
-         + (f", {plan.spooled >> 20} MiB spooled to disk" if plan.spooled else "")
-         + (f" (in one session: {plan.serial})" if plan.serial else ""))
+    note(
+        f"loaded with {jobs} sessions in {time.monotonic() - started:.1f}s: {plan.copies} tables' data"
+        + (f", {plan.spooled >> 20} MiB spooled to disk" if plan.spooled else "")
+        + (f" (in one session: {plan.serial})" if plan.serial else "")
+    )
     return 0
 
 

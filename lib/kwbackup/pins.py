@@ -33,8 +33,10 @@ def anomalies(previous: Entry, new: Entry, settings: Settings) -> list[str]:
         if table not in after:
             found.append(f"table {table} is gone (it had {rows} rows)")
         elif rows and (rows - after[table]) * 100.0 / rows > rows_pct:
-            found.append(f"{table}: {rows} -> {after[table]} rows ({(after[table] - rows) * 100.0 / rows:+.0f}%, "
-                         f"ROW_DROP_ALERT_PCT={rows_pct:g})")
+            found.append(
+                f"{table}: {rows} -> {after[table]} rows ({(after[table] - rows) * 100.0 / rows:+.0f}%, "
+                f"ROW_DROP_ALERT_PCT={rows_pct:g})"
+            )
     return found
 
 

@@ -25,10 +25,22 @@ from .retention import NO_CALENDAR, Calendar
 from .run import Cmd, StageFailed, run
 from .settings import PLACES, Settings
 
-LABELS = {"prod": "Production Server", "pi5": "Raspberry Pi 5", "nas": "CM3588 NAS",
-          "old-prod": "Old Production Server"}
-SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
-               "-o", "ServerAliveCountMax=3"]
+LABELS = {
+    "prod": "Production Server",
+    "pi5": "Raspberry Pi 5",
+    "nas": "CM3588 NAS",
+    "old-prod": "Old Production Server",
+}
+SSH_OPTIONS = [
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ConnectTimeout=10",
+    "-o",
+    "ServerAliveInterval=10",
+    "-o",
+    "ServerAliveCountMax=3",
+]
 
 # Lists dump files with size and mtime, manifests of at most $2 bytes with their JSON on one line
 # (a larger one is only named: it is invalid, and never read), pins, and the free space (df).
@@ -161,11 +173,15 @@ class Place:
         if self.is_local:
             return local_listing(self.local_dir())
         try:
-            _, out, _ = run(self.script(LIST_SCRIPT, self.remote_path(), str(dumps.MAX_MANIFEST_BYTES),
-                                        name=f"list {self.name}"), timeout=timeout)
+            _, out, _ = run(
+                self.script(LIST_SCRIPT, self.remote_path(), str(dumps.MAX_MANIFEST_BYTES), name=f"list {self.name}"),
+                timeout=timeout,
+            )
         except StageFailed as exc:
-            raise Failed(f"{self.name} ({self.host}) unreachable: {exc.tail or exc.detail}",
-                         "check the network, the ssh key and SSH_CONFIG") from exc
+            raise Failed(
+                f"{self.name} ({self.host}) unreachable: {exc.tail or exc.detail}",
+                "check the network, the ssh key and SSH_CONFIG",
+            ) from exc
         return _parse_listing(out.decode(errors="replace"))
 
     def multiplexed(self, control_dir: str) -> Place:
@@ -231,8 +247,9 @@ def manifest_or_none(data: bytes) -> dict:
     return manifest if dumps.manifest_problem(manifest) is None else {}
 
 
-def combine_listing(found: dict[str, Entry], manifests: dict[str, dict | None], pins: set[str] = frozenset()
-                    ) -> Listing:
+def combine_listing(
+    found: dict[str, Entry], manifests: dict[str, dict | None], pins: set[str] = frozenset()
+) -> Listing:
     for name, entry in found.items():
         entry.manifest = manifests.get(name)
         entry.pinned = name in pins
@@ -243,10 +260,19 @@ def combine_listing(found: dict[str, Entry], manifests: dict[str, dict | None], 
 def place(settings: Settings, name: str) -> Place:
     prefix = PLACES[name]
     keep = settings[f"{prefix}_KEEP"] if f"{prefix}_KEEP" in settings.names() else None
-    calendar = Calendar(*(int(settings[f"{prefix}_KEEP_{period}"] or 0) for period in ("DAILY", "WEEKLY", "MONTHLY"))) \
-        if f"{prefix}_KEEP_DAILY" in settings.names() else NO_CALENDAR
-    return Place(name, settings[f"{prefix}_HOST"], settings[f"{prefix}_DIR"],
-                 int(keep) if keep else None, settings["SSH_CONFIG"], calendar=calendar)
+    calendar = (
+        Calendar(*(int(settings[f"{prefix}_KEEP_{period}"] or 0) for period in ("DAILY", "WEEKLY", "MONTHLY")))
+        if f"{prefix}_KEEP_DAILY" in settings.names()
+        else NO_CALENDAR
+    )
+    return Place(
+        name,
+        settings[f"{prefix}_HOST"],
+        settings[f"{prefix}_DIR"],
+        int(keep) if keep else None,
+        settings["SSH_CONFIG"],
+        calendar=calendar,
+    )
 
 
 class Multiplexer:

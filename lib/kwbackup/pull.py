@@ -25,8 +25,10 @@ def pull_prod_backups(settings: Settings, env_file: str | None, dump: bool = Tru
         log.info("running %s on %s (%s)", script, name, target.host)
         status = passthrough(_step(target, script, env_file))
         if status == SSH_FAILED and not target.is_local:
-            raise Failed(f"could not reach {name} ({target.host}) to run {script}",
-                         "check the network, the ssh key and SSH_CONFIG")
+            raise Failed(
+                f"could not reach {name} ({target.host}) to run {script}",
+                "check the network, the ssh key and SSH_CONFIG",
+            )
         if status != 0:
             log.error("error: %s on %s failed (exit %d); see its output above", script, name, status)
             return status

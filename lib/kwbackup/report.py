@@ -52,22 +52,29 @@ def daily(runs: list[dict], days: int, now: datetime) -> list[tuple[str, dict | 
 
 
 def as_text(runs: list[dict], last: int, days: int, now: datetime) -> str:
-    lines = [f"Last {min(last, len(runs))} runs:",
-             f"{'time (UTC)':17}  {'script':19}  {'place':5}  {'dump':26}  {'size':>8}  {'duration':>8}  result"]
+    lines = [
+        f"Last {min(last, len(runs))} runs:",
+        f"{'time (UTC)':17}  {'script':19}  {'place':5}  {'dump':26}  {'size':>8}  {'duration':>8}  result",
+    ]
     for run in runs[-last:][::-1]:
-        lines.append(f"{run['_at']:%Y-%m-%d %H:%M}  {run.get('script', '?'):19}  {run.get('place') or '-':5}  "
-                     f"{run.get('dump') or '-':26}  {human_size(run['bytes']) if run.get('bytes') else '-':>8}  "
-                     f"{run.get('duration', 0):>7.1f}s  {run.get('result')}"
-                     + (f": {run['error']}" if run.get("error") else ""))
+        lines.append(
+            f"{run['_at']:%Y-%m-%d %H:%M}  {run.get('script', '?'):19}  {run.get('place') or '-':5}  "
+            f"{run.get('dump') or '-':26}  {human_size(run['bytes']) if run.get('bytes') else '-':>8}  "
+            f"{run.get('duration', 0):>7.1f}s  {run.get('result')}" + (f": {run['error']}" if run.get("error") else "")
+        )
     points = [r for _, r in daily(runs, days, now) if r]
     lines += ["", f"{days}-day trend ({len(points)} days with a backup):"]
     if points:
         sizes = [r["bytes"] for r in points]
         durations = [r.get("duration", 0) for r in points]
-        lines.append(f"size      {sparkline(sizes)}  now {human_size(sizes[-1])} "
-                     f"(min {human_size(min(sizes))}, max {human_size(max(sizes))})")
-        lines.append(f"duration  {sparkline(durations)}  now {durations[-1]:.1f}s "
-                     f"(min {min(durations):.1f}s, max {max(durations):.1f}s)")
+        lines.append(
+            f"size      {sparkline(sizes)}  now {human_size(sizes[-1])} "
+            f"(min {human_size(min(sizes))}, max {human_size(max(sizes))})"
+        )
+        lines.append(
+            f"duration  {sparkline(durations)}  now {durations[-1]:.1f}s "
+            f"(min {min(durations):.1f}s, max {max(durations):.1f}s)"
+        )
     return "\n".join(lines)
 
 
@@ -75,28 +82,34 @@ def _chart(title: str, points: list[tuple[str, float | None]], unit) -> str:
     width, height, pad = 640, 180, 40
     values = [v for _, v in points if v is not None]
     if not values:
-        return f'<figure><figcaption>{html.escape(title)}: no data</figcaption></figure>'
+        return f"<figure><figcaption>{html.escape(title)}: no data</figcaption></figure>"
     low, high = min(values) * 0.95, max(values) * 1.05 or 1
     step = (width - 2 * pad) / max(1, len(points) - 1)
-    coords = [(pad + i * step, height - pad - (v - low) / ((high - low) or 1) * (height - 2 * pad))
-              for i, (_, v) in enumerate(points) if v is not None]
+    coords = [
+        (pad + i * step, height - pad - (v - low) / ((high - low) or 1) * (height - 2 * pad))
+        for i, (_, v) in enumerate(points)
+        if v is not None
+    ]
     polyline = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
     dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3"/>' for x, y in coords)
-    return (f'<figure><figcaption>{html.escape(title)}</figcaption>'
-            f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">'
-            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" class="axis"/>'
-            f'<text x="{pad}" y="{height - 10}">{html.escape(points[0][0])}</text>'
-            f'<text x="{width - pad}" y="{height - 10}" text-anchor="end">{html.escape(points[-1][0])}</text>'
-            f'<text x="4" y="{pad}">{html.escape(unit(max(values)))}</text>'
-            f'<text x="4" y="{height - pad}">{html.escape(unit(min(values)))}</text>'
-            f'<polyline points="{polyline}"/>{dots}</svg></figure>')
+    return (
+        f"<figure><figcaption>{html.escape(title)}</figcaption>"
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" class="axis"/>'
+        f'<text x="{pad}" y="{height - 10}">{html.escape(points[0][0])}</text>'
+        f'<text x="{width - pad}" y="{height - 10}" text-anchor="end">{html.escape(points[-1][0])}</text>'
+        f'<text x="4" y="{pad}">{html.escape(unit(max(values)))}</text>'
+        f'<text x="4" y="{height - pad}">{html.escape(unit(min(values)))}</text>'
+        f'<polyline points="{polyline}"/>{dots}</svg></figure>'
+    )
 
 
 def as_html(runs: list[dict], days: int, now: datetime) -> str:
     series = daily(runs, days, now)
     sizes = _chart("Dump size", [(d, r["bytes"] if r else None) for d, r in series], human_size)
-    durations = _chart("Backup duration", [(d, r.get("duration") if r else None) for d, r in series],
-                       lambda v: f"{v:.0f}s")
+    durations = _chart(
+        "Backup duration", [(d, r.get("duration") if r else None) for d, r in series], lambda v: f"{v:.0f}s"
+    )
     rows = []
     for i in range(6, -1, -1):
         day = (now - timedelta(days=i)).strftime("%Y-%m-%d")

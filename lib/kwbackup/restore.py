@@ -28,8 +28,17 @@ from .settings import Settings
 from .sources import Source, resolve
 
 
-def restore(settings: Settings, source: Source, *, yes: bool, dry_run: bool, stop_app: bool = False,
-            drop_previous: bool = False, refuse_tables: bool = False, keep_as: str | None = None) -> None:
+def restore(
+    settings: Settings,
+    source: Source,
+    *,
+    yes: bool,
+    dry_run: bool,
+    stop_app: bool = False,
+    drop_previous: bool = False,
+    refuse_tables: bool = False,
+    keep_as: str | None = None,
+) -> None:
     """restore-production-db, setup-fresh-production-db and migrate-database-to-new-prod: the safe restore."""
     work = files.own_subdir(Path(settings["WORK_DIR"]), f"kw-backup-{os.geteuid()}")
     with files.lock(work, "kw-restore"), Multiplexer() as shared:
@@ -67,21 +76,30 @@ def preflight(db: Database, name: str, dump: staging.Staged, needs: dict) -> cat
     target = catalog.target(db, name)
     made_by = needs["pg_dump_version"] or (dump.manifest.pg_dump_version if dump.manifest else None)
     if made_by and _major(made_by) > target.major:
-        raise Failed(f"{dump.name} was made by pg_dump {made_by}, newer than prod's server (PostgreSQL "
-                     f"{target.version.split()[0]})", "restore it on a PostgreSQL at least as new as the dump's")
+        raise Failed(
+            f"{dump.name} was made by pg_dump {made_by}, newer than prod's server (PostgreSQL "
+            f"{target.version.split()[0]})",
+            "restore it on a PostgreSQL at least as new as the dump's",
+        )
     missing_roles = sorted(set(needs["roles"]) - target.roles)
     missing_ext = sorted(set(needs["extensions"]) - target.extensions)
     if missing_roles or missing_ext:
-        parts = ([f"roles {', '.join(missing_roles)}"] if missing_roles else []) + \
-                ([f"extensions {', '.join(missing_ext)}"] if missing_ext else [])
-        raise Failed(f"prod lacks what the dump needs: {'; '.join(parts)}",
-                     "create the roles (CREATE ROLE ...) / install the extensions, then run again")
+        parts = ([f"roles {', '.join(missing_roles)}"] if missing_roles else []) + (
+            [f"extensions {', '.join(missing_ext)}"] if missing_ext else []
+        )
+        raise Failed(
+            f"prod lacks what the dump needs: {'; '.join(parts)}",
+            "create the roles (CREATE ROLE ...) / install the extensions, then run again",
+        )
     if target.exists:
         free = staging.free_bytes(db.shell(["df", "-Pk", target.data_dir], name="df data directory"))
         needed = int(target.size * 1.1)
         if free is not None and free < needed:
-            raise Failed(f"not enough space on prod for a second copy of {name}: need {size(needed)}, "
-                         f"have {size(free)} in {target.data_dir}", "free space on prod (or --drop-previous later)")
+            raise Failed(
+                f"not enough space on prod for a second copy of {name}: need {size(needed)}, "
+                f"have {size(free)} in {target.data_dir}",
+                "free space on prod (or --drop-previous later)",
+            )
     return target
 
 
@@ -118,12 +136,15 @@ def app_stopped(settings: Settings, stop: bool):
             try:
                 app_command(settings, "APP_START_CMD")
             except KwError as exc:
-                raise Failed(f"the app was stopped and could not be started again: {exc.message}",
-                             f"start it by hand: {' '.join(settings.command('APP_START_CMD'))}") from exc
+                raise Failed(
+                    f"the app was stopped and could not be started again: {exc.message}",
+                    f"start it by hand: {' '.join(settings.command('APP_START_CMD'))}",
+                ) from exc
 
 
-def load_check_swap(settings: Settings, prod: Place, db: Database, dump: staging.Staged, name: str, new: str,
-                    previous: str) -> None:
+def load_check_swap(
+    settings: Settings, prod: Place, db: Database, dump: staging.Staged, name: str, new: str, previous: str
+) -> None:
     started = time.monotonic()
     swapping = False
     try:
@@ -141,8 +162,9 @@ def load_check_swap(settings: Settings, prod: Place, db: Database, dump: staging
             raise
         _drop_new(db, name, new)
         if swapping and isinstance(exc, StageFailed):
-            raise Failed(f"the swap failed: {exc.tail or exc.detail}; {name} is as it was",
-                         "see the error, then run again") from exc
+            raise Failed(
+                f"the swap failed: {exc.tail or exc.detail}; {name} is as it was", "see the error, then run again"
+            ) from exc
         raise
     log.info("swapped: %s is the restored database; the old one is %s", name, previous)
 
@@ -167,8 +189,11 @@ def load(settings: Settings, prod: Place, db: Database, dump: staging.Staged, ne
                 return counts
         if db.mode in ("docker", "direct"):
             inner = Database(settings, None).psql(new, "--single-transaction", "-e", quiet=False).argv
-            code, out, err = run(prod.script(staging.DECOMPRESS_INTO, dump.path, *inner, name="restore on prod"),
-                                 check=False, timeout=None)
+            code, out, err = run(
+                prod.script(staging.DECOMPRESS_INTO, dump.path, *inner, name="restore on prod"),
+                check=False,
+                timeout=None,
+            )
             if code == staging.DECOMPRESS_FAILED:
                 raise VerificationError(f"{dump.name} is damaged: {staging.last_error(err)}", "use another copy")
             if code != 0:
@@ -180,8 +205,9 @@ def load(settings: Settings, prod: Place, db: Database, dump: staging.Staged, ne
             pipeline([sql, db.psql(new, "--single-transaction", "-e", quiet=False), echo])
         except StageFailed as exc:
             if exc.stage == sql.name:
-                raise VerificationError(f"{dump.name} is damaged: {exc.tail or exc.detail}", "use another copy") \
-                    from exc
+                raise VerificationError(
+                    f"{dump.name} is damaged: {exc.tail or exc.detail}", "use another copy"
+                ) from exc
             raise Failed(exc.message, "see the error; DB_NAME is unchanged") from exc
         return dumps.copy_counts(bytes(echo.data))
     finally:
@@ -200,18 +226,29 @@ def restore_jobs(settings: Settings, db: Database) -> str:
     return str(min(4, int(cores))) if code == 0 and cores.isdigit() and int(cores) > 0 else "2"
 
 
-def _parallel(settings: Settings, prod: Place, db: Database, dump: staging.Staged, new: str, jobs: str
-              ) -> dict[str, int] | None:
+def _parallel(
+    settings: Settings, prod: Place, db: Database, dump: staging.Staged, new: str, jobs: str
+) -> dict[str, int] | None:
     """parallel_load.py: on prod with its own python3 (docker, direct), here for kamal; None when prod
     has no python3 (the caller loads in one session)."""
     if db.mode in ("docker", "direct"):
         session = Database(settings, None).psql(new, "-A", "-t", quiet=False).argv
-        cmd = prod.script(staging.PARALLEL_LOAD, dump.path, "--jobs", jobs, "--session", json.dumps(session),
-                          name="parallel restore on prod")
+        cmd = prod.script(
+            staging.PARALLEL_LOAD,
+            dump.path,
+            "--jobs",
+            jobs,
+            "--session",
+            json.dumps(session),
+            name="parallel restore on prod",
+        )
         code, out, err = run(cmd, input=parallel_load.program(), check=False, timeout=None)
         if code == staging.NO_PYTHON:
-            log.warning("%s: loading in one session instead of %s", staging.last_error(err),
-                        "RESTORE_JOBS=" + jobs if jobs != "auto" else "one per core")
+            log.warning(
+                "%s: loading in one session instead of %s",
+                staging.last_error(err),
+                "RESTORE_JOBS=" + jobs if jobs != "auto" else "one per core",
+            )
             return None
         _notes(err)
         if code == staging.DECOMPRESS_FAILED:
@@ -221,8 +258,17 @@ def _parallel(settings: Settings, prod: Place, db: Database, dump: staging.Stage
         return dumps.copy_counts(out)
     echo = _Collect()
     sql = prod.script(staging.DECOMPRESS_INTO, dump.path, "cat", name="gzip stream check")
-    loader = Cmd([sys.executable, parallel_load.__file__, "--jobs", jobs, "--session",
-                  json.dumps(db.psql(new, "-A", "-t", quiet=False).argv)], name="parallel load")
+    loader = Cmd(
+        [
+            sys.executable,
+            parallel_load.__file__,
+            "--jobs",
+            jobs,
+            "--session",
+            json.dumps(db.psql(new, "-A", "-t", quiet=False).argv),
+        ],
+        name="parallel load",
+    )
     try:
         said = pipeline([sql, loader, echo])
     except StageFailed as exc:
@@ -237,7 +283,7 @@ def _notes(stderr: str) -> None:
     """The loader's own lines: what ran in one session (a warning), its summary."""
     for line in stderr.splitlines():
         if line.startswith(parallel_load.PREFIX):
-            text = line[len(parallel_load.PREFIX):]
+            text = line[len(parallel_load.PREFIX) :]
             (log.warning if "one session" in text else log.info)("parallel load: %s", text)
 
 

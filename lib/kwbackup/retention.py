@@ -31,9 +31,11 @@ class Calendar:
     def picks(self, valid_newest_first: list[DumpName]) -> set[str]:
         """The stems of the newest valid dump of each of the last `daily` days, `weekly` weeks, `monthly` months."""
         kept: set[str] = set()
-        for count, period in ((self.daily, lambda d: d.when.date()),
-                              (self.weekly, lambda d: d.when.isocalendar()[:2]),
-                              (self.monthly, lambda d: (d.when.year, d.when.month))):
+        for count, period in (
+            (self.daily, lambda d: d.when.date()),
+            (self.weekly, lambda d: d.when.isocalendar()[:2]),
+            (self.monthly, lambda d: (d.when.year, d.when.month)),
+        ):
             seen: set = set()
             for dump in valid_newest_first:
                 if len(seen) >= count:
@@ -47,16 +49,20 @@ class Calendar:
 NO_CALENDAR = Calendar()
 
 
-def to_remove(dumps: list[tuple[DumpName, bool]], keep: int, calendar: Calendar = NO_CALENDAR,
-              exclude: set[str] = frozenset()) -> list[DumpName]:
+def to_remove(
+    dumps: list[tuple[DumpName, bool]], keep: int, calendar: Calendar = NO_CALENDAR, exclude: set[str] = frozenset()
+) -> list[DumpName]:
     """Given (dump, valid) pairs, the dumps rotation removes, oldest last.
 
     `exclude`: stems that neither count nor go (pinned and future-dated dumps).
     """
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    ordered = [(d, ok) for d, ok in sorted(dumps, key=lambda pair: pair[0].sort_key, reverse=True)
-               if d.nightly and d.stem not in exclude]
+    ordered = [
+        (d, ok)
+        for d, ok in sorted(dumps, key=lambda pair: pair[0].sort_key, reverse=True)
+        if d.nightly and d.stem not in exclude
+    ]
     valid = list({d.stem: d for d, ok in reversed(ordered) if ok}.values())[::-1]  # a plain and an .age copy: one
     if len(valid) <= keep:
         return []
@@ -67,8 +73,11 @@ def to_remove(dumps: list[tuple[DumpName, bool]], keep: int, calendar: Calendar 
 
 def pinned_in(directory: Path) -> set[str]:
     """The dumps of a local directory with a `.pin` beside them."""
-    return {n[: -len(names.PIN_SUFFIX)] for n in os.listdir(directory)
-            if n.endswith(names.PIN_SUFFIX) and names.parse(n[: -len(names.PIN_SUFFIX)])}
+    return {
+        n[: -len(names.PIN_SUFFIX)]
+        for n in os.listdir(directory)
+        if n.endswith(names.PIN_SUFFIX) and names.parse(n[: -len(names.PIN_SUFFIX)])
+    }
 
 
 def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
@@ -92,8 +101,14 @@ def is_valid_for_rotation(directory: Path, dump: names.DumpName) -> bool:
     return False
 
 
-def rotate_local(directory: Path, keep: int, clock: names.Clock, dry_run: bool = False,
-                 calendar: Calendar = NO_CALENDAR, held: set[str] = frozenset()) -> list[str]:
+def rotate_local(
+    directory: Path,
+    keep: int,
+    clock: names.Clock,
+    dry_run: bool = False,
+    calendar: Calendar = NO_CALENDAR,
+    held: set[str] = frozenset(),
+) -> list[str]:
     """Remove dumps beyond the KEEP newest valid ones in a local directory (with manifests).
 
     `held`: stems whose copy here is in question (another copy has other bytes): neither counted nor removed.
@@ -101,8 +116,9 @@ def rotate_local(directory: Path, keep: int, clock: names.Clock, dry_run: bool =
     found = names.dumps_in(os.listdir(directory))
     future = {d.stem for d in found if clock.is_future(d.name)}
     for name in sorted(future):
-        log.warning("%s in %s is future-dated: not counted or removed by rotation (remove it by hand if wrong)",
-                    name, directory)
+        log.warning(
+            "%s in %s is future-dated: not counted or removed by rotation (remove it by hand if wrong)", name, directory
+        )
     exclude = future | set(held) | {names.parse(n).stem for n in pinned_in(directory)}
     valid = [(d, d.stem not in exclude and is_valid_for_rotation(directory, d)) for d in found]
     doomed = to_remove(valid, keep, calendar, exclude)

@@ -120,8 +120,9 @@ def _popen(cmd: Cmd, stdin, stdout, stderr):
         raise Failed(f"{cmd.argv[0]} not found on PATH", hint) from exc
     log.debug("run: %s", cmd.display())
     env = {**os.environ, **cmd.env}
-    return program[cmd.argv[1:]].popen(stdin=stdin, stdout=stdout, stderr=stderr, env=env, close_fds=True,
-                                       start_new_session=cmd.own_session)
+    return program[cmd.argv[1:]].popen(
+        stdin=stdin, stdout=stdout, stderr=stderr, env=env, close_fds=True, start_new_session=cmd.own_session
+    )
 
 
 def run(cmd: Cmd, input: bytes | None = None, timeout: float | None = None, check: bool = True):
@@ -179,7 +180,7 @@ class _Pump(threading.Thread):
                 if chunk and self.dest is not None:
                     view = memoryview(chunk)
                     while view:
-                        view = view[os.write(self.dest, view):]
+                        view = view[os.write(self.dest, view) :]
             for tap in self.taps:
                 tap.end()
         except BaseException as exc:  # noqa: BLE001 - the pipeline reports it as this stage's failure
@@ -199,8 +200,9 @@ class _Pump(threading.Thread):
         return next((t.name for t in self.taps), getattr(self.source, "name", "stream"))
 
 
-def pipeline(steps: list, stdin: int | Iterable[bytes] | None = None, stdout: int | None = None,
-             timeout: float | None = None) -> dict[str, str]:
+def pipeline(
+    steps: list, stdin: int | Iterable[bytes] | None = None, stdout: int | None = None, timeout: float | None = None
+) -> dict[str, str]:
     """Run commands and taps joined by pipes; raise StageFailed naming the failing stage.
 
     `steps` is a list of Cmd and Tap; consecutive taps share one pump thread. `stdin` is a
@@ -318,8 +320,11 @@ def _verdict(procs, pumps, order) -> dict[str, str]:
         cmd, err = by_proc[id(stage)]
         if stage.returncode != 0:
             failure = StageFailed(cmd.name, _describe_status(stage.returncode), _tail(err))
-            echo = (stage.returncode in (-signal.SIGPIPE, 128 + signal.SIGPIPE) or "Broken pipe" in failure.tail
-                    or getattr(stage, "killed_by_pipeline", False))
+            echo = (
+                stage.returncode in (-signal.SIGPIPE, 128 + signal.SIGPIPE)
+                or "Broken pipe" in failure.tail
+                or getattr(stage, "killed_by_pipeline", False)
+            )
             (echoes if echo else failures).append(failure)
     stderr_texts = {}
     for cmd, _proc, err in procs:

@@ -131,8 +131,10 @@ def _age_recipients(value: str) -> str | None:
 def _rclone_remote(value: str) -> str | None:
     if RCLONE_REMOTE_RE.fullmatch(value):
         return None
-    return ("must be NAME:PATH with NAME a remote of your rclone config (rclone config), or an absolute "
-            "directory; not a :backend,option=...: string (those can carry passwords)")
+    return (
+        "must be NAME:PATH with NAME a remote of your rclone config (rclone config), or an absolute "
+        "directory; not a :backend,option=...: string (those can carry passwords)"
+    )
 
 
 def _command(value: str) -> str | None:
@@ -187,8 +189,11 @@ SETTINGS = [
     Setting("NAS_HOST", "user@nas.local", _host),
     Setting("NAS_DIR", "/backups/kw-app", _place_dir),
     Setting("NAS_KEEP", "3", _positive_int),
-    *[Setting(f"{p}_KEEP_{period}", None, _non_negative_int) for p in ("PROD", "PI5", "NAS")
-      for period in ("DAILY", "WEEKLY", "MONTHLY")],
+    *[
+        Setting(f"{p}_KEEP_{period}", None, _non_negative_int)
+        for p in ("PROD", "PI5", "NAS")
+        for period in ("DAILY", "WEEKLY", "MONTHLY")
+    ],
     Setting("OFFSITE_REMOTE", None, _rclone_remote, echo_bad_value=False),
     Setting("OFFSITE_KEEP", "3", _positive_int),
     *[Setting(f"OFFSITE_KEEP_{period}", None, _non_negative_int) for period in ("DAILY", "WEEKLY", "MONTHLY")],

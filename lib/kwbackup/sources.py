@@ -68,14 +68,20 @@ def resolve(source: Source, clock: names.Clock) -> Source:
     listing = origin.listing()
     if source.name == "latest":
         for future in (e for e in listing if clock.is_future(e.name)):
-            log.warning("passing over %s on %s: it is dated ahead of this clock (%s UTC)", future.name, origin.name,
-                        f"{clock.now:%Y-%m-%d %H:%M}")
+            log.warning(
+                "passing over %s on %s: it is dated ahead of this clock (%s UTC)",
+                future.name,
+                origin.name,
+                f"{clock.now:%Y-%m-%d %H:%M}",
+            )
         listing = [e for e in listing if not clock.is_future(e.name)]
         good = [e for e in listing if e.status == "verified"] or [e for e in listing if e.status == "unverified"]
         if not good and listing:
             bad = listing[0]
-            raise VerificationError(f"no good dump on {origin.name}: {bad.name} failed verification: {why_bad(bad)}",
-                                    "use another place (list-backups)")
+            raise VerificationError(
+                f"no good dump on {origin.name}: {bad.name} failed verification: {why_bad(bad)}",
+                "use another place (list-backups)",
+            )
         if not good:
             raise Failed(f"no dump on {origin.name} ({origin.dir})", "list-backups shows what exists")
         for passed in listing[: listing.index(good[0])]:
@@ -103,12 +109,23 @@ def origin(settings: Settings, name: str, shared: Multiplexer | None = None) -> 
     return shared(found) if shared is not None else found
 
 
-def choose(settings: Settings, *, local: str | None = None, from_nas: str | None = None,
-           from_pi5: str | None = None, from_offsite: str | None = None, from_file: str | None = None,
-           from_ssh: str | None = None) -> Source:
+def choose(
+    settings: Settings,
+    *,
+    local: str | None = None,
+    from_nas: str | None = None,
+    from_pi5: str | None = None,
+    from_offsite: str | None = None,
+    from_file: str | None = None,
+    from_ssh: str | None = None,
+) -> Source:
     """The one source given: NAME|latest at prod (--local), the nas, the pi5 or offsite; a file; USER@HOST:/PATH."""
-    for option, place_name, value in (("--local", "prod", local), ("--from-nas", "nas", from_nas),
-                                      ("--from-pi5", "pi5", from_pi5), ("--from-offsite", "offsite", from_offsite)):
+    for option, place_name, value in (
+        ("--local", "prod", local),
+        ("--from-nas", "nas", from_nas),
+        ("--from-pi5", "pi5", from_pi5),
+        ("--from-offsite", "offsite", from_offsite),
+    ):
         if value is not None:
             return Source(option, origin(settings, place_name), names.require(value, option))
     if from_file:
@@ -165,6 +182,5 @@ def manifest_bytes(source: Source) -> bytes | None:
     name = source.name + names.MANIFEST_SUFFIX
     path = local_path(source)
     if path:
-        return Path(path + names.MANIFEST_SUFFIX).read_bytes() if os.path.exists(path + names.MANIFEST_SUFFIX) \
-            else None
+        return Path(path + names.MANIFEST_SUFFIX).read_bytes() if os.path.exists(path + names.MANIFEST_SUFFIX) else None
     return run(source.origin.read(name), timeout=600)[1] if source.origin.exists(name) else None

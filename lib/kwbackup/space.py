@@ -32,8 +32,9 @@ def free_at(place: Place) -> int | None:
     """The free space of a place's DIR filesystem; None when it cannot be told."""
     if place.is_local:
         return free_local(place.local_dir())
-    code, out, _ = run(place.command(["df", "-Pk", place.remote_path()], name=f"df on {place.name}"), check=False,
-                       timeout=60)
+    code, out, _ = run(
+        place.command(["df", "-Pk", place.remote_path()], name=f"df on {place.name}"), check=False, timeout=60
+    )
     return parse_df(out.decode(errors="replace")) if code == 0 else None
 
 
@@ -41,6 +42,8 @@ def low(settings, place: str, free: int, newest: int | None) -> str | None:
     """The warning when `free` is under MIN_FREE_DUMPS times the newest dump, else None."""
     wanted = float(settings["MIN_FREE_DUMPS"])
     if newest and free < wanted * newest:
-        return (f"low disk space on {place}: {size(free)} free, less than MIN_FREE_DUMPS={wanted:g} times its "
-                f"newest dump ({size(newest)}); make room before the next nights fail")
+        return (
+            f"low disk space on {place}: {size(free)} free, less than MIN_FREE_DUMPS={wanted:g} times its "
+            f"newest dump ({size(newest)}); make room before the next nights fail"
+        )
     return None

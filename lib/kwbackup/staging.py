@@ -115,8 +115,10 @@ def restore_lock(db: Database, name: str):
         answer = b""
     try:
         if answer == b"f":
-            raise LockHeld(f"another restore of {name} is running on prod (it holds the server's restore lock)",
-                           "wait for it to finish; a killed run's lock goes with its connection")
+            raise LockHeld(
+                f"another restore of {name} is running on prod (it holds the server's restore lock)",
+                "wait for it to finish; a killed run's lock goes with its connection",
+            )
         if answer != b"t":
             db.sql("SELECT 1;\n")  # says why the server cannot be reached
             raise Failed("could not take the restore lock on prod's server", "check DB_EXEC and the database")
@@ -166,8 +168,9 @@ def staged(settings, prod: Place, source: sources.Source):
     plain = names.plain_name(source.name)
     if source.option == "--local" and not key:
         path = prod_path(prod, source.name)
-        code, raw, _ = run(prod.script(READ_IF_THERE, path + names.MANIFEST_SUFFIX, name="read the manifest"),
-                           check=False, timeout=600)
+        code, raw, _ = run(
+            prod.script(READ_IF_THERE, path + names.MANIFEST_SUFFIX, name="read the manifest"), check=False, timeout=600
+        )
         yield Staged(path, plain, _manifest(raw if code == 0 else None, source.name, key))
         return
     raw = sources.manifest_bytes(source)
@@ -225,12 +228,12 @@ def _hold(prod: Place, directory: str):
     return holder
 
 
-def _stream(prod: Place, source: sources.Source, local: str | None, key: str | None, target: str,
-            total: int) -> None:
+def _stream(prod: Place, source: sources.Source, local: str | None, key: str | None, target: str, total: int) -> None:
     """Copy the dump to prod through this machine: nothing lands here, nothing partial there."""
     reader = dumps.FileChunks(Path(local)) if local else None
-    write = prod.command(["sh", "-c", 'cat > "$1.partial" && mv -- "$1.partial" "$1"', "sh", target],
-                         name="write on prod")
+    write = prod.command(
+        ["sh", "-c", 'cat > "$1.partial" && mv -- "$1.partial" "$1"', "sh", target], name="write on prod"
+    )
     progress = Progress(f"copying {Path(target).name} to prod", total or None)
     try:
         pipeline([*sources.reader(source, key), ProgressTap(progress), write], stdin=reader)
@@ -253,8 +256,10 @@ def free_bytes(cmd: Cmd) -> int | None:
 def _check_tmp_space(prod: Place, needed: int) -> None:
     free = free_bytes(prod.command(["df", "-Pk", "/tmp"], name="df on prod"))
     if free is not None and needed and free < needed * 1.05:
-        raise Failed(f"not enough space in prod's /tmp for the dump: need {size(needed)}, have {size(free)}",
-                     "free space on prod or clean /tmp")
+        raise Failed(
+            f"not enough space in prod's /tmp for the dump: need {size(needed)}, have {size(free)}",
+            "free space on prod or clean /tmp",
+        )
 
 
 def verify(prod: Place, staged_dump: Staged) -> dict:
@@ -269,21 +274,31 @@ def verify(prod: Place, staged_dump: Staged) -> dict:
         bytes_, _, sha256 = out.decode().strip().partition(" ")
         dumps.check_against_manifest(name, manifest, int(bytes_), sha256, manifest.tables)
     else:
-        code, tail, err = run(prod.script(DECOMPRESS_INTO, staged_dump.path, "tail", "-c", str(dumps.TAIL_BYTES),
-                                          name="gzip stream check on prod"), check=False, timeout=None)
+        code, tail, err = run(
+            prod.script(
+                DECOMPRESS_INTO, staged_dump.path, "tail", "-c", str(dumps.TAIL_BYTES), name="gzip stream check on prod"
+            ),
+            check=False,
+            timeout=None,
+        )
         if code == DECOMPRESS_FAILED:
-            raise VerificationError(f"{name}: corrupt gzip stream ({last_error(err)})",
-                                    "use another copy (list-backups)")
+            raise VerificationError(
+                f"{name}: corrupt gzip stream ({last_error(err)})", "use another copy (list-backups)"
+            )
         if code != 0:
             raise Failed(f"could not read {name} on prod: {last_error(err)}")
         problem = dumps.completion_problem(tail)
         if problem:
             raise VerificationError(f"{name}: incomplete dump: {problem}", "use another copy (list-backups)")
-    _, head, _ = run(prod.script(HEAD_SCRIPT, staged_dump.path, str(HEAD_LIMIT), name="read the dump's schema"),
-                     timeout=600)
+    _, head, _ = run(
+        prod.script(HEAD_SCRIPT, staged_dump.path, str(HEAD_LIMIT), name="read the dump's schema"), timeout=600
+    )
     needs = dumps.needs(head)
-    log.info("verified %s on prod: %s", name, "size and sha256 as its manifest says" if manifest
-             else "gzip stream and completion line (no manifest)")
+    log.info(
+        "verified %s on prod: %s",
+        name,
+        "size and sha256 as its manifest says" if manifest else "gzip stream and completion line (no manifest)",
+    )
     return needs
 
 

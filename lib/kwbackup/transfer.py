@@ -76,8 +76,10 @@ class RsyncSource:
             out = self._list()
         except StageFailed as exc:
             if "rrsync" not in exc.tail or self.rooted:
-                raise Failed(f"{self.place.name} ({self.place.host}) unreachable: {exc.tail or exc.detail}",
-                             "check the network, the ssh key and SSH_CONFIG") from exc
+                raise Failed(
+                    f"{self.place.name} ({self.place.host}) unreachable: {exc.tail or exc.detail}",
+                    "check the network, the ssh key and SSH_CONFIG",
+                ) from exc
             self.rooted = True
             log.debug("%s: the key is restricted by rrsync; paths are rooted at its directory", self.place.name)
             out = self._list()
@@ -85,16 +87,25 @@ class RsyncSource:
         return entries
 
     def _list(self) -> str:
-        cmd = Cmd([*rsync_base(self.place), "--list-only", "--no-h", remote_spec(self.place, self.path())],
-                  name=f"rsync list {self.place.name}")
+        cmd = Cmd(
+            [*rsync_base(self.place), "--list-only", "--no-h", remote_spec(self.place, self.path())],
+            name=f"rsync list {self.place.name}",
+        )
         return run(cmd, timeout=IO_TIMEOUT * 2)[1].decode(errors="replace")
 
     def fetch(self, files: list[str], dest: Path, append: bool = False) -> None:
         """Copy `files` from the place into local `dest`, in place (so a retry can resume)."""
         sources = [remote_spec(self.place, self.path(files[0]))] + [
-            (self.path(f) if self.place.is_local else ":" + self.path(f)) for f in files[1:]]
-        argv = [*rsync_base(self.place), "--inplace", "--chmod=F600", *(["--append-verify"] if append else []),
-                *sources, str(dest) + "/"]
+            (self.path(f) if self.place.is_local else ":" + self.path(f)) for f in files[1:]
+        ]
+        argv = [
+            *rsync_base(self.place),
+            "--inplace",
+            "--chmod=F600",
+            *(["--append-verify"] if append else []),
+            *sources,
+            str(dest) + "/",
+        ]
         run(Cmd(argv, name=f"rsync from {self.place.name}"))
 
 

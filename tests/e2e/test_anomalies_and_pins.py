@@ -41,8 +41,13 @@ def summary(result):
 
 def test_a_night_of_deleted_rows_pins_the_last_good_dump_everywhere_until_released(net, pg, db, recorder):
     offsite = net.tmp / "offsite"
-    net.settings.update(PI5_KEEP="3", NAS_KEEP="3", OFFSITE_REMOTE=str(offsite), OFFSITE_KEEP="3",
-                        NOTIFY_URLS=f"json://{recorder.url[7:]}/notify")
+    net.settings.update(
+        PI5_KEEP="3",
+        NAS_KEEP="3",
+        OFFSITE_REMOTE=str(offsite),
+        OFFSITE_KEEP="3",
+        NOTIFY_URLS=f"json://{recorder.url[7:]}/notify",
+    )
     first = night(net, "10")
     assert "anomaly" not in first.stderr and "pinned=-" in summary(first)
 

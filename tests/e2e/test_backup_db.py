@@ -19,14 +19,26 @@ def last_line(text: str) -> str:
 def plant(directory, name, data=b"x" * 2048, manifest=True):
     """An older dump (valid gzip of a complete dump) with its manifest."""
     import hashlib
+
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     body = gzip.compress(b"--\n-- PostgreSQL database dump\n--\n" + data + b"\n-- PostgreSQL database dump complete\n")
     (directory / name).write_bytes(body)
     if manifest:
-        (directory / (name + ".json")).write_text(json.dumps({
-            "file": name, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
-            "created_at": "2024-01-01T02:00:00Z", "database": "kw", "server_version": "15", "pg_dump_version": "15",
-            "tables": {}, "tool_version": "0"}))
+        (directory / (name + ".json")).write_text(
+            json.dumps(
+                {
+                    "file": name,
+                    "bytes": len(body),
+                    "sha256": hashlib.sha256(body).hexdigest(),
+                    "created_at": "2024-01-01T02:00:00Z",
+                    "database": "kw",
+                    "server_version": "15",
+                    "pg_dump_version": "15",
+                    "tables": {},
+                    "tool_version": "0",
+                }
+            )
+        )
     return directory / name
 
 
@@ -43,8 +55,17 @@ def test_backup_writes_a_verified_private_dump_with_manifest(kw, pg, db):
     assert kw.prod_dir.stat().st_mode & 0o777 == 0o700
     assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(path + ".json").st_mode & 0o777 == 0o600
     manifest = json.loads(open(path + ".json").read())
-    assert list(manifest) == ["file", "bytes", "sha256", "created_at", "database", "server_version",
-                              "pg_dump_version", "tables", "tool_version"]
+    assert list(manifest) == [
+        "file",
+        "bytes",
+        "sha256",
+        "created_at",
+        "database",
+        "server_version",
+        "pg_dump_version",
+        "tables",
+        "tool_version",
+    ]
     assert manifest["file"] == os.path.basename(path) and manifest["bytes"] == os.path.getsize(path)
     assert manifest["database"] == db and manifest["server_version"].startswith("15")
     assert manifest["tables"] == pg.row_counts(db) == world.RAILS_TABLE_ROWS
@@ -60,12 +81,17 @@ def test_the_dump_restores_to_the_same_rows(kw, pg, db):
     copy = pg.create_db(db + "_copy")
     try:
         sql = gzip.decompress(open(path, "rb").read())
-        subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", copy], input=sql, check=True,
-                       env={**os.environ, **pg.env}, capture_output=True)
+        subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", copy],
+            input=sql,
+            check=True,
+            env={**os.environ, **pg.env},
+            capture_output=True,
+        )
         assert pg.row_counts(copy) == pg.row_counts(db)
-        assert pg.psql("SELECT md5(string_agg(details::text || coalesce(note, ''), ',' ORDER BY id)) FROM orders",
-                       copy) == pg.psql("SELECT md5(string_agg(details::text || coalesce(note, ''), ',' ORDER BY id))"
-                                        " FROM orders", db)
+        assert pg.psql(
+            "SELECT md5(string_agg(details::text || coalesce(note, ''), ',' ORDER BY id)) FROM orders", copy
+        ) == pg.psql("SELECT md5(string_agg(details::text || coalesce(note, ''), ',' ORDER BY id)) FROM orders", db)
     finally:
         pg.drop_db(copy)
 
@@ -86,8 +112,10 @@ def test_second_dump_of_the_day_gets_the_time_and_rotation_keeps_prod_keep(kw):
     assert "db-2020-01-01.sql.gz" not in left and "db-2020-01-02.sql.gz" not in left
     assert "db-2020-01-02.sql.gz.json" not in left
     assert all(name in left for name in foreign)
-    assert "removed db-2020-01-02.sql.gz" in second.stderr or "removed db-2020-01-02.sql.gz" in \
-        kw.run("backup-db", "--dry-run").stderr + second.stderr
+    assert (
+        "removed db-2020-01-02.sql.gz" in second.stderr
+        or "removed db-2020-01-02.sql.gz" in kw.run("backup-db", "--dry-run").stderr + second.stderr
+    )
 
 
 def test_keep_flag_overrides_the_setting(kw):
@@ -96,8 +124,11 @@ def test_keep_flag_overrides_the_setting(kw):
     kw.settings["PROD_KEEP"] = "1"
     result = kw.run("backup-db", "--keep", "3")
     assert result.returncode == 0, result.stderr
-    assert [n for n in kw.dumps() if n.endswith(".gz")] == ["db-2020-01-02.sql.gz", "db-2020-01-03.sql.gz",
-                                                            os.path.basename(last_line(result.stdout))]
+    assert [n for n in kw.dumps() if n.endswith(".gz")] == [
+        "db-2020-01-02.sql.gz",
+        "db-2020-01-03.sql.gz",
+        os.path.basename(last_line(result.stdout)),
+    ]
 
 
 def test_invalid_dumps_do_not_count_toward_keep(kw):
@@ -174,10 +205,14 @@ def test_pg_dump_dying_mid_stream_leaves_no_dump(kw, pg, big_db):
     plant(kw.prod_dir, "db-2020-01-02.sql.gz")
     before = snapshot(kw.prod_dir)
     kw.settings.update(DB_NAME=big_db, PROD_KEEP="1")
-    proc = subprocess.Popen([str(world.BIN / "backup-db")], env=kw.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    pid = wait_for(lambda: pg.psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'pg_dump' "
-                                   "AND query LIKE 'COPY public.events%'"))
+    proc = subprocess.Popen(
+        [str(world.BIN / "backup-db")], env=kw.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pid = wait_for(
+        lambda: pg.psql(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg_dump' AND query LIKE 'COPY public.events%'"
+        )
+    )
     wait_for(lambda: any(".partial-" in n and os.path.getsize(kw.prod_dir / n) > 0 for n in kw.dumps()))
     pg.psql(f"SELECT pg_terminate_backend({pid})")
     out, err = proc.communicate(timeout=60)
@@ -205,8 +240,9 @@ def test_disk_full_leaves_no_partial_file(kw, tmp_path):
 def test_kill_9_mid_dump_then_a_normal_run(kw, pg, big_db):
     plant(kw.prod_dir, "db-2020-01-01.sql.gz")
     kw.settings.update(DB_NAME=big_db, PROD_KEEP="1")
-    proc = subprocess.Popen([str(world.BIN / "backup-db")], env=kw.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(world.BIN / "backup-db")], env=kw.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     wait_for(lambda: any(".partial-" in n and os.path.getsize(kw.prod_dir / n) > 100_000 for n in kw.dumps()))
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -222,8 +258,9 @@ def test_kill_9_mid_dump_then_a_normal_run(kw, pg, big_db):
 
 def test_two_runs_at_once_one_exits_4(kw, big_db):
     kw.settings.update(DB_NAME=big_db)
-    first = subprocess.Popen([str(world.BIN / "backup-db")], env=kw.env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [str(world.BIN / "backup-db")], env=kw.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(lambda: any(".partial-" in n for n in kw.dumps()))
     second = kw.run("backup-db")
     assert second.returncode == 4
@@ -233,9 +270,15 @@ def test_two_runs_at_once_one_exits_4(kw, big_db):
     assert len([n for n in kw.dumps() if n.endswith(".sql.gz")]) == 1
 
 
-@pytest.mark.parametrize("setting, value", [
-    ("PROD_KEEP", "0"), ("PROD_KEEP", "abc"), ("PROD_DIR", "relative/backups"), ("DB_EXEC", "bogus"),
-])
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("PROD_KEEP", "0"),
+        ("PROD_KEEP", "abc"),
+        ("PROD_DIR", "relative/backups"),
+        ("DB_EXEC", "bogus"),
+    ],
+)
 def test_bad_settings_exit_2_before_touching_anything(kw, setting, value):
     kw.settings[setting] = value
     result = kw.run("backup-db")
@@ -261,8 +304,9 @@ def test_docker_mode_exact_command_line_and_no_password(kw, db):
     result = kw.run("backup-db", env=kw.env(PGPASSWORD="hunter2-secret"))
     assert result.returncode == 0, result.stderr
     calls = world.standin_calls(kw.standin_log)
-    assert calls == [["docker", "exec", "-i", "kw-app-postgres", "pg_dump", "-U", "postgres", "--no-password",
-                      "--format=plain", db]]
+    assert calls == [
+        ["docker", "exec", "-i", "kw-app-postgres", "pg_dump", "-U", "postgres", "--no-password", "--format=plain", db]
+    ]
     assert "hunter2-secret" not in kw.standin_log.read_text()
     assert kw.run("verify-backup", last_line(result.stdout)).returncode == 0
 
@@ -271,9 +315,24 @@ def test_kamal_mode_exact_command_line_and_no_password(kw, db):
     kw.settings.update(DB_EXEC="kamal", KAMAL_DESTINATION="production")
     result = kw.run("backup-db", env=kw.env(PGPASSWORD="hunter2-secret"))
     assert result.returncode == 0, result.stderr
-    assert world.standin_calls(kw.standin_log) == [[
-        "kamal", "accessory", "exec", "--reuse", "--raw", "-d", "production", "postgres",
-        "pg_dump", "-U", "postgres", "--no-password", "--format=plain", db]]
+    assert world.standin_calls(kw.standin_log) == [
+        [
+            "kamal",
+            "accessory",
+            "exec",
+            "--reuse",
+            "--raw",
+            "-d",
+            "production",
+            "postgres",
+            "pg_dump",
+            "-U",
+            "postgres",
+            "--no-password",
+            "--format=plain",
+            db,
+        ]
+    ]
     assert "hunter2-secret" not in kw.standin_log.read_text()
 
 
@@ -314,6 +373,7 @@ def test_env_file_flag(kw, tmp_path):
 
 def test_calendar_retention_keeps_a_monthly_copy(kw):
     from datetime import date, timedelta
+
     for i in range(40):
         plant(kw.prod_dir, f"db-{date(2020, 1, 1) + timedelta(days=i)}.sql.gz")
     kw.settings.update(PROD_KEEP="2", PROD_KEEP_MONTHLY="3")

@@ -46,17 +46,22 @@ def on_the_nas(net, pg, db):
 
 def test_a_nas_dump_restores_row_for_row_on_a_temporary_cluster(on_the_nas, net):
     before = clusters()
-    net.settings["DRILL_SQL"] = ("SELECT max(created_at) > now() - interval '1 day' FROM orders; "
-                                 "SELECT count(*) = 300 FROM users")
+    net.settings["DRILL_SQL"] = (
+        "SELECT max(created_at) > now() - interval '1 day' FROM orders; SELECT count(*) = 300 FROM users"
+    )
     result = net.run("backup-drill", "--report", str(net.tmp / "report.json"), timeout=300)
     assert result.returncode == 0, result.stderr
-    for line in ("source:   CM3588 NAS", f"dump:     {on_the_nas.name}", "tables:   5", "rows:     2343",
-                 "result:   ok"):
+    for line in (
+        "source:   CM3588 NAS",
+        f"dump:     {on_the_nas.name}",
+        "tables:   5",
+        "rows:     2343",
+        "result:   ok",
+    ):
         assert line in result.stdout
     logged = json.loads((net.tmp / "drill.log").read_text().splitlines()[-1])
     assert logged == json.loads((net.tmp / "report.json").read_text())
-    assert {"source", "dump", "bytes", "download_seconds", "restore_seconds", "tables", "rows",
-            "result"} <= set(logged)
+    assert {"source", "dump", "bytes", "download_seconds", "restore_seconds", "tables", "rows", "result"} <= set(logged)
     assert logged["result"] == "ok" and all(c["passed"] for c in logged["checks"]) and len(logged["checks"]) == 2
     assert clusters() == before
 
@@ -110,21 +115,34 @@ def test_from_a_file_and_hostile_names(kw, pg, db, tmp_path):
 def test_make_drill_runs_the_drill(kw, pg, db, tmp_path):
     made = kw.run("backup-db")
     assert made.returncode == 0, made.stderr
-    result = subprocess.run(["make", "-s", "drill", f"DRILL_ARGS=--from prod --report {tmp_path / 'r.json'}"],
-                            cwd=world.ROOT, env=kw.env(), capture_output=True, text=True, timeout=300,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        ["make", "-s", "drill", f"DRILL_ARGS=--from prod --report {tmp_path / 'r.json'}"],
+        cwd=world.ROOT,
+        env=kw.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr
     assert "result:   ok" in result.stdout and json.loads((tmp_path / "r.json").read_text())["result"] == "ok"
 
 
 # --- a private drill, cleaned up whatever happens ---------------------------------------------------
 
+
 class Running:
     """A drill in the background, its stderr read as it comes."""
 
     def __init__(self, kw, *args: str):
-        self.proc = subprocess.Popen([str(world.BIN / "backup-drill"), *args], env=kw.env(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [str(world.BIN / "backup-drill"), *args],
+            env=kw.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -202,9 +220,11 @@ def test_a_live_drills_cluster_is_spared_by_another_drills_sweep(kw, small_dump)
 
 def test_the_temporary_cluster_is_private(kw, small_dump):
     assert os.geteuid() == 0, "this test connects as other local users: it runs as root"
-    kw.settings["DRILL_SQL"] = ("SELECT current_setting('listen_addresses') = ''; "
-                                "SELECT bool_and(auth_method = 'scram-sha-256') FROM pg_hba_file_rules; "
-                                "SELECT true FROM pg_sleep(3)")
+    kw.settings["DRILL_SQL"] = (
+        "SELECT current_setting('listen_addresses') = ''; "
+        "SELECT bool_and(auth_method = 'scram-sha-256') FROM pg_hba_file_rules; "
+        "SELECT true FROM pg_sleep(3)"
+    )
     drill = Running(kw, "--from-file", small_dump)
     base = Path(drill.wait_for(r"started a private temporary PostgreSQL in (\S+)").group(1))
     owner = pwd.getpwuid(base.stat().st_uid).pw_name
@@ -287,8 +307,10 @@ def test_drill_pg_bindir_gives_every_program_of_the_cluster_and_the_load(kw, sma
 
 def claim_postgresql_17(path) -> None:
     """The dump's header and manifest say pg_dump 17 made it, from a PostgreSQL 17 server."""
-    rewrite(path, lambda sql: re.sub(rb"^(-- Dumped (?:from database|by pg_dump) version )\S+", rb"\g<1>17.2", sql,
-                                     flags=re.M))
+    rewrite(
+        path,
+        lambda sql: re.sub(rb"^(-- Dumped (?:from database|by pg_dump) version )\S+", rb"\g<1>17.2", sql, flags=re.M),
+    )
     manifest_path = Path(f"{path}.json")
     manifest = json.loads(manifest_path.read_text())
     manifest.update(pg_dump_version="17.2", server_version="17.2")
@@ -301,8 +323,12 @@ def test_a_dump_from_a_newer_postgresql_is_refused_before_anything_is_created(kw
     local = kw.run("backup-drill", "--verbose", "--from-file", small_dump, timeout=300)
     assert local.returncode == 1, local.stderr
     line = one_error_line(local.stderr)
-    for named in ("pg_dump 17.2", "PostgreSQL 15.", "DRILL_PG_BINDIR=/usr/lib/postgresql/17/bin",
-                  "DRILL_DOCKER_IMAGE=postgres:17"):
+    for named in (
+        "pg_dump 17.2",
+        "PostgreSQL 15.",
+        "DRILL_PG_BINDIR=/usr/lib/postgresql/17/bin",
+        "DRILL_DOCKER_IMAGE=postgres:17",
+    ):
         assert named in line, named
     assert not [run for run in local.stderr.splitlines() if "run: " in run and ("initdb" in run or "pg_ctl" in run)]
     assert last_report(kw)["result"] == "error" and "17.2" in last_report(kw)["error"]
@@ -331,7 +357,9 @@ def test_a_scratch_server_it_cannot_use_is_one_line_exit_1_and_a_drill_log_line(
 def test_a_scratch_server_that_goes_away_mid_restore_is_exit_1_not_a_bad_dump(kw, big_dump, small_dump):
     scratch = world.Postgres(Path(tempfile.mkdtemp(prefix="kwtest-scratch-"))).start()
     try:
-        kw.settings["DRILL_DATABASE_URL"] = f"postgresql://postgres@/postgres?host={scratch.sockets}&port={scratch.port}"
+        kw.settings["DRILL_DATABASE_URL"] = (
+            f"postgresql://postgres@/postgres?host={scratch.sockets}&port={scratch.port}"
+        )
         drill = Running(kw, "--from-file", big_dump)
         drill.wait_for("restoring")
         time.sleep(0.5)
@@ -345,6 +373,7 @@ def test_a_scratch_server_that_goes_away_mid_restore_is_exit_1_not_a_bad_dump(kw
 
 
 # --- DRILL_DOCKER_IMAGE, through the docker stand-in --------------------------------------------------
+
 
 def container_runs(kw) -> list[list[str]]:
     return [call for call in world.standin_calls(kw.standin_log) if call[1] == "run"]
@@ -384,8 +413,10 @@ def test_a_drill_on_a_container_removes_it_after_a_failure(kw, small_dump, damag
         rewrite(small_dump, with_sql_error)
     result = kw.run("backup-drill", "--from-file", small_dump, timeout=300)
     assert result.returncode == (3 if damage == "broken" else 1), result.stderr
-    assert {"no such image": "docker run failed (exit 125): Unable to find image 'postgres:16'",
-            "broken": "no_such_function"}[damage] in one_error_line(result.stderr)
+    assert {
+        "no such image": "docker run failed (exit 125): Unable to find image 'postgres:16'",
+        "broken": "no_such_function",
+    }[damage] in one_error_line(result.stderr)
     (started,) = container_runs(kw)
     name = started[started.index("--name") + 1]
     assert world.standin_calls(kw.standin_log)[-1] == ["docker", "rm", "-f", name]

@@ -15,13 +15,34 @@ def history(kw):
     for day in range(40, 0, -1):
         at = (now - timedelta(days=day)).replace(hour=3, minute=0, second=0)
         for script, place, offset in (("backup-db", "prod", -1), ("backup-orchestrator", "pi5", 0)):
-            lines.append(json.dumps({
-                "time": (at + timedelta(hours=offset)).strftime("%Y-%m-%dT%H:%M:%SZ"), "script": script,
-                "place": place, "dump": f"db-{at:%Y-%m-%d}.sql.gz", "bytes": 200_000_000 + day * 1_000_000,
-                "duration": 20.0 + day % 7, "result": "ok", "error": None}))
-    lines.append(json.dumps({"time": (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                             "script": "backup-orchestrator", "place": "pi5", "dump": None, "bytes": None,
-                             "duration": 3.2, "result": "failed", "error": "nas (nas) unreachable"}))
+            lines.append(
+                json.dumps(
+                    {
+                        "time": (at + timedelta(hours=offset)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        "script": script,
+                        "place": place,
+                        "dump": f"db-{at:%Y-%m-%d}.sql.gz",
+                        "bytes": 200_000_000 + day * 1_000_000,
+                        "duration": 20.0 + day % 7,
+                        "result": "ok",
+                        "error": None,
+                    }
+                )
+            )
+    lines.append(
+        json.dumps(
+            {
+                "time": (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "script": "backup-orchestrator",
+                "place": "pi5",
+                "dump": None,
+                "bytes": None,
+                "duration": 3.2,
+                "result": "failed",
+                "error": "nas (nas) unreachable",
+            }
+        )
+    )
     lines.append("{damaged line")
     path = kw.tmp / "history.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -45,19 +66,30 @@ def test_html_dashboard_renders_in_headless_chromium(kw, history, tmp_path):
     page = tmp_path / "dashboard.html"
     result = kw.run("backup-report", "--html", str(page))
     assert result.returncode == 0, result.stderr
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(["chromium", *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                         timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr
     charts = re.findall(r'<svg class="chart".*?<polyline points="([^"]+)"', dom.stdout, re.S)
     assert len(charts) == 2 and all(len(points.split()) >= 25 for points in charts)
     assert len(re.findall(r"<tr><th>\d{4}-\d{2}-\d{2}</th>", dom.stdout)) == 7
     assert 'class="failed"' in dom.stdout
     shot = tmp_path / "dashboard.png"
-    taken = subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=800,900", page.as_uri()],
-                           capture_output=True, text=True, timeout=120)
+    taken = subprocess.run(
+        ["chromium", *flags, f"--screenshot={shot}", "--window-size=800,900", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert taken.returncode == 0, taken.stderr
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a page with charts, not a blank one

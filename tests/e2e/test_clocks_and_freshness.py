@@ -66,8 +66,12 @@ def test_the_second_run_of_a_day_whose_first_dump_was_rotated_away_is_named_afte
 
 
 def test_no_new_dump_for_longer_than_max_dump_age_fails_the_orchestrator_and_alerts(net, recorder):
-    net.settings.update(MAX_DUMP_AGE_HOURS="26", NOTIFY_URLS=f"json://{recorder.url[7:]}/notify",
-                        APPSIGNAL_FRONTEND_API_KEY="front", APPSIGNAL_ENDPOINT=f"{recorder.url}/appsignal")
+    net.settings.update(
+        MAX_DUMP_AGE_HOURS="26",
+        NOTIFY_URLS=f"json://{recorder.url[7:]}/notify",
+        APPSIGNAL_FRONTEND_API_KEY="front",
+        APPSIGNAL_ENDPOINT=f"{recorder.url}/appsignal",
+    )
     world.synthetic_dump(net.prod_dir, "db-2024-03-09.sql.gz")
     fresh = net.run("backup-orchestrator", at="2024-03-09 03:00:00")
     assert fresh.returncode == 0, fresh.stderr

@@ -32,8 +32,11 @@ def small_disks():
 
 
 def monitored(kw, recorder):
-    kw.settings.update(NOTIFY_URLS=f"json://{recorder.url[7:]}/notify", APPSIGNAL_FRONTEND_API_KEY="front",
-                       APPSIGNAL_ENDPOINT=f"{recorder.url}/appsignal")
+    kw.settings.update(
+        NOTIFY_URLS=f"json://{recorder.url[7:]}/notify",
+        APPSIGNAL_FRONTEND_API_KEY="front",
+        APPSIGNAL_ENDPOINT=f"{recorder.url}/appsignal",
+    )
 
 
 def notes(recorder):

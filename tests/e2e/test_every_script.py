@@ -4,9 +4,18 @@ import pytest
 
 from tests import world
 
-SCRIPTS = ["backup-db", "backup-orchestrator", "list-backups", "pull-prod-backups", "restore-production-db",
-           "setup-fresh-production-db", "migrate-database-to-new-prod", "backup-drill", "verify-backup",
-           "backup-report"]
+SCRIPTS = [
+    "backup-db",
+    "backup-orchestrator",
+    "list-backups",
+    "pull-prod-backups",
+    "restore-production-db",
+    "setup-fresh-production-db",
+    "migrate-database-to-new-prod",
+    "backup-drill",
+    "verify-backup",
+    "backup-report",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

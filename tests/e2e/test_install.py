@@ -19,8 +19,15 @@ from tests import world
 
 
 def make(*args, env=None, check=True):
-    result = subprocess.run(["make", "-s", *args], cwd=world.ROOT, capture_output=True, text=True, timeout=600,
-                            env=env or os.environ.copy(), stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        ["make", "-s", *args],
+        cwd=world.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env or os.environ.copy(),
+        stdin=subprocess.DEVNULL,
+    )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -98,9 +105,12 @@ def test_missing_prerequisites_are_named_with_their_install_command(tmp_path):
     bare = tmp_path / "bin"
     bare.mkdir()
     (bare / "python3").symlink_to(sys.executable)
-    result = subprocess.run(["python3", "-m", "kwbackup.install", "install-prod", "--destdir", str(tmp_path / "d")],
-                            env={"PATH": str(bare), "PYTHONPATH": str(world.ROOT / "lib")}, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["python3", "-m", "kwbackup.install", "install-prod", "--destdir", str(tmp_path / "d")],
+        env={"PATH": str(bare), "PYTHONPATH": str(world.ROOT / "lib")},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "apt-get install rsync" in result.stderr and "pg_dump or docker" in result.stderr
 
@@ -178,15 +188,43 @@ def run_as_cron(dest: Path, variables: dict[str, str], user: str, command: str) 
     work = Path(tempfile.mkdtemp(prefix="kw-overlay-"))
     home = pwd.getpwnam(user).pw_dir
     environment = {"HOME": home, "LOGNAME": user, "SHELL": "/bin/sh", **variables}
-    layers = ('work=$1 dest=$2; shift 2; for p in etc opt usr/local/bin; do '
-              'mount -t overlay overlay -o "lowerdir=$dest/$p:/$p" "/$p"; done; '
-              'mount -t overlay overlay -o "lowerdir=/var/log,upperdir=$dest/var/log,workdir=$work" /var/log; '
-              'exec "$@"')
+    layers = (
+        "work=$1 dest=$2; shift 2; for p in etc opt usr/local/bin; do "
+        'mount -t overlay overlay -o "lowerdir=$dest/$p:/$p" "/$p"; done; '
+        'mount -t overlay overlay -o "lowerdir=/var/log,upperdir=$dest/var/log,workdir=$work" /var/log; '
+        'exec "$@"'
+    )
     try:
-        return subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", layers, "sh",
-                               str(work), str(dest), "runuser", "-u", user, "--", "env", "-i",
-                               *[f"{k}={v}" for k, v in environment.items()], "/bin/sh", "-c", command],
-                              cwd=home, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-ec",
+                layers,
+                "sh",
+                str(work),
+                str(dest),
+                "runuser",
+                "-u",
+                user,
+                "--",
+                "env",
+                "-i",
+                *[f"{k}={v}" for k, v in environment.items()],
+                "/bin/sh",
+                "-c",
+                command,
+            ],
+            cwd=home,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         shutil.rmtree(work)
 
@@ -204,19 +242,25 @@ def only_job(dest: Path, name: str) -> tuple[dict[str, str], str, str]:
     return variables, *active[0]
 
 
-def test_the_installed_cron_lines_run_as_written_as_their_users(installed, installed_pi5, pi, pg, db, ssh_world,
-                                                                tmp_path):
+def test_the_installed_cron_lines_run_as_written_as_their_users(
+    installed, installed_pi5, pi, pg, db, ssh_world, tmp_path
+):
     """backup-db's line as root on prod, then the orchestrator's and the drill's as the unprivileged pi on the Pi,
     each exactly as cron runs it, against the test world: PostgreSQL, and prod over sshd with the Pi's rrsync key.
     This is what finds an env file its cron user cannot read (/etc/kw-backup 0700 root)."""
     prod, pi5 = installed[0], installed_pi5[0]
     for dest, user in ((prod, pwd.getpwnam("root")), (pi5, pi)):
         directory, env_file = (dest / "etc/kw-backup").stat(), (dest / "etc/kw-backup/backup.env").stat()
-        assert (directory.st_uid, directory.st_mode & 0o777, env_file.st_uid, env_file.st_mode & 0o777) == \
-            (user.pw_uid, 0o700, user.pw_uid, 0o600)
+        assert (directory.st_uid, directory.st_mode & 0o777, env_file.st_uid, env_file.st_mode & 0o777) == (
+            user.pw_uid,
+            0o700,
+            user.pw_uid,
+            0o600,
+        )
     prod_dir = prod / "var/backups/kw-app"
-    add_settings(prod, DB_EXEC="direct", DB_NAME=db, DB_HOST=pg.sockets, DB_PORT=pg.port, DB_USER="postgres",
-                 PROD_DIR=prod_dir)
+    add_settings(
+        prod, DB_EXEC="direct", DB_NAME=db, DB_HOST=pg.sockets, DB_PORT=pg.port, DB_USER="postgres", PROD_DIR=prod_dir
+    )
     variables, user, command = only_job(prod, "prod")
     nightly = run_as_cron(prod, variables, user, command)
     assert (nightly.returncode, nightly.stdout + nightly.stderr) == (0, ""), nightly.stderr
@@ -227,8 +271,9 @@ def test_the_installed_cron_lines_run_as_written_as_their_users(installed, insta
     mine = Path(tempfile.mkdtemp(prefix="kw-pi-"))
     os.chown(mine, pi.pw_uid, pi.pw_gid)
     key = mine / "id_prod_backup"
-    subprocess.run(["runuser", "-u", "pi", "--", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                   check=True)
+    subprocess.run(
+        ["runuser", "-u", "pi", "--", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
+    )
     public = key.with_suffix(".pub").read_text()
     ssh_world.places["prod"].authorize(public, f'restrict,command="rrsync -ro {prod_dir}"')
     recorder = world.Recorder()
@@ -237,10 +282,18 @@ def test_the_installed_cron_lines_run_as_written_as_their_users(installed, insta
         (mine / "ssh_config").write_text(
             f"Host prod\n  HostName {ssh_world.places['prod'].address}\n  Port {ssh_world.port}\n"
             f"  User {pwd.getpwuid(os.geteuid()).pw_name}\n  IdentityFile {key}\n  IdentitiesOnly yes\n"
-            f"  UserKnownHostsFile {mine / 'known_hosts'}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n")
-        add_settings(pi5, PROD_HOST="prod", PROD_DIR=prod_dir, SSH_CONFIG=mine / "ssh_config",
-                     PI5_DIR=pi5 / "backups/kw-app", NAS_HOST="local", NAS_DIR=mine / "nas",
-                     HEALTHCHECKS_URL=f"{recorder.url}/hc/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278")
+            f"  UserKnownHostsFile {mine / 'known_hosts'}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
+        )
+        add_settings(
+            pi5,
+            PROD_HOST="prod",
+            PROD_DIR=prod_dir,
+            SSH_CONFIG=mine / "ssh_config",
+            PI5_DIR=pi5 / "backups/kw-app",
+            NAS_HOST="local",
+            NAS_DIR=mine / "nas",
+            HEALTHCHECKS_URL=f"{recorder.url}/hc/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278",
+        )
         variables, user, command = only_job(pi5, "pi5")
         assert user == "pi"
         nightly = run_as_cron(pi5, variables, user, command)
@@ -249,7 +302,9 @@ def test_the_installed_cron_lines_run_as_written_as_their_users(installed, insta
         assert "result=ok" in (pi5 / "var/log/backup-orchestrator.log").read_text().splitlines()[-1]
         assert (pi5 / "backups/kw-app" / dump.name).exists() and (mine / "nas" / dump.name).exists()
         assert [r["path"].split("?")[0] for r in recorder.requests] == [
-            "/hc/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278/start", "/hc/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278"]
+            "/hc/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278/start",
+            "/hc/5bf66975-d4c7-4bf5-bcc8-b8d8a82ea278",
+        ]
 
         variables, user, command = only_job(pi5, "drill")
         assert cron_file(pi5 / "etc/cron.d/kw-backup-drill")[1] == [(False, "pi", command), (True, "pi", command)]
@@ -259,8 +314,12 @@ def test_the_installed_cron_lines_run_as_written_as_their_users(installed, insta
         assert (report["dump"], report["result"]) == (dump.name, "ok")
 
         # The logrotate rule rotates the Pi's logs and makes new ones the cron user can append to.
-        rotated = run_as_cron(pi5, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, "root",
-                              f"logrotate --force --state {tmp_path / 'state'} /etc/logrotate.d/kw-backup")
+        rotated = run_as_cron(
+            pi5,
+            {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            "root",
+            f"logrotate --force --state {tmp_path / 'state'} /etc/logrotate.d/kw-backup",
+        )
         assert rotated.returncode == 0, rotated.stderr
         fresh = (pi5 / "var/log/backup-orchestrator.log").stat()
         assert (fresh.st_uid, fresh.st_mode & 0o777, fresh.st_size) == (pi.pw_uid, 0o640, 0)
@@ -297,16 +356,37 @@ def test_authorize_pi5_adds_the_restricted_key_once_and_it_works(net, tmp_path):
         first = make(*args)
         assert "authorized the pi5 key" in first.stdout
         assert "nothing changed" in make(*args).stdout
-        line = [entry for entry in keys_file.read_text().splitlines() if key.with_suffix(".pub").read_text().split()[1]
-                in entry]
+        line = [
+            entry
+            for entry in keys_file.read_text().splitlines()
+            if key.with_suffix(".pub").read_text().split()[1] in entry
+        ]
         assert line == [f'restrict,command="rrsync -ro {net.prod_dir}" {key.with_suffix(".pub").read_text().strip()}']
         world.synthetic_dump(net.prod_dir, "db-2024-03-10.sql.gz")
         net.settings["SSH_CONFIG"] = str(net.ssh.client_config(tmp_path / "cfg", identity={"prod": key}))
         result = net.run("backup-orchestrator")
         assert result.returncode == 0, result.stderr
-        shell = subprocess.run(["ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o",
-                                "BatchMode=yes", "-o", f"UserKnownHostsFile={net.ssh.known_hosts}", "-p",
-                                str(net.ssh.port), "root@127.0.0.2", "id"], capture_output=True, text=True)
+        shell = subprocess.run(
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-i",
+                str(key),
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                f"UserKnownHostsFile={net.ssh.known_hosts}",
+                "-p",
+                str(net.ssh.port),
+                "root@127.0.0.2",
+                "id",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert shell.returncode != 0 and "uid=" not in shell.stdout
     finally:
         net.ssh.places["prod"].unauthorize(key.with_suffix(".pub").read_text())

@@ -12,9 +12,11 @@ import pytest
 
 from tests import world
 
-LINE = re.compile(r"  (?P<name>\S+) {2,}(?P<size>(?P<number>\d+(?:\.\d+)?)(?P<unit>B|kB|MB|GB|TB)) {2,}"
-                  r"(?P<time>\d{4}-\d{2}-\d{2} \d{2}:\d{2})  (?P<status>verified|unverified|SIZE MISMATCH|FUTURE)"
-                  r"(?P<pinned>  pinned)?")
+LINE = re.compile(
+    r"  (?P<name>\S+) {2,}(?P<size>(?P<number>\d+(?:\.\d+)?)(?P<unit>B|kB|MB|GB|TB)) {2,}"
+    r"(?P<time>\d{4}-\d{2}-\d{2} \d{2}:\d{2})  (?P<status>verified|unverified|SIZE MISMATCH|FUTURE)"
+    r"(?P<pinned>  pinned)?"
+)
 UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
 JSON_KEYS = {"place", "host", "dir", "name", "bytes", "created_at", "sha256", "status", "pinned"}
 
@@ -68,8 +70,14 @@ def prod_dumps(laptop):
     os.utime(mismatch, (at("2024-01-10 02:05").timestamp(),) * 2)
     dump(d, "db-2024-01-09.sql.gz", at("2024-01-09 00:00"), manifest=False)
     dump(d, "kw_app_production-20240102-093000.sql.gz", at("2024-01-02 09:30"), manifest=False)
-    for foreign in ("notes.txt", "db-2024-01-16.sql.gz.partial", ".db-2024-01-17.sql.gz.tmp",
-                    "db-2024-13-01.sql.gz", "db-2024-01-18.sql.gz.json", "latest.sql.gz"):
+    for foreign in (
+        "notes.txt",
+        "db-2024-01-16.sql.gz.partial",
+        ".db-2024-01-17.sql.gz.tmp",
+        "db-2024-13-01.sql.gz",
+        "db-2024-01-18.sql.gz.json",
+        "latest.sql.gz",
+    ):
         (d / foreign).write_text("{}")
     (d / "db-2024-01-19.sql.gz").mkdir()
     return d
@@ -98,9 +106,12 @@ def test_text_lists_every_place_newest_first_with_size_time_and_status(laptop, p
         assert abs(float(m["number"]) * UNITS[m["unit"]] - actual) <= 0.05 * actual, (m["size"], actual)
     assert prod[0]["size"].endswith("MB") and prod[1]["size"].endswith("kB"), out
     assert [(m["name"], m["time"], m["status"]) for m in rows(block(out, "pi5", laptop.pi5_dir))] == [
-        ("db-2024-01-14.sql.gz", "2024-01-14 02:06", "verified")]
-    assert [m["name"] for m in rows(block(out, "nas", laptop.nas_dir))] == ["db-2024-01-14.sql.gz",
-                                                                           "db-2024-01-13.sql.gz"]
+        ("db-2024-01-14.sql.gz", "2024-01-14 02:06", "verified")
+    ]
+    assert [m["name"] for m in rows(block(out, "nas", laptop.nas_dir))] == [
+        "db-2024-01-14.sql.gz",
+        "db-2024-01-13.sql.gz",
+    ]
 
 
 def test_json_is_one_array_with_exactly_the_contract_keys(laptop, prod_dumps):
@@ -110,9 +121,13 @@ def test_json_is_one_array_with_exactly_the_contract_keys(laptop, prod_dumps):
     found = json.loads(result.stdout)
     assert isinstance(found, list) and all(set(row) == JSON_KEYS for row in found), found
     prod = [row for row in found if row["place"] == "prod"]
-    assert [row["name"] for row in prod] == ["db-2024-01-15-010000.sql.gz", "db-2024-01-15.sql.gz",
-                                             "db-2024-01-10.sql.gz", "db-2024-01-09.sql.gz",
-                                             "kw_app_production-20240102-093000.sql.gz"]
+    assert [row["name"] for row in prod] == [
+        "db-2024-01-15-010000.sql.gz",
+        "db-2024-01-15.sql.gz",
+        "db-2024-01-10.sql.gz",
+        "db-2024-01-09.sql.gz",
+        "kw_app_production-20240102-093000.sql.gz",
+    ]
     for row in prod:
         manifest = prod_dumps / (row["name"] + ".json")
         assert row["host"].rsplit("@", 1)[-1] == "prod" and row["dir"].rstrip("/") == str(prod_dumps)
@@ -120,8 +135,9 @@ def test_json_is_one_array_with_exactly_the_contract_keys(laptop, prod_dumps):
         created = datetime.fromisoformat(row["created_at"].replace("Z", "+00:00"))
         assert created.utcoffset().total_seconds() == 0, row
         if manifest.exists():
-            assert created == datetime.fromisoformat(json.loads(manifest.read_text())["created_at"].replace("Z",
-                                                                                                            "+00:00"))
+            assert created == datetime.fromisoformat(
+                json.loads(manifest.read_text())["created_at"].replace("Z", "+00:00")
+            )
             assert row["sha256"] == json.loads(manifest.read_text())["sha256"]
         else:
             assert row["sha256"] is None and row["status"] == "unverified"
@@ -129,7 +145,8 @@ def test_json_is_one_array_with_exactly_the_contract_keys(laptop, prod_dumps):
     assert [row["status"] for row in prod] == ["verified", "verified", "SIZE MISMATCH", "unverified", "unverified"]
     nas = [row for row in found if row["place"] == "nas"]
     assert [(row["name"], row["status"], row["dir"].rstrip("/")) for row in nas] == [
-        ("db-2024-01-14.sql.gz", "verified", str(laptop.nas_dir))]
+        ("db-2024-01-14.sql.gz", "verified", str(laptop.nas_dir))
+    ]
     assert {row["place"] for row in found} == {"prod", "nas"}  # the empty pi5 adds no row
 
 
@@ -159,9 +176,11 @@ def old_prod_home():
 def test_old_prod_is_listed_only_when_its_host_is_set(laptop, old_prod_home):
     setting, directory = old_prod_home
     os.makedirs(directory)
-    for name, when in (("kw_app_production-20240103-120000.sql", "2024-01-03 12:00"),
-                       ("kw_app_production-20240110-093000.sql", "2024-01-10 09:30"),
-                       ("kw_app_production-20231231-235900.sql", "2023-12-31 23:59")):
+    for name, when in (
+        ("kw_app_production-20240103-120000.sql", "2024-01-03 12:00"),
+        ("kw_app_production-20240110-093000.sql", "2024-01-10 09:30"),
+        ("kw_app_production-20231231-235900.sql", "2023-12-31 23:59"),
+    ):
         with open(os.path.join(directory, name), "w") as f:
             f.write("-- PostgreSQL database dump\n" * 100)
         os.utime(os.path.join(directory, name), (at(when).timestamp(),) * 2)
@@ -231,8 +250,10 @@ def test_the_places_are_asked_at_the_same_time(laptop, prod_dumps):
     barrier.write_text(BARRIER)
     barrier.chmod(0o755)
     joined.mkdir()
-    proxies = {name: f"{barrier} {joined} 3 %n {world.relay_command(laptop.ssh.places[name].address, 10**8)}"
-               for name in ("prod", "pi5", "nas")}
+    proxies = {
+        name: f"{barrier} {joined} 3 %n {world.relay_command(laptop.ssh.places[name].address, 10**8)}"
+        for name in ("prod", "pi5", "nas")
+    }
     laptop.settings["SSH_CONFIG"] = str(laptop.ssh.client_config(laptop.tmp / "ssh_config", proxy=proxies))
     result = laptop.run("list-backups")
     assert result.returncode == 0, f"the places were not asked at the same time:\n{result.stdout}{result.stderr}"

@@ -52,8 +52,10 @@ def temp_dirs() -> set[str]:
 
 
 def snapshot(directory: Path) -> dict:
-    return {e.name: (hashlib.sha256(Path(e.path).read_bytes()).hexdigest(), e.stat().st_mtime_ns, e.stat().st_mode)
-            for e in os.scandir(directory)}
+    return {
+        e.name: (hashlib.sha256(Path(e.path).read_bytes()).hexdigest(), e.stat().st_mtime_ns, e.stat().st_mode)
+        for e in os.scandir(directory)
+    }
 
 
 def files_in(directory) -> list[str]:
@@ -146,8 +148,18 @@ def test_keep_dump_keeps_it_on_prod_as_a_private_dump(old_prod, pg, db):
 def test_an_encrypted_migration_dump_is_decrypted_on_the_laptop(old_prod, pg, db, tmp_path):
     key, public = world.age_key(tmp_path)
     encrypted = "kw_app_production-20240201-000000.sql.gz.age"  # the newest now
-    subprocess.run(["sh", "-c", 'gzip -c -- "$1" | age -r "$2" > "$3"', "sh", str(old_prod.old_dir / NEWEST), public,
-                    str(old_prod.old_dir / encrypted)], check=True)
+    subprocess.run(
+        [
+            "sh",
+            "-c",
+            'gzip -c -- "$1" | age -r "$2" > "$3"',
+            "sh",
+            str(old_prod.old_dir / NEWEST),
+            public,
+            str(old_prod.old_dir / encrypted),
+        ],
+        check=True,
+    )
     without = migrate(old_prod, "--yes")
     assert without.returncode == 2 and "set AGE_IDENTITY_FILE" in without.stderr, without.stderr
     old_prod.settings["AGE_IDENTITY_FILE"] = str(key)

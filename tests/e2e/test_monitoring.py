@@ -17,10 +17,15 @@ def recorder():
 
 
 def monitored(kw, url):
-    kw.settings.update(HEALTHCHECKS_URL=f"{url}/hc/abc-123", APPSIGNAL_PUSH_API_KEY="push-key",
-                       APPSIGNAL_CHECKIN_IDENTIFIER="kw-backup-nightly", APPSIGNAL_FRONTEND_API_KEY="front-key",
-                       APPSIGNAL_ENDPOINT=f"{url}/appsignal", NOTIFY_URLS=f"json://{url[7:]}/notify",
-                       HISTORY_FILE=str(kw.tmp / "history.jsonl"))
+    kw.settings.update(
+        HEALTHCHECKS_URL=f"{url}/hc/abc-123",
+        APPSIGNAL_PUSH_API_KEY="push-key",
+        APPSIGNAL_CHECKIN_IDENTIFIER="kw-backup-nightly",
+        APPSIGNAL_FRONTEND_API_KEY="front-key",
+        APPSIGNAL_ENDPOINT=f"{url}/appsignal",
+        NOTIFY_URLS=f"json://{url[7:]}/notify",
+        HISTORY_FILE=str(kw.tmp / "history.jsonl"),
+    )
 
 
 def query(path):
@@ -38,8 +43,10 @@ def test_a_successful_backup_pings_start_and_success_with_one_rid(kw, recorder):
     success_body = next(r["body"] for r in recorder.requests if urlparse(r["path"]).path == "/hc/abc-123")
     assert b"wrote db-" in success_body
     checkins = [query(p) for p in paths if p.startswith("/appsignal/check_ins/cron")]
-    assert checkins == [{"api_key": "push-key", "identifier": "kw-backup-nightly", "kind": "start"},
-                        {"api_key": "push-key", "identifier": "kw-backup-nightly"}]
+    assert checkins == [
+        {"api_key": "push-key", "identifier": "kw-backup-nightly", "kind": "start"},
+        {"api_key": "push-key", "identifier": "kw-backup-nightly"},
+    ]
     metrics = json.loads(next(r["body"] for r in recorder.requests if r["path"].startswith("/appsignal/metrics/json")))
     names = {m["name"]: m for m in metrics}
     assert names["backup.success"]["value"] == 1 and names["backup.size"]["value"] > 1000

@@ -26,8 +26,12 @@ def no_partial_anywhere(kw):
     for directory in (kw.pi5_dir, kw.nas_dir):
         for name in finals(directory):
             if name.endswith(".gz"):
-                assert subprocess.run([str(world.BIN / "verify-backup"), str(directory / name)],
-                                      capture_output=True).returncode == 0, f"{directory / name} is not valid"
+                assert (
+                    subprocess.run(
+                        [str(world.BIN / "verify-backup"), str(directory / name)], capture_output=True
+                    ).returncode
+                    == 0
+                ), f"{directory / name} is not valid"
 
 
 def wait_for(condition, timeout=60.0):
@@ -51,7 +55,8 @@ def test_pulls_verifies_pushes_and_logs_a_summary(net):
         assert (directory / name).stat().st_mode & 0o777 == 0o600
         assert (directory / name).read_bytes() == (net.prod_dir / name).read_bytes()
         assert json.loads((directory / (name + ".json")).read_text()) == json.loads(
-            (net.prod_dir / (name + ".json")).read_text())
+            (net.prod_dir / (name + ".json")).read_text()
+        )
     no_partial_anywhere(net)
     log = (net.tmp / "orchestrator.log").read_text()
     summary = [line for line in log.splitlines() if "summary:" in line]
@@ -94,26 +99,42 @@ def test_works_with_the_restricted_rrsync_key_which_allows_nothing_else(net, tmp
         assert "restricted by rrsync" in result.stderr
         assert finals(net.nas_dir) == [NAME, NAME + ".json"]
 
-        only_key = ["-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-                    "-o", f"UserKnownHostsFile={net.ssh.known_hosts}", "-p", str(net.ssh.port)]
+        only_key = [
+            "-F",
+            "/dev/null",
+            "-i",
+            str(key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={net.ssh.known_hosts}",
+            "-p",
+            str(net.ssh.port),
+        ]
         target = f"{os.environ.get('USER', 'root')}@127.0.0.2"
-        shell = subprocess.run(["ssh", *only_key, target, "touch", str(tmp_path / "pwned")], capture_output=True,
-                               text=True)
+        shell = subprocess.run(
+            ["ssh", *only_key, target, "touch", str(tmp_path / "pwned")], capture_output=True, text=True
+        )
         assert shell.returncode != 0 and not (tmp_path / "pwned").exists()
         rsh = "ssh " + " ".join(only_key)
-        outside = subprocess.run(["rsync", "-e", rsh, f"{target}:/etc/hostname", str(tmp_path / "stolen")],
-                                 capture_output=True, text=True)
+        outside = subprocess.run(
+            ["rsync", "-e", rsh, f"{target}:/etc/hostname", str(tmp_path / "stolen")], capture_output=True, text=True
+        )
         assert outside.returncode != 0 and not (tmp_path / "stolen").exists()
         escape = subprocess.run(["rsync", "-e", rsh, f"{target}:../", str(tmp_path / "up")], capture_output=True)
         assert escape.returncode != 0 and not (tmp_path / "up").exists()
         (tmp_path / "evil").write_text("x")
         write = subprocess.run(["rsync", "-e", rsh, str(tmp_path / "evil"), f"{target}:/evil"], capture_output=True)
         assert write.returncode != 0 and not (net.prod_dir / "evil").exists()
-        delete = subprocess.run(["rsync", "-r", "--delete", "-e", rsh, str(tmp_path / "empty") + "/",
-                                 f"{target}:/"], capture_output=True)
+        delete = subprocess.run(
+            ["rsync", "-r", "--delete", "-e", rsh, str(tmp_path / "empty") + "/", f"{target}:/"], capture_output=True
+        )
         assert delete.returncode != 0 and (net.prod_dir / NAME).exists()
-        readable = subprocess.run(["rsync", "-e", rsh, f"{target}:/{NAME}", str(tmp_path / "copy")],
-                                  capture_output=True)
+        readable = subprocess.run(
+            ["rsync", "-e", rsh, f"{target}:/{NAME}", str(tmp_path / "copy")], capture_output=True
+        )
         assert readable.returncode == 0  # reading PROD_DIR is the one thing it may do
     finally:
         net.ssh.places["prod"].unauthorize(public)
@@ -287,8 +308,9 @@ def test_rotation_keeps_each_places_newest_valid_dumps_and_nothing_foreign(net):
     net.settings.update(PI5_KEEP="3", NAS_KEEP="2")
     result = run_orchestrator(net)
     assert result.returncode == 0, result.stderr
-    dumps_on = {d: [n for n in finals(d) if n.startswith("db-") and n.endswith(".gz")]
-                for d in (net.pi5_dir, net.nas_dir)}
+    dumps_on = {
+        d: [n for n in finals(d) if n.startswith("db-") and n.endswith(".gz")] for d in (net.pi5_dir, net.nas_dir)
+    }
     assert dumps_on[net.pi5_dir] == ["db-2024-03-07.sql.gz", "db-2024-03-08.sql.gz", NAME]
     assert dumps_on[net.nas_dir] == ["db-2024-03-08.sql.gz", NAME]
     for directory in (net.pi5_dir, net.nas_dir):

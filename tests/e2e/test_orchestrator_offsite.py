@@ -82,8 +82,12 @@ def s3_offsite(kw, s3):
 def decrypt(copy, identity):
     """The plain bytes of an encrypted copy: a file, or the bytes read from a remote."""
     path = copy if isinstance(copy, Path) else None
-    return subprocess.run(["age", "-d", "-i", str(identity), *([str(path)] if path else [])],
-                          input=None if path else copy, capture_output=True, check=True).stdout
+    return subprocess.run(
+        ["age", "-d", "-i", str(identity), *([str(path)] if path else [])],
+        input=None if path else copy,
+        capture_output=True,
+        check=True,
+    ).stdout
 
 
 def no_plain_dump_at(offsite):
@@ -123,10 +127,23 @@ def encrypted_copy(source, directory, public):
     subprocess.run(["age", "-r", public, "-o", str(target), str(source)], check=True)
     plain = json.loads((source.parent / (source.name + ".json")).read_text())
     data = target.read_bytes()
-    (directory / (target.name + ".json")).write_text(json.dumps({
-        **plain, "file": target.name, "bytes": len(data), "sha256": sha256(data),
-        "encryption": {"method": "age", "recipients": [public], "plain_file": source.name,
-                       "plain_bytes": plain["bytes"], "plain_sha256": plain["sha256"]}}))
+    (directory / (target.name + ".json")).write_text(
+        json.dumps(
+            {
+                **plain,
+                "file": target.name,
+                "bytes": len(data),
+                "sha256": sha256(data),
+                "encryption": {
+                    "method": "age",
+                    "recipients": [public],
+                    "plain_file": source.name,
+                    "plain_bytes": plain["bytes"],
+                    "plain_sha256": plain["sha256"],
+                },
+            }
+        )
+    )
     for path in (target, directory / (target.name + ".json")):
         path.chmod(0o600)
     return target
@@ -192,11 +209,15 @@ def test_a_second_run_the_same_night_encrypts_and_sends_nothing(net, key, s3):
 # --- the offsite remote ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, rows, checked_by", [
-    ("s3", 20000, "md5"),  # one part: S3's own md5 (the ETag)
-    ("s3", 200000, "md5 (1 read back)"),  # ~12 MB in parts of 5 MiB: S3 has no md5 of it, so it is read back
-    ("sftp-without-checksums", 20000, "sha256 (read back)"),  # no checksum offered: read back
-], ids=["s3", "s3-multipart", "sftp-without-checksums"])
+@pytest.mark.parametrize(
+    "kind, rows, checked_by",
+    [
+        ("s3", 20000, "md5"),  # one part: S3's own md5 (the ETag)
+        ("s3", 200000, "md5 (1 read back)"),  # ~12 MB in parts of 5 MiB: S3 has no md5 of it, so it is read back
+        ("sftp-without-checksums", 20000, "sha256 (read back)"),  # no checksum offered: read back
+    ],
+    ids=["s3", "s3-multipart", "sftp-without-checksums"],
+)
 def test_a_remote_offsite_gets_checked_encrypted_copies(net, key, s3, kind, rows, checked_by):
     identity, public = key
     net.settings["AGE_RECIPIENTS"] = public
@@ -253,8 +274,9 @@ def test_a_dump_rotated_away_at_a_place_is_not_pushed_there_again(net, key, plac
     second = run(net)
     assert second.returncode == 0, second.stderr
     assert finals(directory) == with_manifests(AGE) and stamps(directory) == before
-    assert f"{'the nas' if place == 'nas' else 'offsite'} has every verified dump already" in second.stderr, \
+    assert f"{'the nas' if place == 'nas' else 'offsite'} has every verified dump already" in second.stderr, (
         second.stderr
+    )
     assert "encrypted" not in second.stderr, second.stderr
 
 
@@ -325,18 +347,22 @@ def test_offsite_rotation_keeps_its_newest_and_one_dump_per_month(net, key, s3):
     first = run(net)
     assert first.returncode == 0, first.stderr
     # the 2 newest, and the newest of each of the last 3 months
-    assert finals(offsite) == with_manifests(*(f"db-{d}.sql.gz.age" for d in
-                                               ("2024-01-25", "2024-02-20", "2024-03-09", "2024-03-10")))
-    assert finals(net.nas_dir) == with_manifests(*(f"db-{d}.sql.gz.age" for d in
-                                                   ("2024-03-02", "2024-03-09", "2024-03-10")))
-    assert finals(net.pi5_dir) == with_manifests(*(f"db-{d}.sql.gz" for d in
-                                                   ("2024-03-02", "2024-03-09", "2024-03-10")))
+    assert finals(offsite) == with_manifests(
+        *(f"db-{d}.sql.gz.age" for d in ("2024-01-25", "2024-02-20", "2024-03-09", "2024-03-10"))
+    )
+    assert finals(net.nas_dir) == with_manifests(
+        *(f"db-{d}.sql.gz.age" for d in ("2024-03-02", "2024-03-09", "2024-03-10"))
+    )
+    assert finals(net.pi5_dir) == with_manifests(
+        *(f"db-{d}.sql.gz" for d in ("2024-03-02", "2024-03-09", "2024-03-10"))
+    )
 
     world.synthetic_dump(net.prod_dir, "db-2024-04-01.sql.gz")  # a new month
     second = run(net)
     assert second.returncode == 0, second.stderr
-    assert finals(offsite) == with_manifests(*(f"db-{d}.sql.gz.age" for d in
-                                               ("2024-02-20", "2024-03-10", "2024-04-01")))
+    assert finals(offsite) == with_manifests(
+        *(f"db-{d}.sql.gz.age" for d in ("2024-02-20", "2024-03-10", "2024-04-01"))
+    )
     assert "offsite=ok" in summary(net)
 
 
@@ -391,7 +417,8 @@ def test_invalid_newer_dumps_at_the_offsite_never_push_good_ones_out(net, offsit
 
 
 def test_a_damaged_copy_at_the_offsite_is_never_replaced_and_leftovers_are_never_promoted(
-        net, offsite_with_two_good_dumps, key):
+    net, offsite_with_two_good_dumps, key
+):
     offsite = offsite_with_two_good_dumps
     data = (offsite / AGE).read_bytes()
     (offsite / AGE).write_bytes(data[: len(data) // 2])  # cut short: its manifest no longer matches
@@ -456,15 +483,18 @@ def test_switching_encryption_on_sends_nothing_twice_and_removes_nothing_good(ne
 # --- bad settings ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setting,value", [
-    ("AGE_RECIPIENTS", "age1notakey"),
-    ("AGE_RECIPIENTS", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"),
-    ("OFFSITE_REMOTE", ":sftp,host=offsite.example,pass=x:dir"),
-    ("OFFSITE_REMOTE", "relative/dir"),
-    ("OFFSITE_REMOTE", "--config=/etc/passwd:x"),
-    ("OFFSITE_KEEP", "0"),
-    ("OFFSITE_KEEP_MONTHLY", "-1"),
-])
+@pytest.mark.parametrize(
+    "setting,value",
+    [
+        ("AGE_RECIPIENTS", "age1notakey"),
+        ("AGE_RECIPIENTS", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"),
+        ("OFFSITE_REMOTE", ":sftp,host=offsite.example,pass=x:dir"),
+        ("OFFSITE_REMOTE", "relative/dir"),
+        ("OFFSITE_REMOTE", "--config=/etc/passwd:x"),
+        ("OFFSITE_KEEP", "0"),
+        ("OFFSITE_KEEP_MONTHLY", "-1"),
+    ],
+)
 def test_a_bad_setting_exits_2_naming_it_and_touches_nothing(net, key, setting, value):
     net.settings.update(AGE_RECIPIENTS=key[1], OFFSITE_REMOTE=str(net.tmp / "offsite"))
     net.settings[setting] = value
@@ -479,10 +509,13 @@ def test_a_bad_setting_exits_2_naming_it_and_touches_nothing(net, key, setting, 
     assert contents(net.prod_dir) == prod_before
 
 
-@pytest.mark.parametrize("setting,value,secret", [
-    ("OFFSITE_REMOTE", ":sftp,host=offsite.example,pass=Hunter2Hunter2:dir", "Hunter2Hunter2"),
-    ("AGE_RECIPIENTS", None, "AGE-SECRET-KEY-"),  # the identity pasted instead of its public key
-])
+@pytest.mark.parametrize(
+    "setting,value,secret",
+    [
+        ("OFFSITE_REMOTE", ":sftp,host=offsite.example,pass=Hunter2Hunter2:dir", "Hunter2Hunter2"),
+        ("AGE_RECIPIENTS", None, "AGE-SECRET-KEY-"),  # the identity pasted instead of its public key
+    ],
+)
 def test_a_refused_setting_does_not_echo_the_secret_in_it(net, key, setting, value, secret):
     """The message says such values carry passwords: printing them to stderr (cron mail, the journal) leaks them."""
     if value is None:
@@ -511,8 +544,10 @@ def test_dry_run_names_the_encrypted_copies_it_would_send_offsite_and_changes_no
 # --- list-backups ----------------------------------------------------------------------------------
 
 
-LINE = re.compile(r"  (?P<name>\S+) {2,}\S+ {2,}\d{4}-\d{2}-\d{2} \d{2}:\d{2}  (?P<status>verified|unverified|"
-                  r"SIZE MISMATCH)")
+LINE = re.compile(
+    r"  (?P<name>\S+) {2,}\S+ {2,}\d{4}-\d{2}-\d{2} \d{2}:\d{2}  (?P<status>verified|unverified|"
+    r"SIZE MISMATCH)"
+)
 
 
 def listed(lines):
@@ -539,8 +574,11 @@ def test_list_backups_shows_the_offsite_block_with_its_encrypted_dumps(net, back
     found = world.listing_blocks(result.stdout)
     heading = f"Offsite ({offsite.remote}/):"
     assert heading in found, result.stdout
-    assert listed(found[heading]) == [(AGE, "verified"), ("db-2024-03-09.sql.gz.age", "SIZE MISMATCH"),
-                                      ("db-2024-03-01.sql.gz.age", "unverified")], result.stdout
+    assert listed(found[heading]) == [
+        (AGE, "verified"),
+        ("db-2024-03-09.sql.gz.age", "SIZE MISMATCH"),
+        ("db-2024-03-01.sql.gz.age", "unverified"),
+    ], result.stdout
     nas = next(lines for h, lines in found.items() if h.endswith(f"(nas:{net.nas_dir}/):"))
     assert listed(nas) == [(AGE, "verified"), ("db-2024-03-09.sql.gz.age", "verified")]
     assert len(found) == 4  # prod, pi5, nas, offsite
@@ -553,9 +591,17 @@ def test_list_backups_shows_the_offsite_block_with_its_encrypted_dumps(net, back
     assert as_json.returncode == 0, as_json.stderr
     rows = [row for row in json.loads(as_json.stdout) if row["place"] == "offsite"]
     manifest = json.loads(offsite.read(AGE + ".json"))
-    assert rows[0] == {"place": "offsite", "host": "offsite", "dir": offsite.remote.split(":", 1)[1], "name": AGE,
-                       "bytes": len(offsite.read(AGE)), "created_at": manifest["created_at"],
-                       "sha256": manifest["sha256"], "status": "verified", "pinned": False}
+    assert rows[0] == {
+        "place": "offsite",
+        "host": "offsite",
+        "dir": offsite.remote.split(":", 1)[1],
+        "name": AGE,
+        "bytes": len(offsite.read(AGE)),
+        "created_at": manifest["created_at"],
+        "sha256": manifest["sha256"],
+        "status": "verified",
+        "pinned": False,
+    }
     assert [r["name"] for r in rows] == [AGE, "db-2024-03-09.sql.gz.age", "db-2024-03-01.sql.gz.age"]
 
     only_json = run(net, "list-backups", "--json", "--only", "offsite")
@@ -574,8 +620,9 @@ def test_list_backups_a_local_directory_offsite(net, key):
 
 
 def test_list_backups_with_the_offsite_unreachable_lists_the_others_and_exits_1(net, backed_up, s3_server):
-    net.settings["RCLONE_CONFIG"] = str(s3_server.rclone_config(net.tmp / "rclone.conf",
-                                                                endpoint=f"http://127.0.0.9:{s3_server.port}"))
+    net.settings["RCLONE_CONFIG"] = str(
+        s3_server.rclone_config(net.tmp / "rclone.conf", endpoint=f"http://127.0.0.9:{s3_server.port}")
+    )
     result = run(net, "list-backups")
     assert result.returncode == 1, result.stdout + result.stderr
     found = world.listing_blocks(result.stdout)
@@ -599,8 +646,9 @@ def test_a_full_pi5_disk_while_encrypting_fails_cleanly(kw, key):
     dump_bytes = (kw.prod_dir / NAME).stat().st_size
     pi5 = kw.tmp / "pi5"
     pi5.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={dump_bytes * 3 // 2},mode=0700", "tmpfs", str(pi5)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={dump_bytes * 3 // 2},mode=0700", "tmpfs", str(pi5)], check=True
+    )
     try:
         kw.settings["AGE_RECIPIENTS"] = key[1]
         offsite = local_offsite(kw)

@@ -21,9 +21,13 @@ def test_manifest_counts_every_table_of_pagila(kw, pg, pagila_db):
 
     copy = pg.create_db("pagila_copy")
     try:
-        subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", copy],
-                       input=gzip.decompress(open(path, "rb").read()), env={**os.environ, **pg.env},
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", copy],
+            input=gzip.decompress(open(path, "rb").read()),
+            env={**os.environ, **pg.env},
+            check=True,
+            capture_output=True,
+        )
         assert pg.row_counts(copy) == real
         query = "SELECT md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {} t"
         for table in ("customer", "payment", "staff", "film", "rental"):

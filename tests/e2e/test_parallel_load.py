@@ -20,8 +20,9 @@ PROGRAM = parallel_load.__file__
 
 
 def pg_dump(pg, db, *args):
-    out = subprocess.run(["pg_dump", "--no-password", *args, db], env={**os.environ, **pg.env},
-                         capture_output=True, check=True)
+    out = subprocess.run(
+        ["pg_dump", "--no-password", *args, db], env={**os.environ, **pg.env}, capture_output=True, check=True
+    )
     return out.stdout
 
 
@@ -32,15 +33,23 @@ def load(pg, sql: bytes, jobs=4, tmp=None, gz=False):
     with open(path, "wb") as f:
         f.write(gzip.compress(sql, 1) if gz else sql)
     session = ["psql", "-X", "--no-password", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-d", name]
-    done = subprocess.run([sys.executable, PROGRAM, "--jobs", str(jobs), "--session", json.dumps(session),
-                           "--dump", path], env={**os.environ, **pg.env}, capture_output=True)
+    done = subprocess.run(
+        [sys.executable, PROGRAM, "--jobs", str(jobs), "--session", json.dumps(session), "--dump", path],
+        env={**os.environ, **pg.env},
+        capture_output=True,
+    )
     return name, done.returncode, done.stdout, done.stderr.decode()
 
 
 def single(pg, sql: bytes):
     name = pg.create_db(f"kwps_{uuid.uuid4().hex[:8]}")
-    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d", name], input=sql,
-                   env={**os.environ, **pg.env}, check=True, capture_output=True)
+    subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d", name],
+        input=sql,
+        env={**os.environ, **pg.env},
+        check=True,
+        capture_output=True,
+    )
     return name
 
 
@@ -103,18 +112,23 @@ def test_tablespace_settings_reach_every_session(pg, tmp_path):
     made = []
     try:
         pg.psql(f"CREATE TABLESPACE {space} LOCATION '{location}'")
-        pg.psql(f"CREATE TABLE a (id int PRIMARY KEY USING INDEX TABLESPACE {space}, v text) TABLESPACE {space};"
-                f"CREATE INDEX a_v ON a (v) TABLESPACE {space}; CREATE TABLE b (id int PRIMARY KEY, v text);"
-                "CREATE INDEX b_v ON b (v); INSERT INTO a SELECT i, md5(i::text) FROM generate_series(1, 3000) i;"
-                "INSERT INTO b SELECT i, md5(i::text) FROM generate_series(1, 3000) i;", source)
+        pg.psql(
+            f"CREATE TABLE a (id int PRIMARY KEY USING INDEX TABLESPACE {space}, v text) TABLESPACE {space};"
+            f"CREATE INDEX a_v ON a (v) TABLESPACE {space}; CREATE TABLE b (id int PRIMARY KEY, v text);"
+            "CREATE INDEX b_v ON b (v); INSERT INTO a SELECT i, md5(i::text) FROM generate_series(1, 3000) i;"
+            "INSERT INTO b SELECT i, md5(i::text) FROM generate_series(1, 3000) i;",
+            source,
+        )
         sql = pg_dump(pg, source)
         assert f"SET default_tablespace = {space};".encode() in sql
         name, code, _, err = load(pg, sql, 3, str(tmp_path))
         made.append(name)
         assert code == 0, err
-        where = "SELECT string_agg(relname || ':' || coalesce(t.spcname, '-'), ',' ORDER BY relname) FROM pg_class c " \
-                "LEFT JOIN pg_tablespace t ON t.oid = c.reltablespace WHERE relname IN ('a', 'a_pkey', 'a_v', 'b', " \
-                "'b_pkey', 'b_v')"
+        where = (
+            "SELECT string_agg(relname || ':' || coalesce(t.spcname, '-'), ',' ORDER BY relname) FROM pg_class c "
+            "LEFT JOIN pg_tablespace t ON t.oid = c.reltablespace WHERE relname IN ('a', 'a_pkey', 'a_v', 'b', "
+            "'b_pkey', 'b_v')"
+        )
         assert pg.psql(where, name) == f"a:{space},a_pkey:{space},a_v:{space},b:-,b_pkey:-,b_v:-"
     finally:
         for db in [source, *made]:
@@ -141,8 +155,9 @@ def test_what_cannot_be_split_runs_in_one_session_saying_so(pg, pagila_sql, tmp_
     if case == "no headers":
         sql, says = PLAIN, "loading the rest in one session, in the dump's order: no pg_dump entry header"
     elif case == "meta-command":  # a dump from before \restrict, with a meta-command psql would run
-        sql = without_restrict(pagila_sql).replace(b"\n--\n-- Data for Name: actor;", b"\n\\set kw 1\n--\n-- Data for "
-                                                   b"Name: actor;", 1)
+        sql = without_restrict(pagila_sql).replace(
+            b"\n--\n-- Data for Name: actor;", b"\n\\set kw 1\n--\n-- Data for Name: actor;", 1
+        )
         says = "loading the rest in one session, in the dump's order: a psql meta-command in the dump (\\set kw 1)"
     else:
         sql = pagila_sql.replace(b"; Type: TRIGGER; Schema: public;", b"; Type: NEW KIND; Schema: public;", 1)
@@ -180,8 +195,11 @@ def test_a_failing_session_or_a_damaged_dump_is_named(pg, pagila_sql, tmp_path, 
             pg.drop_db(name)
             name = pg.create_db(name)
             session = ["psql", "-X", "--no-password", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-d", name]
-            done = subprocess.run([sys.executable, PROGRAM, "--jobs", "3", "--session", json.dumps(session), "--dump",
-                                   str(path)], env={**os.environ, **pg.env}, capture_output=True)
+            done = subprocess.run(
+                [sys.executable, PROGRAM, "--jobs", "3", "--session", json.dumps(session), "--dump", str(path)],
+                env={**os.environ, **pg.env},
+                capture_output=True,
+            )
             code, err = done.returncode, done.stderr.decode()
             code_wanted, says = parallel_load.DAMAGED, "decompressing failed: "
         assert code == code_wanted, err

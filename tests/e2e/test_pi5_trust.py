@@ -25,8 +25,15 @@ def orchestrate(kw, *args, **kwargs):
 
 def contents(directory):
     """Every file under its final name, with its bytes."""
-    return {n: (directory / n).read_bytes() for n in sorted(os.listdir(directory))
-            if (directory / n).is_file() and not n.startswith(".")} if directory.exists() else {}
+    return (
+        {
+            n: (directory / n).read_bytes()
+            for n in sorted(os.listdir(directory))
+            if (directory / n).is_file() and not n.startswith(".")
+        }
+        if directory.exists()
+        else {}
+    )
 
 
 def errors(result):
@@ -68,9 +75,11 @@ def test_junk_whose_manifest_matches_it_is_never_promoted_or_pushed(good_nights,
     if how == "a row missing":
         without_a_row(net.prod_dir, NAME)
     else:
-        payload = {"random bytes": lambda: os.urandom(50_000),
-                   "gzip of no dump": lambda: gzip.compress(os.urandom(40_000).hex().encode()),
-                   "no completion line": lambda: sql_without_completion(net.tmp, NAME)}[how]()
+        payload = {
+            "random bytes": lambda: os.urandom(50_000),
+            "gzip of no dump": lambda: gzip.compress(os.urandom(40_000).hex().encode()),
+            "no completion line": lambda: sql_without_completion(net.tmp, NAME),
+        }[how]()
         junk(net.prod_dir, NAME, payload)
     pi5_before, nas_before = contents(net.pi5_dir), contents(net.nas_dir)
     result = orchestrate(net)
@@ -117,7 +126,8 @@ def test_the_same_bytes_under_the_same_name_are_not_a_conflict(good_nights):
     result = orchestrate(net)
     assert result.returncode == 0, result.stderr
     assert json.loads((net.pi5_dir / (NAME + ".json")).read_text()) == json.loads(
-        (net.prod_dir / (NAME + ".json")).read_text())
+        (net.prod_dir / (NAME + ".json")).read_text()
+    )
     assert (net.nas_dir / NAME).read_bytes() == (net.prod_dir / NAME).read_bytes()
 
 
@@ -174,6 +184,7 @@ def test_future_dated_dumps_neither_count_nor_go_in_rotation(net):
 
 # --- manifests that are not manifests ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("change", [{"tables": [["public.t", 1000]]}, {"bytes": "big"}, {"sha256": 42}])
 def test_a_manifest_of_the_wrong_types_fails_verification_not_in_a_traceback(good_nights, change):
     net = good_nights
@@ -206,6 +217,7 @@ def test_a_40_mb_manifest_is_refused_from_the_listing_before_it_is_fetched(good_
 
 # --- bounded memory ------------------------------------------------------------------------------
 
+
 def gzipped_line(path, head: bytes, megabytes: int) -> None:
     """A gzip file of `head` followed by one line of `megabytes` MB with no newline, streamed (never in memory)."""
     with open(path, "wb") as out:
@@ -219,17 +231,27 @@ def gzipped_line(path, head: bytes, megabytes: int) -> None:
 
 
 # Runs a command and prints its descendants' peak resident memory (KiB) on stderr's last line.
-PEAK = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-        "sys.stderr.write(f'peak {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n'); sys.exit(code)")
+PEAK = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "sys.stderr.write(f'peak {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n'); sys.exit(code)"
+)
 
 
-@pytest.mark.parametrize("head", [b"--\n-- PostgreSQL database dump\n--\n\nCOPY ",
-                                  b"--\n-- PostgreSQL database dump\n\n"], ids=["a COPY line", "another line"])
+@pytest.mark.parametrize(
+    "head",
+    [b"--\n-- PostgreSQL database dump\n--\n\nCOPY ", b"--\n-- PostgreSQL database dump\n\n"],
+    ids=["a COPY line", "another line"],
+)
 def test_one_300_mb_line_fails_verification_in_bounded_memory(kw, tmp_path, head):
     path = tmp_path / NAME
     gzipped_line(path, head, 300)
-    result = subprocess.run([world.PYTHON, "-c", PEAK, str(world.BIN / "verify-backup"), str(path)], env=kw.env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [world.PYTHON, "-c", PEAK, str(world.BIN / "verify-backup"), str(path)],
+        env=kw.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 3, result.stderr
     peak_mb = int(result.stderr.splitlines()[-1].split()[1]) // 1024
     assert peak_mb < 150, f"verify-backup peaked at {peak_mb} MB"

@@ -51,12 +51,24 @@ def laptop(net, pg, place_env, prod_install, pi5_install):
     net.settings.update(PI5_HOST="pi@pi5")
     dirs = {key: net.settings[key] for key in ("PROD_DIR", "PI5_DIR", "NAS_DIR")}
     # The remote session does not inherit the test's PG* variables: prod's settings say where PostgreSQL is.
-    net.prod_env = {"DB_EXEC": "direct", "DB_NAME": net.settings["DB_NAME"], "DB_HOST": "127.0.0.1",
-                    "DB_PORT": str(pg.port), "DB_USER": "postgres", "PROD_DIR": dirs["PROD_DIR"],
-                    "MIN_DUMP_BYTES": "1024"}
-    net.pi5_env = {"PI5_HOST": "local", "PROD_HOST": "prod", "NAS_HOST": "nas", "SSH_CONFIG": str(net.ssh.config),
-                   **dirs, "LOG_FILE": str(net.tmp / "pi5-orchestrator.log"),
-                   "MAX_DUMP_AGE_HOURS": net.settings["MAX_DUMP_AGE_HOURS"]}
+    net.prod_env = {
+        "DB_EXEC": "direct",
+        "DB_NAME": net.settings["DB_NAME"],
+        "DB_HOST": "127.0.0.1",
+        "DB_PORT": str(pg.port),
+        "DB_USER": "postgres",
+        "PROD_DIR": dirs["PROD_DIR"],
+        "MIN_DUMP_BYTES": "1024",
+    }
+    net.pi5_env = {
+        "PI5_HOST": "local",
+        "PROD_HOST": "prod",
+        "NAS_HOST": "nas",
+        "SSH_CONFIG": str(net.ssh.config),
+        **dirs,
+        "LOG_FILE": str(net.tmp / "pi5-orchestrator.log"),
+        "MAX_DUMP_AGE_HOURS": net.settings["MAX_DUMP_AGE_HOURS"],
+    }
     net.pi5_log = net.tmp / "pi5-orchestrator.log"
     place_env("prod", net.prod_env)
     place_env("pi5", pi5_settings(net))
@@ -111,7 +123,10 @@ def test_a_fresh_dump_on_prod_reaches_the_pi5_and_the_nas_verified(laptop):
     assert name in result.stderr and summary[0].split("summary", 1)[1] in result.stderr  # the pi5's output came
     listed = json.loads(laptop.run("list-backups", "--json").stdout)
     assert sorted((row["place"], row["status"]) for row in listed if row["name"] == name) == [
-        ("nas", "verified"), ("pi5", "verified"), ("prod", "verified")]
+        ("nas", "verified"),
+        ("pi5", "verified"),
+        ("prod", "verified"),
+    ]
 
 
 def test_the_orchestrators_output_streams_while_it_runs(laptop):
@@ -123,8 +138,14 @@ def test_the_orchestrators_output_streams_while_it_runs(laptop):
     nas = f"{script} {gate} {world.relay_command(laptop.ssh.places['nas'].address, 10**8)}"
     config = laptop.ssh.client_config(laptop.tmp / "pi5_ssh_config", proxy={"nas": nas})
     laptop.place_env("pi5", pi5_settings(laptop, SSH_CONFIG=str(config)))
-    proc = subprocess.Popen([str(world.BIN / "pull-prod-backups"), "--no-dump"], env=laptop.env(), text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(world.BIN / "pull-prod-backups"), "--no-dump"],
+        env=laptop.env(),
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         before = []
         for line in proc.stderr:  # with --no-dump only the orchestrator talks about the dump

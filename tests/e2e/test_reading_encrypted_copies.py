@@ -27,8 +27,11 @@ def encrypted(remote_prod, pg, db, tmp_path):
     net = remote_prod
     net.key, public = world.age_key(tmp_path)
     net.offsite_dir = tmp_path / "offsite"
-    net.settings.update(AGE_RECIPIENTS=public, OFFSITE_REMOTE=f"offsite:{net.offsite_dir}",
-                        RCLONE_CONFIG=str(net.ssh.rclone_config(tmp_path / "rclone.conf")))
+    net.settings.update(
+        AGE_RECIPIENTS=public,
+        OFFSITE_REMOTE=f"offsite:{net.offsite_dir}",
+        RCLONE_CONFIG=str(net.ssh.rclone_config(tmp_path / "rclone.conf")),
+    )
     for step in ("backup-db", "backup-orchestrator"):
         done = net.run(step, timeout=180)
         assert done.returncode == 0, done.stderr
@@ -53,8 +56,9 @@ def laptop_env(net, **extra):
 
 def test_restore_from_the_encrypted_offsite_copy(encrypted, pg, db):
     encrypted.settings["AGE_IDENTITY_FILE"] = str(encrypted.key)
-    result = encrypted.run("restore-production-db", "--from-offsite", "latest", "--yes", env=laptop_env(encrypted),
-                           timeout=180)
+    result = encrypted.run(
+        "restore-production-db", "--from-offsite", "latest", "--yes", env=laptop_env(encrypted), timeout=180
+    )
     assert result.returncode == 0, result.stderr
     assert content(pg, db) == encrypted.expected
     assert f"dump: {encrypted.age} from Offsite (offsite:" in result.stderr
@@ -84,9 +88,11 @@ def test_without_a_key_or_an_offsite_remote_it_exits_2_before_anything(encrypted
     result = encrypted.run("restore-production-db", "--from-offsite", "latest", "--yes", env=laptop_env(encrypted))
     assert result.returncode == 2 and "set AGE_IDENTITY_FILE" in result.stderr, result.stderr
     del encrypted.settings["OFFSITE_REMOTE"]
-    for script, args in (("restore-production-db", ["--from-offsite", "latest", "--yes"]),
-                         ("setup-fresh-production-db", ["--from-offsite", "--yes"]),
-                         ("backup-drill", ["--from-offsite"])):
+    for script, args in (
+        ("restore-production-db", ["--from-offsite", "latest", "--yes"]),
+        ("setup-fresh-production-db", ["--from-offsite", "--yes"]),
+        ("backup-drill", ["--from-offsite"]),
+    ):
         result = encrypted.run(script, *args, env=laptop_env(encrypted))
         assert result.returncode == 2 and "OFFSITE_REMOTE is not set" in result.stderr, (script, result.stderr)
     assert content(pg, db) == encrypted.before and prod_staging() == encrypted.staging
@@ -98,8 +104,9 @@ def test_a_damaged_offsite_copy_exits_3_and_changes_nothing(encrypted, pg, db):
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01
     copy.write_bytes(bytes(data))
-    result = encrypted.run("restore-production-db", "--from-offsite", encrypted.age, "--yes",
-                           env=laptop_env(encrypted), timeout=180)
+    result = encrypted.run(
+        "restore-production-db", "--from-offsite", encrypted.age, "--yes", env=laptop_env(encrypted), timeout=180
+    )
     assert result.returncode == 3, result.stderr
     assert "damaged" in result.stderr
     assert content(pg, db) == encrypted.before and databases(pg, db) == [db]
@@ -108,8 +115,9 @@ def test_a_damaged_offsite_copy_exits_3_and_changes_nothing(encrypted, pg, db):
 
 def test_restore_from_the_nas_and_from_a_file_decrypts_on_the_laptop(encrypted, pg, db, tmp_path):
     encrypted.settings["AGE_IDENTITY_FILE"] = str(encrypted.key)
-    result = encrypted.run("restore-production-db", "--from-nas", "latest", "--yes", env=laptop_env(encrypted),
-                           timeout=180)
+    result = encrypted.run(
+        "restore-production-db", "--from-nas", "latest", "--yes", env=laptop_env(encrypted), timeout=180
+    )
     assert result.returncode == 0, result.stderr
     assert content(pg, db) == encrypted.expected
     pg.psql("UPDATE users SET name = 'changed again'", db)
@@ -117,8 +125,14 @@ def test_restore_from_the_nas_and_from_a_file_decrypts_on_the_laptop(encrypted, 
     copied.mkdir()
     for suffix in ("", ".json"):
         shutil.copyfile(encrypted.offsite_dir / (encrypted.age + suffix), copied / (encrypted.age + suffix))
-    result = encrypted.run("restore-production-db", "--from-file", str(copied / encrypted.age), "--yes",
-                           env=laptop_env(encrypted), timeout=180)
+    result = encrypted.run(
+        "restore-production-db",
+        "--from-file",
+        str(copied / encrypted.age),
+        "--yes",
+        env=laptop_env(encrypted),
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr
     assert content(pg, db) == encrypted.expected
     assert sorted(os.listdir(copied)) == [encrypted.age, encrypted.age + ".json"]  # the file is only read
@@ -143,8 +157,9 @@ def test_drill_from_the_encrypted_offsite_copy_and_with_the_wrong_key(encrypted,
 
 def test_setup_fresh_from_the_offsite_and_as_the_last_fallback(encrypted, pg, db):
     encrypted.settings.update(AGE_IDENTITY_FILE=str(encrypted.key), DB_NAME=f"{db}_fresh")
-    result = encrypted.run("setup-fresh-production-db", "--from-offsite", "--yes", env=laptop_env(encrypted),
-                           timeout=180)
+    result = encrypted.run(
+        "setup-fresh-production-db", "--from-offsite", "--yes", env=laptop_env(encrypted), timeout=180
+    )
     assert result.returncode == 0, result.stderr
     assert content(pg, f"{db}_fresh") == encrypted.expected
 

@@ -69,8 +69,9 @@ def bare_prod(ssh_world, pg, tmp_path_factory):
     docker.write_text(f'#!/bin/sh\nexec /usr/bin/python3 {world.STANDINS / "docker"} "$@"\n')
     docker.chmod(0o755)
     # HOME: not the machine's own, whose shell start-up files may put a python3 (pyenv) on PATH
-    sshd = ssh_world.add_place("bare-prod", "127.0.0.8", str(base), {**pg.env, "STANDIN_LOG": str(base / "docker.log"),
-                                                                      "HOME": str(base)})
+    sshd = ssh_world.add_place(
+        "bare-prod", "127.0.0.8", str(base), {**pg.env, "STANDIN_LOG": str(base / "docker.log"), "HOME": str(base)}
+    )
     sshd.standin_log = base / "docker.log"
     found = ssh_world.ssh("bare-prod", "command -v python3 || echo none")
     assert found.stdout.strip() == "none", found.stdout

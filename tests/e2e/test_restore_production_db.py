@@ -24,10 +24,16 @@ from tests.damage import databases, forge_manifest, rewrite, with_sql_error
 def template_dump(pg, tmp_path_factory):
     """backup-db's dump of the Rails-like template (what every `db` starts as), made once."""
     base = tmp_path_factory.mktemp("template-dump")
-    env_file = world.write_env(base / "backup.env", {"DB_NAME": "kw_template", "DB_EXEC": "direct",
-                                                     "PROD_HOST": "local", "PROD_DIR": base / "backups"})
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("KW_", "PG", "DB_", "PROD_"))}, **pg.env,
-           "KW_BACKUP_ENV": str(env_file), "KW_BACKUP_SYSLOG": str(base / "no-syslog")}
+    env_file = world.write_env(
+        base / "backup.env",
+        {"DB_NAME": "kw_template", "DB_EXEC": "direct", "PROD_HOST": "local", "PROD_DIR": base / "backups"},
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("KW_", "PG", "DB_", "PROD_"))},
+        **pg.env,
+        "KW_BACKUP_ENV": str(env_file),
+        "KW_BACKUP_SYSLOG": str(base / "no-syslog"),
+    }
     result = world.run_script("backup-db", env=env)
     assert result.returncode == 0, result.stderr
     return Path(result.stdout.strip().splitlines()[-1])
@@ -57,8 +63,10 @@ def staging_dirs():
 
 
 def test_restores_the_dump_and_keeps_the_old_database(kw, pg, db, dumped):
-    pg.psql(f"ALTER DATABASE {db} SET statement_timeout = '5min'; CREATE ROLE kw_app_reader; "
-            f"GRANT CONNECT ON DATABASE {db} TO kw_app_reader")
+    pg.psql(
+        f"ALTER DATABASE {db} SET statement_timeout = '5min'; CREATE ROLE kw_app_reader; "
+        f"GRANT CONNECT ON DATABASE {db} TO kw_app_reader"
+    )
     try:
         result = kw.run("restore-production-db", "--local", "latest", "--yes")
         assert result.returncode == 0, result.stderr
@@ -66,8 +74,10 @@ def test_restores_the_dump_and_keeps_the_old_database(kw, pg, db, dumped):
         assert pg.psql("SELECT count(*) FROM users WHERE name = 'changed'", db) == "0"
         previous = [n for n in pg.psql("SELECT datname FROM pg_database").split() if "_before_restore_" in n]
         assert len(previous) == 1 and pg.psql("SELECT count(*) FROM orders", previous[0]) == "1500"
-        settings = pg.psql(f"SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
-                           f"WHERE datname = '{db}'")
+        settings = pg.psql(
+            f"SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+            f"WHERE datname = '{db}'"
+        )
         assert settings == "{statement_timeout=5min}"
         assert pg.psql(f"SELECT has_database_privilege('kw_app_reader', '{db}', 'CONNECT')") == "t"
         assert not leftovers(pg, db) and not staging_dirs()
@@ -117,11 +127,17 @@ def test_kill_9_mid_restore_then_a_normal_run_cleans_up(remote_prod, pg, db, big
     made = kw.run("backup-db", timeout=300)
     assert made.returncode == 0, made.stderr
     before = pg.row_counts(big_db)
-    proc = subprocess.Popen([str(world.BIN / "restore-production-db"), "--local", "latest", "--yes"], env=kw.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(world.BIN / "restore-production-db"), "--local", "latest", "--yes"],
+        env=kw.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
-    while not pg.psql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'COPY public.events%' "
-                      f"AND datname LIKE '{big_db}_restore_%'"):
+    while not pg.psql(
+        f"SELECT 1 FROM pg_stat_activity WHERE query LIKE 'COPY public.events%' AND datname LIKE '{big_db}_restore_%'"
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -149,8 +165,12 @@ def test_the_cleanup_spares_a_staging_directory_another_run_has_just_made(kw, pg
 
 
 def test_the_apps_sessions_are_ended_at_swap_time(kw, pg, db, dumped):
-    app = subprocess.Popen(["psql", "-X", "-d", db, "-c", "SELECT pg_sleep(600)"], env={**os.environ, **pg.env},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    app = subprocess.Popen(
+        ["psql", "-X", "-d", db, "-c", "SELECT pg_sleep(600)"],
+        env={**os.environ, **pg.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 30
     while not pg.psql(f"SELECT 1 FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE '%pg_sleep%'"):
         assert time.monotonic() < deadline
@@ -189,8 +209,10 @@ def test_stop_app_starts_it_again_also_on_failure(kw, pg, db, dumped):
     rewrite(dumped, with_sql_error)
     result = kw.run("restore-production-db", "--local", "latest", "--yes", "--stop-app")
     assert result.returncode == 1
-    assert world.standin_calls(kw.standin_log) == [["kamal", "app", "stop", "-d", "production"],
-                                                   ["kamal", "app", "start", "-d", "production"]]
+    assert world.standin_calls(kw.standin_log) == [
+        ["kamal", "app", "stop", "-d", "production"],
+        ["kamal", "app", "start", "-d", "production"],
+    ]
 
 
 @pytest.mark.parametrize("jobs", ["1", None])
@@ -261,8 +283,11 @@ def test_not_enough_disk_on_prod_stops_before_changing_anything(kw, tmp_path):
     try:
         small.start()
         small.create_db("kw_small")
-        small.psql(world.RAILS_SCHEMA + "CREATE TABLE blobs AS SELECT repeat(md5(i::text), 30) AS v "
-                   "FROM generate_series(1, 30000) i;", "kw_small")
+        small.psql(
+            world.RAILS_SCHEMA + "CREATE TABLE blobs AS SELECT repeat(md5(i::text), 30) AS v "
+            "FROM generate_series(1, 30000) i;",
+            "kw_small",
+        )
         kw.settings["DB_NAME"] = "kw_small"
         env = kw.env(PGHOST=str(small.sockets), PGPORT=str(small.port))
         assert kw.run("backup-db", env=env).returncode == 0
@@ -284,9 +309,16 @@ def test_not_enough_disk_on_prod_stops_before_changing_anything(kw, tmp_path):
 def run_on_a_terminal(kw, answer: str, *args: str) -> tuple[int, str]:
     """Run the script with a pseudo-terminal as stdin, typing `answer` at its prompt."""
     import pty
+
     main_fd, child_fd = pty.openpty()
-    proc = subprocess.Popen([str(world.BIN / "restore-production-db"), *args], env=kw.env(), stdin=child_fd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(world.BIN / "restore-production-db"), *args],
+        env=kw.env(),
+        stdin=child_fd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     os.close(child_fd)
     os.write(main_fd, answer.encode() + b"\n")
     out, err = proc.communicate(timeout=120)
@@ -311,9 +343,13 @@ def test_two_restores_at_once(remote_prod, pg, big_db, tmp_path):
     kw = remote_prod
     kw.settings["DB_NAME"] = big_db
     assert kw.run("backup-db", timeout=300).returncode == 0
-    first = subprocess.Popen([str(world.BIN / "restore-production-db"), "--local", "latest", "--yes",
-                              "--drop-previous"], env=kw.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        [str(world.BIN / "restore-production-db"), "--local", "latest", "--yes", "--drop-previous"],
+        env=kw.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not pg.psql(f"SELECT 1 FROM pg_stat_activity WHERE datname LIKE '{big_db}_restore_%'"):
         assert time.monotonic() < deadline
@@ -347,8 +383,12 @@ def test_a_dump_from_a_newer_pg_dump_is_refused(kw, pg, db, dumped):
 
 
 def test_a_missing_extension_is_named_before_loading(kw, pg, db, dumped):
-    rewrite(dumped, lambda sql: sql.replace(b"\nCREATE TABLE", b"\nCREATE EXTENSION IF NOT EXISTS kw_no_such_ext "
-                                            b"WITH SCHEMA public;\n\nCREATE TABLE", 1))
+    rewrite(
+        dumped,
+        lambda sql: sql.replace(
+            b"\nCREATE TABLE", b"\nCREATE EXTENSION IF NOT EXISTS kw_no_such_ext WITH SCHEMA public;\n\nCREATE TABLE", 1
+        ),
+    )
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 1 and "extensions kw_no_such_ext" in result.stderr
     assert not leftovers(pg, db)
@@ -357,8 +397,10 @@ def test_a_missing_extension_is_named_before_loading(kw, pg, db, dumped):
 def test_stop_app_around_a_good_restore(kw, pg, db, dumped):
     result = kw.run("restore-production-db", "--local", "latest", "--yes", "--stop-app")
     assert result.returncode == 0, result.stderr
-    assert world.standin_calls(kw.standin_log) == [["kamal", "app", "stop", "-d", "production"],
-                                                   ["kamal", "app", "start", "-d", "production"]]
+    assert world.standin_calls(kw.standin_log) == [
+        ["kamal", "app", "stop", "-d", "production"],
+        ["kamal", "app", "start", "-d", "production"],
+    ]
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
 
 
@@ -372,31 +414,39 @@ def test_from_the_pi5_when_it_is_local(kw, pg, db, dumped):
     assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
 
 
-ROLES = ['kw app, reader', 'kw "quoted" role', "kw o'brien"]
+ROLES = ["kw app, reader", 'kw "quoted" role', "kw o'brien"]
 
 
 def carried(pg, dbname):
     """What a restore carries over: per-role and database settings, grants (exploded), owner, connection limit."""
-    return pg.psql(
-        "SELECT coalesce(setrole::regrole::text, '-') || ' ' || setconfig::text FROM pg_db_role_setting s "
-        f"JOIN pg_database d ON d.oid = s.setdatabase WHERE datname = '{dbname}' ORDER BY 1"), pg.psql(
-        "SELECT string_agg(format('%s %s %s', CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, "
-        "a.privilege_type, a.is_grantable), '; ' ORDER BY 1) FROM pg_database d, aclexplode(d.datacl) a "
-        f"WHERE datname = '{dbname}'"), pg.psql(
-        f"SELECT datdba::regrole::text || ' ' || datconnlimit FROM pg_database WHERE datname = '{dbname}'")
+    return (
+        pg.psql(
+            "SELECT coalesce(setrole::regrole::text, '-') || ' ' || setconfig::text FROM pg_db_role_setting s "
+            f"JOIN pg_database d ON d.oid = s.setdatabase WHERE datname = '{dbname}' ORDER BY 1"
+        ),
+        pg.psql(
+            "SELECT string_agg(format('%s %s %s', "
+            "CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, "
+            "a.privilege_type, a.is_grantable), '; ' ORDER BY 1) FROM pg_database d, aclexplode(d.datacl) a "
+            f"WHERE datname = '{dbname}'"
+        ),
+        pg.psql(f"SELECT datdba::regrole::text || ' ' || datconnlimit FROM pg_database WHERE datname = '{dbname}'"),
+    )
 
 
 def test_settings_grants_and_owner_are_carried_over_by_the_server(kw, pg, db, dumped):
     quoted = ['"' + r.replace('"', '""') + '"' for r in ROLES]
     pg.psql("; ".join(f"CREATE ROLE {q}" for q in quoted))
     try:
-        pg.psql(f"ALTER DATABASE {db} SET search_path = app, public;"
-                f"ALTER DATABASE {db} SET statement_timeout = '5min';"
-                f"ALTER ROLE {quoted[0]} IN DATABASE {db} SET work_mem = '8MB';"
-                f"ALTER ROLE {quoted[2]} IN DATABASE {db} SET search_path = \"my schema\", public;"
-                f"REVOKE ALL ON DATABASE {db} FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO {', '.join(quoted)};"
-                f"GRANT CREATE ON DATABASE {db} TO {quoted[1]} WITH GRANT OPTION;"
-                f"ALTER DATABASE {db} OWNER TO {quoted[1]}; ALTER DATABASE {db} CONNECTION LIMIT 40")
+        pg.psql(
+            f"ALTER DATABASE {db} SET search_path = app, public;"
+            f"ALTER DATABASE {db} SET statement_timeout = '5min';"
+            f"ALTER ROLE {quoted[0]} IN DATABASE {db} SET work_mem = '8MB';"
+            f'ALTER ROLE {quoted[2]} IN DATABASE {db} SET search_path = "my schema", public;'
+            f"REVOKE ALL ON DATABASE {db} FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO {', '.join(quoted)};"
+            f"GRANT CREATE ON DATABASE {db} TO {quoted[1]} WITH GRANT OPTION;"
+            f"ALTER DATABASE {db} OWNER TO {quoted[1]}; ALTER DATABASE {db} CONNECTION LIMIT 40"
+        )
         before = carried(pg, db)
         assert "search_path=app, public" in before[0] and "kw o'brien" in before[1]
         result = kw.run("restore-production-db", "--local", "latest", "--yes")
@@ -432,11 +482,14 @@ def test_latest_passes_over_a_bad_newest_dump_saying_which_and_why(kw, pg, db, d
     assert pg.row_counts(db) == {"public.t": 10}
 
 
-@pytest.mark.parametrize("damage, says", [
-    ("flip", "sha256 differs from the manifest's"),  # same size, other bytes: the listing cannot tell
-    ("truncate-unverified", "corrupt gzip stream"),  # no manifest: the whole gzip stream is read on prod
-    ("incomplete-unverified", "incomplete dump: pg_dump's completion line is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ("flip", "sha256 differs from the manifest's"),  # same size, other bytes: the listing cannot tell
+        ("truncate-unverified", "corrupt gzip stream"),  # no manifest: the whole gzip stream is read on prod
+        ("incomplete-unverified", "incomplete dump: pg_dump's completion line is missing"),
+    ],
+)
 def test_a_bad_dump_is_named_on_prod_with_exit_3_before_anything(kw, pg, db, dumped, damage, says):
     data = bytearray(open(dumped, "rb").read())
     if damage == "flip":
@@ -458,8 +511,13 @@ def test_a_bad_dump_is_named_on_prod_with_exit_3_before_anything(kw, pg, db, dum
 def test_a_restore_running_from_another_machine_holds_prod_exit_4_changing_nothing(kw, pg, db, dumped):
     """Another machine's run holds the server's lock and has a half-made database: neither is touched."""
     half = pg.create_db(f"{db}_restore_20240101000000")
-    holder = subprocess.Popen(["psql", "-X", "-q", "-At", "-d", "postgres"], env={**os.environ, **pg.env},
-                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        ["psql", "-X", "-q", "-At", "-d", "postgres"],
+        env={**os.environ, **pg.env},
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     holder.stdin.write(f"SELECT pg_advisory_lock(hashtext('kw-backup restore'), hashtext('{db}')) IS NULL;\n")
     holder.stdin.flush()
     assert holder.stdout.readline().strip() == "f"  # pg_advisory_lock returns void: held
@@ -480,9 +538,15 @@ def test_a_restore_running_from_another_machine_holds_prod_exit_4_changing_nothi
 
 def start_restore(kw, *args):
     """restore-production-db in its own session (a terminal of its own), its stderr lines collected as they come."""
-    proc = subprocess.Popen([str(world.BIN / "restore-production-db"), "--local", "latest", "--yes", *args],
-                            env=kw.env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(world.BIN / "restore-production-db"), "--local", "latest", "--yes", *args],
+        env=kw.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     proc.lines = []
     threading.Thread(target=lambda: proc.lines.extend(proc.stderr), daemon=True).start()
     return proc
@@ -545,8 +609,13 @@ class ServerLock:
     """A session holding a lock on DB_NAME's catalog entry (as COMMENT takes it), so the swap waits on the server."""
 
     def __init__(self, pg, db):
-        self.proc = subprocess.Popen(["psql", "-X", "-q", "-At", "-d", "postgres"], env={**os.environ, **pg.env},
-                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            ["psql", "-X", "-q", "-At", "-d", "postgres"],
+            env={**os.environ, **pg.env},
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self.proc.stdin.write(f"BEGIN; COMMENT ON DATABASE {db} IS 'held'; SELECT 'held';\n")
         self.proc.stdin.flush()
         assert self.proc.stdout.readline().strip() == "held"
@@ -558,8 +627,10 @@ class ServerLock:
 
 
 def swap_waiting(pg) -> bool:
-    return pg.psql("SELECT 1 FROM pg_stat_activity WHERE application_name = 'kw-backup swap' "
-                   "AND wait_event_type = 'Lock'") == "1"
+    return (
+        pg.psql("SELECT 1 FROM pg_stat_activity WHERE application_name = 'kw-backup swap' AND wait_event_type = 'Lock'")
+        == "1"
+    )
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP", "SIGTERM", "dropped link"])

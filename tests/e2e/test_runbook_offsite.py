@@ -22,8 +22,11 @@ def runbook_c() -> str:
 def test_runbook_c_restores_production_from_the_offsite_copy_alone(kw, pg, db, ssh_world, tmp_path):
     identity, public = world.age_key(tmp_path, "vault-note.txt")  # what Bitwarden holds
     offsite_dir = tmp_path / "offsite"
-    kw.settings.update(AGE_RECIPIENTS=public, RCLONE_CONFIG=str(ssh_world.rclone_config(tmp_path / "rclone.conf")),
-                       OFFSITE_REMOTE=f"offsite:{offsite_dir}")
+    kw.settings.update(
+        AGE_RECIPIENTS=public,
+        RCLONE_CONFIG=str(ssh_world.rclone_config(tmp_path / "rclone.conf")),
+        OFFSITE_REMOTE=f"offsite:{offsite_dir}",
+    )
     for step in ("backup-db", "backup-orchestrator"):
         result = kw.run(step)
         assert result.returncode == 0, result.stderr
@@ -43,8 +46,15 @@ def test_runbook_c_restores_production_from_the_offsite_copy_alone(kw, pg, db, s
     controller, terminal = os.openpty()
     try:
         os.write(controller, f"{db}\n".encode())
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", runbook_c()], cwd=world.ROOT, env=env,
-                                stdin=terminal, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", runbook_c()],
+            cwd=world.ROOT,
+            env=env,
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         os.close(terminal)
         os.close(controller)

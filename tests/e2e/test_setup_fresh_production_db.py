@@ -147,9 +147,14 @@ def test_from_ssh(fresh, pg, db):
     assert_nothing_left(fresh)
 
 
-@pytest.mark.parametrize("given, status", [("old-prod:/tmp/x.sql.gz; touch /tmp/pwned", 1),
-                                           ("-oProxyCommand=touch /tmp/pwned:/tmp/x.sql.gz", 2),
-                                           ("old-prod:relative/x.sql.gz", 2)])
+@pytest.mark.parametrize(
+    "given, status",
+    [
+        ("old-prod:/tmp/x.sql.gz; touch /tmp/pwned", 1),
+        ("-oProxyCommand=touch /tmp/pwned:/tmp/x.sql.gz", 2),
+        ("old-prod:relative/x.sql.gz", 2),
+    ],
+)
 def test_from_ssh_refuses_what_is_not_user_host_path_and_runs_no_shell(fresh, pg, db, given, status):
     result = run(fresh, "--from-ssh", given, "--yes")
     assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
@@ -236,9 +241,15 @@ def test_a_failure_leaves_nothing_behind(fresh, pg, db, damage, status, says):
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
 def test_a_signal_mid_restore_cleans_up_and_exits_128_plus_n(fresh, pg, db, signum):
     place_real_dump(fresh, fresh.nas_dir)
-    proc = subprocess.Popen([str(world.BIN / "setup-fresh-production-db"), "--yes"],
-                            env=fresh.env(TMPDIR=fresh.laptop_tmp), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(world.BIN / "setup-fresh-production-db"), "--yes"],
+        env=fresh.env(TMPDIR=fresh.laptop_tmp),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)

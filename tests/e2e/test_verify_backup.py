@@ -62,6 +62,7 @@ def test_dump_without_manifest_is_unverified_but_checked(kw, dump, tmp_path):
 
 def test_plain_sql_migration_dump(kw, dump, tmp_path):
     import gzip
+
     sql = tmp_path / "kw_app_production-20260118-000001.sql"
     sql.write_bytes(gzip.decompress(dump.read_bytes()))
     assert kw.run("verify-backup", str(sql)).returncode == 0

@@ -49,8 +49,9 @@ def damage(copy, how):
 def test_without_the_key_size_and_sha256_only(kw, copy):
     result = kw.run("verify-backup", str(copy))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"OK {copy}: verified (encrypted; size and sha256 only: "
-                                    "AGE_IDENTITY_FILE checks the content)")
+    assert result.stdout.startswith(
+        f"OK {copy}: verified (encrypted; size and sha256 only: AGE_IDENTITY_FILE checks the content)"
+    )
     assert f"{len(world.RAILS_TABLE_ROWS)} tables, {ROWS} rows" in result.stdout  # the manifest's counts
 
 
@@ -79,8 +80,10 @@ def test_the_wrong_key_exits_1_with_one_clear_line(kw, copy, tmp_path):
     assert copy.read_bytes() == before
 
 
-@pytest.mark.parametrize("how,key", [("bit flip", False), ("bit flip", True), ("truncated", False),
-                                     ("truncated", True), ("recipient stanza", True)])
+@pytest.mark.parametrize(
+    "how,key",
+    [("bit flip", False), ("bit flip", True), ("truncated", False), ("truncated", True), ("recipient stanza", True)],
+)
 def test_a_damaged_copy_exits_3(kw, dump, copy, how, key):
     if key:
         kw.settings["AGE_IDENTITY_FILE"] = str(kw.key)
@@ -102,8 +105,10 @@ def test_without_a_manifest(kw, copy):
     kw.settings["AGE_IDENTITY_FILE"] = str(kw.key)
     keyed = kw.run("verify-backup", str(copy))
     assert keyed.returncode == 0, keyed.stderr
-    assert keyed.stdout.startswith(f"OK {copy}: unverified (encrypted; content checked)") and f"{ROWS} rows" in \
-        keyed.stdout
+    assert (
+        keyed.stdout.startswith(f"OK {copy}: unverified (encrypted; content checked)")
+        and f"{ROWS} rows" in keyed.stdout
+    )
 
 
 @pytest.mark.parametrize("key", [False, True])
@@ -116,8 +121,11 @@ def test_json_says_encrypted(kw, dump, copy, key):
     assert plain["encrypted"] is False and plain["path"] == str(dump)
     manifest = dumps.read_manifest(copy)
     assert encrypted["encrypted"] is True and encrypted["path"] == str(copy)
-    assert (encrypted["status"], encrypted["bytes"], encrypted["sha256"]) == \
-        ("verified", copy.stat().st_size, manifest.sha256)
+    assert (encrypted["status"], encrypted["bytes"], encrypted["sha256"]) == (
+        "verified",
+        copy.stat().st_size,
+        manifest.sha256,
+    )
     assert encrypted["tables"] == world.RAILS_TABLE_ROWS
 
 

@@ -30,8 +30,10 @@ def test_with_the_key_the_content_too(kw, copy):
     result = kw.run("verify-backup", str(copy))
     assert result.returncode == 0, result.stderr
     rows = sum(world.RAILS_TABLE_ROWS.values())
-    assert result.stdout.startswith(f"OK {copy}: verified (encrypted; content checked)") and f"{rows} rows" in \
-        result.stdout
+    assert (
+        result.stdout.startswith(f"OK {copy}: verified (encrypted; content checked)")
+        and f"{rows} rows" in result.stdout
+    )
     quick = kw.run("verify-backup", "--quick", "--json", str(copy))
     assert quick.returncode == 0, quick.stderr
     report = json.loads(quick.stdout)

@@ -29,8 +29,12 @@ sys.exit(cli.guard(body))
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_runs_the_cleanup_and_exits_128_plus_the_signal(tmp_path, signum):
     marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", BODY.format(lib=str(ROOT / "lib"), marker=str(marker))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BODY.format(lib=str(ROOT / "lib"), marker=str(marker))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signum)
     time.sleep(0.1)
@@ -61,8 +65,12 @@ sys.exit(cli.guard(body))
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
 def test_a_signal_during_a_shielded_step_takes_effect_after_it(tmp_path, signum):
     marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", SHIELDED.format(lib=str(ROOT / "lib"), marker=str(marker))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHIELDED.format(lib=str(ROOT / "lib"), marker=str(marker))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signum)
     proc.communicate(timeout=30)

@@ -71,6 +71,7 @@ def describe(path):
 
 # --- encrypting --------------------------------------------------------------------------------------
 
+
 def test_the_copy_and_its_manifest_for_two_recipients(source, keys, tmp_path):
     publics = crypto.recipients(load(tmp_path, AGE_RECIPIENTS=" ".join(public for _, public in keys)))
     copy = encrypt(source, publics, tmp_path)
@@ -83,19 +84,27 @@ def test_the_copy_and_its_manifest_for_two_recipients(source, keys, tmp_path):
     data = copy.read_bytes()
     assert (written["file"], written["bytes"]) == (AGE, len(data))
     assert written["sha256"] == dumps.verify_file(copy, whole=False).sha256
-    assert written["encryption"] == {"method": "age", "recipients": [public for _, public in keys],
-                                     "plain_file": NAME, "plain_bytes": source.stat().st_size,
-                                     "plain_sha256": plain.sha256}
+    assert written["encryption"] == {
+        "method": "age",
+        "recipients": [public for _, public in keys],
+        "plain_file": NAME,
+        "plain_bytes": source.stat().st_size,
+        "plain_sha256": plain.sha256,
+    }
     assert all(key.startswith("age1") for key in written["encryption"]["recipients"])
     # Everything else about the dump is carried over: list-backups shows it without the key.
-    assert (written["tables"], written["database"], written["created_at"]) == \
-        (plain.tables, plain.database, plain.created_at)
+    assert (written["tables"], written["database"], written["created_at"]) == (
+        plain.tables,
+        plain.database,
+        plain.created_at,
+    )
     assert "AGE-SECRET-KEY" not in text.upper()
     assert dumps.read_manifest(copy).plain() == plain
 
     for identity, _ in keys:  # either recipient reads it with age alone, as in a disaster
-        decrypted = subprocess.run(["age", "--decrypt", "-i", str(identity), str(copy)], capture_output=True,
-                                   check=True)
+        decrypted = subprocess.run(
+            ["age", "--decrypt", "-i", str(identity), str(copy)], capture_output=True, check=True
+        )
         assert decrypted.stdout == source.read_bytes()
 
 
@@ -123,6 +132,7 @@ def test_a_bad_recipient_fails_and_leaves_nothing(source, tmp_path):
 
 
 # --- decrypting --------------------------------------------------------------------------------------
+
 
 def test_decrypt_file_gives_the_identical_dump_with_its_plain_manifest(source, keys, tmp_path, work):
     copy = encrypt(source, [public for _, public in keys], tmp_path)
@@ -171,8 +181,15 @@ def test_an_unusable_identity_file_is_a_usage_error(source, keys, tmp_path, work
         crypto.verify(copy, str(bad))
 
 
-DAMAGE = ["truncated in the payload", "truncated in the header", "truncated to nothing", "bit flip in the payload",
-          "bit flip in the last byte", "bit flip in the header MAC", "recipient stanza changed"]
+DAMAGE = [
+    "truncated in the payload",
+    "truncated in the header",
+    "truncated to nothing",
+    "bit flip in the payload",
+    "bit flip in the last byte",
+    "bit flip in the header MAC",
+    "recipient stanza changed",
+]
 
 
 def damage(copy, how):
@@ -222,6 +239,7 @@ def test_a_copy_that_decrypts_to_other_bytes_gets_no_plain_manifest(source, keys
 
 # --- verifying ---------------------------------------------------------------------------------------
 
+
 def test_verify_without_the_key_with_it_and_quick(source, keys, tmp_path):
     copy = encrypt(source, [keys[0][1]], tmp_path)
     manifest = dumps.read_manifest(copy)
@@ -229,8 +247,12 @@ def test_verify_without_the_key_with_it_and_quick(source, keys, tmp_path):
     assert (without.status, without.size, without.sha256) == ("verified", copy.stat().st_size, manifest.sha256)
     assert without.tables == {"public.t": ROWS}  # the manifest's: nothing was decrypted
     whole = crypto.verify(copy, str(keys[0][0]))
-    assert (whole.status, whole.size, whole.sha256, whole.tables) == \
-        ("verified", copy.stat().st_size, manifest.sha256, {"public.t": ROWS})
+    assert (whole.status, whole.size, whole.sha256, whole.tables) == (
+        "verified",
+        copy.stat().st_size,
+        manifest.sha256,
+        {"public.t": ROWS},
+    )
     # quick never decrypts: even a key that cannot read the copy passes it.
     assert crypto.verify(copy, str(keys[1][0]), quick=True).status == "verified"
 
@@ -271,14 +293,18 @@ def test_verify_with_the_key_checks_the_content(keys, tmp_path, inside):
     describe(source)
     copy = encrypt(source, [keys[0][1]], tmp_path)
     assert crypto.verify(copy, None).status == "verified"  # size and sha256 alone cannot see inside
-    expected = {"an incomplete dump": "incomplete dump", "a corrupt gzip stream": "corrupt gzip stream",
-                "other row counts": "row counts differ"}[inside]
+    expected = {
+        "an incomplete dump": "incomplete dump",
+        "a corrupt gzip stream": "corrupt gzip stream",
+        "other row counts": "row counts differ",
+    }[inside]
     with pytest.raises(VerificationError, match=expected) as caught:
         crypto.verify(copy, str(keys[0][0]))
     assert caught.value.exit_status == 3
 
 
 # --- the identity setting ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def warnings():

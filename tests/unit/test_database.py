@@ -19,16 +19,54 @@ def no_env_file(monkeypatch, tmp_path):
 
 def test_docker_dump_and_restore_command_lines():
     db = Database(make(DB_EXEC="docker", DB_NAME="kw_app_production"))
-    assert db.dump().argv == ["docker", "exec", "-i", "kw-app-postgres", "pg_dump", "-U", "postgres",
-                              "--no-password", "--format=plain", "kw_app_production"]
-    assert db.psql("kw_new").argv == ["docker", "exec", "-i", "kw-app-postgres", "psql", "-U", "postgres",
-                                      "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "kw_new"]
+    assert db.dump().argv == [
+        "docker",
+        "exec",
+        "-i",
+        "kw-app-postgres",
+        "pg_dump",
+        "-U",
+        "postgres",
+        "--no-password",
+        "--format=plain",
+        "kw_app_production",
+    ]
+    assert db.psql("kw_new").argv == [
+        "docker",
+        "exec",
+        "-i",
+        "kw-app-postgres",
+        "psql",
+        "-U",
+        "postgres",
+        "--no-password",
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        "kw_new",
+    ]
 
 
 def test_kamal_command_lines_quote_for_kamals_remote_shell():
     db = Database(make(DB_EXEC="kamal", KAMAL_DESTINATION="staging", KAMAL_ACCESSORY="db"))
-    assert db.dump().argv == ["kamal", "accessory", "exec", "--reuse", "--raw", "-d", "staging", "db",
-                              "pg_dump", "-U", "postgres", "--no-password", "--format=plain", "kw_app_production"]
+    assert db.dump().argv == [
+        "kamal",
+        "accessory",
+        "exec",
+        "--reuse",
+        "--raw",
+        "-d",
+        "staging",
+        "db",
+        "pg_dump",
+        "-U",
+        "postgres",
+        "--no-password",
+        "--format=plain",
+        "kw_app_production",
+    ]
     assert db.psql("kw_new").argv[:8] == ["kamal", "accessory", "exec", "--reuse", "-i", "-d", "staging", "db"]
 
 
@@ -49,8 +87,10 @@ def test_docker_on_a_remote_prod_goes_through_ssh_with_batch_mode():
     prod = Place("prod", "ubuntu@146.59.44.70", "/var/backups/kw-app", 2, "/etc/kw-backup/ssh_config")
     cmd = Database(make(DB_EXEC="docker"), prod).psql("kw_x")
     assert cmd.argv[:2] == ["ssh", "-F"] and "BatchMode=yes" in cmd.argv and "ConnectTimeout=10" in cmd.argv
-    assert cmd.argv[-2:] == ["ubuntu@146.59.44.70", "docker exec -i kw-app-postgres psql -U postgres "
-                             "--no-password -X -q -v ON_ERROR_STOP=1 -d kw_x"]
+    assert cmd.argv[-2:] == [
+        "ubuntu@146.59.44.70",
+        "docker exec -i kw-app-postgres psql -U postgres --no-password -X -q -v ON_ERROR_STOP=1 -d kw_x",
+    ]
 
 
 def test_no_password_ever_reaches_a_command_line(monkeypatch):

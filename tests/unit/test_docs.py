@@ -25,11 +25,16 @@ def sections(text: str) -> dict[str, str]:
 
 
 def flags_in_help(script: str) -> set[str]:
-    out = subprocess.run([sys.executable, str(ROOT / "bin" / script), "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bin" / script), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     # An option line of argparse's help: indented, starts with a dash; its description follows two spaces.
-    return {flag for line in out.splitlines() if re.match(r"\s+-", line)
-            for flag in re.findall(r"--[a-z][a-z0-9-]*", re.split(r"(?<=\S)\s{2,}", line.strip(), maxsplit=1)[0])}
+    return {
+        flag
+        for line in out.splitlines()
+        if re.match(r"\s+-", line)
+        for flag in re.findall(r"--[a-z][a-z0-9-]*", re.split(r"(?<=\S)\s{2,}", line.strip(), maxsplit=1)[0])
+    }
 
 
 def mentions(text: str, flag: str) -> bool:
@@ -44,8 +49,11 @@ def test_every_flag_of_a_script_is_in_its_reference_section(script):
     common = ref["Every"]
     flags = flags_in_help(script)
     assert flags >= {"--help", "--env-file"}
-    missing = [f for f in sorted(flags) if not mentions(ref[f"bin/{script}"], f)
-               and not (f in COMMON_FLAGS and mentions(common, f))]
+    missing = [
+        f
+        for f in sorted(flags)
+        if not mentions(ref[f"bin/{script}"], f) and not (f in COMMON_FLAGS and mentions(common, f))
+    ]
     assert not missing, f"bin/{script} --help has flags docs/reference.md does not describe: {missing}"
 
 
@@ -78,8 +86,10 @@ def test_links_resolve_inside_the_repository(doc):
         if "#" in target:
             anchor = target.split("#", 1)[1]
             heads = (doc.parent / path).read_text() if path else text
-            slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-                     for h in re.findall(r"^#+ (.*)$", heads, flags=re.M)}
+            slugs = {
+                re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.*)$", heads, flags=re.M)
+            }
             assert anchor in slugs, f"{doc.name}: no heading for #{anchor} in {path or doc.name}"
 
 

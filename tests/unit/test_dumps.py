@@ -12,9 +12,9 @@ SQL = (
     b"-- Dumped from database version 15.18 (Debian 15.18-0+deb12u1)\n-- Dumped by pg_dump version 15.18\n\n"
     b"CREATE FUNCTION public.f() RETURNS text LANGUAGE sql AS $$\nSELECT 'COPY x FROM stdin;'\n$$;\n"
     b"COPY public.users (id, email) FROM stdin;\n1\ta@b\n2\tline\\nbreak \\\\. not an end\n3\t\\.x\n\\.\n\n"
-    b"COPY public.\"Odd \"\"Name\"\" table\" (id, \"za\xc5\xbc\") FROM stdin;\n1\tg\xc4\x99\xc5\x9b\n\\.\n\n"
+    b'COPY public."Odd ""Name"" table" (id, "za\xc5\xbc") FROM stdin;\n1\tg\xc4\x99\xc5\x9b\n\\.\n\n'
     b"COPY public.empty (id) FROM stdin;\n\\.\n\n"
-    b"COPY \"we.ird\".t FROM stdin;\n" + b"".join(b"%d\t%s\n" % (i, b"x" * (i % 50)) for i in range(500)) + b"\\.\n\n"
+    b'COPY "we.ird".t FROM stdin;\n' + b"".join(b"%d\t%s\n" % (i, b"x" * (i % 50)) for i in range(500)) + b"\\.\n\n"
     b"SELECT pg_catalog.setval('public.users_id_seq', 3, true);\n\n"
     b"--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc\n\n"
 )
@@ -25,7 +25,7 @@ def scan(data: bytes, sizes) -> dumps.DumpScanner:
     scanner = dumps.DumpScanner()
     pos = 0
     for size in sizes:
-        scanner(data[pos:pos + size])
+        scanner(data[pos : pos + size])
         pos += size
     scanner(data[pos:])
     scanner.end()
@@ -49,19 +49,27 @@ def test_any_chunking_gives_the_same_counts():
         assert scan(SQL, sizes).tables == TABLES
 
 
-@pytest.mark.parametrize("ending", [
-    b"--\n-- PostgreSQL database dump complete\n--\n",
-    b"-- PostgreSQL database dump complete\n",
-    b"--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict Zx9\n\n",
-])
+@pytest.mark.parametrize(
+    "ending",
+    [
+        b"--\n-- PostgreSQL database dump complete\n--\n",
+        b"-- PostgreSQL database dump complete\n",
+        b"--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict Zx9\n\n",
+    ],
+)
 def test_completion_line_as_last_meaningful_line(ending):
     assert dumps.completion_problem(b"SELECT 1;\n" + ending) is None
 
 
-@pytest.mark.parametrize("ending", [
-    b"SELECT 1;\n", b"", b"-- PostgreSQL database dump complete\nSELECT 1;\n",
-    b"-- PostgreSQL database dump complete\n\\unrestrict\n\\connect x\n",
-])
+@pytest.mark.parametrize(
+    "ending",
+    [
+        b"SELECT 1;\n",
+        b"",
+        b"-- PostgreSQL database dump complete\nSELECT 1;\n",
+        b"-- PostgreSQL database dump complete\n\\unrestrict\n\\connect x\n",
+    ],
+)
 def test_missing_completion_line(ending):
     assert dumps.completion_problem(ending) is not None
 
@@ -77,8 +85,17 @@ def make_dump(tmp_path, data=SQL, name="db-2024-01-15.sql.gz", manifest=True):
     path.write_bytes(gzip.compress(data))
     if manifest:
         import hashlib
-        m = dumps.Manifest(name, path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
-                           "2024-01-15T02:00:00Z", "kw", "15.18", "15.18", TABLES)
+
+        m = dumps.Manifest(
+            name,
+            path.stat().st_size,
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            "2024-01-15T02:00:00Z",
+            "kw",
+            "15.18",
+            "15.18",
+            TABLES,
+        )
         (tmp_path / (name + ".json")).write_bytes(m.to_json())
     return path
 
@@ -114,9 +131,14 @@ def test_verify_incomplete_dump_in_an_intact_gzip(tmp_path):
         dumps.verify_file(path)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("bytes", 1, "size"), ("sha256", "0" * 64, "sha256"), ("tables", {"public.users": 4}, "row counts"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("bytes", 1, "size"),
+        ("sha256", "0" * 64, "sha256"),
+        ("tables", {"public.users": 4}, "row counts"),
+    ],
+)
 def test_verify_against_manifest(tmp_path, field, value, message):
     path = make_dump(tmp_path)
     manifest_path = tmp_path / (path.name + ".json")
@@ -147,18 +169,43 @@ def test_table_keys():
 
 # --- manifests are validated before anything trusts them ------------------------------------------
 
-GOOD_MANIFEST = {"file": "db-2024-01-15.sql.gz", "bytes": 10, "sha256": "a" * 64, "created_at": "2024-01-15T02:00:00Z",
-                 "database": "kw", "server_version": "15.18", "pg_dump_version": "15.18",
-                 "tables": {"public.users": 3}, "tool_version": "1"}
+GOOD_MANIFEST = {
+    "file": "db-2024-01-15.sql.gz",
+    "bytes": 10,
+    "sha256": "a" * 64,
+    "created_at": "2024-01-15T02:00:00Z",
+    "database": "kw",
+    "server_version": "15.18",
+    "pg_dump_version": "15.18",
+    "tables": {"public.users": 3},
+    "tool_version": "1",
+}
 
 
-@pytest.mark.parametrize("change", [
-    {"tables": [["public.users", 3]]}, {"tables": {"public.users": "3"}}, {"tables": {"public.users": -1}},
-    {"tables": {"public.users": True}}, {"tables": None}, {"bytes": "10"}, {"bytes": -1}, {"bytes": 1.5},
-    {"bytes": False}, {"sha256": "a" * 63}, {"sha256": "g" * 64}, {"sha256": None}, {"file": 7},
-    {"created_at": "yesterday"}, {"created_at": 5}, {"database": ["kw"]}, {"server_version": 15},
-    {"encryption": {"plain_file": "x"}}, {"encryption": "age"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tables": [["public.users", 3]]},
+        {"tables": {"public.users": "3"}},
+        {"tables": {"public.users": -1}},
+        {"tables": {"public.users": True}},
+        {"tables": None},
+        {"bytes": "10"},
+        {"bytes": -1},
+        {"bytes": 1.5},
+        {"bytes": False},
+        {"sha256": "a" * 63},
+        {"sha256": "g" * 64},
+        {"sha256": None},
+        {"file": 7},
+        {"created_at": "yesterday"},
+        {"created_at": 5},
+        {"database": ["kw"]},
+        {"server_version": 15},
+        {"encryption": {"plain_file": "x"}},
+        {"encryption": "age"},
+    ],
+)
 def test_a_manifest_of_the_wrong_types_is_invalid_never_a_traceback(change):
     raw = {**GOOD_MANIFEST, **change}
     assert dumps.manifest_problem(raw) is not None
@@ -196,6 +243,7 @@ def test_row_counts_must_equal_the_manifest_even_when_it_lists_no_tables(tmp_pat
 
 
 # --- the scanner's memory is bounded whatever the content ------------------------------------------
+
 
 def test_a_copy_line_longer_than_any_header_is_refused():
     scanner = dumps.DumpScanner()

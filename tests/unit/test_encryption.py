@@ -40,8 +40,13 @@ def test_the_copy_and_its_manifest(dump, keys, tmp_path):
     plain = dumps.read_manifest(dump)
     assert (written["file"], written["bytes"]) == (NAME + ".age", copy.stat().st_size)
     assert written["sha256"] == dumps.verify_file(copy, whole=False).sha256 == manifest.sha256
-    assert written["encryption"] == {"method": "age", "recipients": [public for _, public in keys],
-                                     "plain_file": NAME, "plain_bytes": plain.bytes, "plain_sha256": plain.sha256}
+    assert written["encryption"] == {
+        "method": "age",
+        "recipients": [public for _, public in keys],
+        "plain_file": NAME,
+        "plain_bytes": plain.bytes,
+        "plain_sha256": plain.sha256,
+    }
     assert written["tables"] == plain.tables
     assert "AGE-SECRET-KEY" not in (out / (NAME + ".age.json")).read_text()
     for identity, _ in keys:  # every recipient can read it, with age alone
@@ -125,8 +130,7 @@ def test_identity_setting(tmp_path, keys, caplog):
     unset = settings.load(environ={}, env_file=str(world.write_env(tmp_path / "a.env", {})))
     with pytest.raises(UsageError, match="set AGE_IDENTITY_FILE"):
         crypto.identity(unset, NAME + ".age")
-    missing = settings.load(environ={"AGE_IDENTITY_FILE": str(tmp_path / "nope.txt")},
-                            env_file=str(tmp_path / "a.env"))
+    missing = settings.load(environ={"AGE_IDENTITY_FILE": str(tmp_path / "nope.txt")}, env_file=str(tmp_path / "a.env"))
     with pytest.raises(UsageError, match="No such file"):
         crypto.identity(missing, NAME + ".age")
     loose = keys[0][0]

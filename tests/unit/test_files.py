@@ -53,10 +53,19 @@ def test_stale_temps_are_removed_and_nothing_else(tmp_path):
 
 
 def test_lock_is_exclusive_across_processes_and_dies_with_its_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"),
-        str(tmp_path / ".backup-db.lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+            ),
+            str(tmp_path / ".backup-db.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(LockHeld) as caught:
         with files.lock(tmp_path, "backup-db"):

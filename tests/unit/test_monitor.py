@@ -33,8 +33,9 @@ def load(tmp_path, monkeypatch, **env):
 
 @pytest.mark.parametrize("fails", [False, True], ids=["ok", "failed"])
 @pytest.mark.parametrize("form", HC_FORMS)
-def test_every_healthchecks_url_form_gets_the_suffix_on_its_path_and_rid_in_its_query(tmp_path, monkeypatch,
-                                                                                     recorder, form, fails):
+def test_every_healthchecks_url_form_gets_the_suffix_on_its_path_and_rid_in_its_query(
+    tmp_path, monkeypatch, recorder, form, fails
+):
     url = recorder.url + HC_FORMS[form]
     with pytest.raises(Failed) if fails else nullcontext():
         with monitor.Monitor(load(tmp_path, monkeypatch, HEALTHCHECKS_URL=url), "backup-db", "prod"):
@@ -50,8 +51,10 @@ def test_every_healthchecks_url_form_gets_the_suffix_on_its_path_and_rid_in_its_
 
 def test_a_ping_body_is_at_most_10000_bytes_and_keeps_the_end(tmp_path, monkeypatch, recorder):
     log.setup("backup-db", quiet=True)
-    with pytest.raises(Failed), monitor.Monitor(load(tmp_path, monkeypatch, HEALTHCHECKS_URL=recorder.url),
-                                                "backup-db", "prod"):
+    with (
+        pytest.raises(Failed),
+        monitor.Monitor(load(tmp_path, monkeypatch, HEALTHCHECKS_URL=recorder.url), "backup-db", "prod"),
+    ):
         for i in range(400):
             log.log.info("line %d zażółć %s", i, "x" * 60)  # 80-odd bytes, some of two bytes each
         raise Failed('pg_dump failed: database "kw" does not exist', "check DB_NAME")
@@ -66,8 +69,11 @@ def test_a_ping_body_is_at_most_10000_bytes_and_keeps_the_end(tmp_path, monkeypa
 def test_a_slow_run_sends_a_warning(tmp_path, monkeypatch):
     recorder = world.Recorder()
     try:
-        env = {"KW_BACKUP_ENV": "", "NOTIFY_URLS": f"json://{recorder.url[7:]}/notify",
-               "HISTORY_FILE": str(tmp_path / "history.jsonl")}
+        env = {
+            "KW_BACKUP_ENV": "",
+            "NOTIFY_URLS": f"json://{recorder.url[7:]}/notify",
+            "HISTORY_FILE": str(tmp_path / "history.jsonl"),
+        }
         monkeypatch.setattr(settings, "SYSTEM_ENV_FILE", tmp_path / "none")
         monkeypatch.setattr(settings, "ROOT", tmp_path)
         monkeypatch.setattr(monitor, "SLOW_RUN_SECONDS", 0)  # every run is "too long"

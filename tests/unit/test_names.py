@@ -25,31 +25,64 @@ def test_an_encrypted_copy_is_the_same_dump():
     assert names.require("db-2024-01-15.sql.gz.age") == "db-2024-01-15.sql.gz.age"
 
 
-@pytest.mark.parametrize("name", [
-    "db-2024-13-01.sql.gz", "db-2024-02-30.sql.gz", "db-2024-01-15.sql", "db-2024-1-15.sql.gz",
-    "db-2024-01-15.sql.gz.json", "db-2024-01-15-25000.sql.gz", "other.sql.gz", "kw_app_production-2026011-000001.sql",
-    ".db-2024-01-15.sql.gz.partial-abcd", "db-2024-01-15-246000.sql.gz",
-    "db-2024-01-15.sql.age", "db-2024-01-15.sql.gz.age.age", "db-2024-01-15.sql.gz.age.json",
-    "kw_app_production-20260118-000001.sql.age",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "db-2024-13-01.sql.gz",
+        "db-2024-02-30.sql.gz",
+        "db-2024-01-15.sql",
+        "db-2024-1-15.sql.gz",
+        "db-2024-01-15.sql.gz.json",
+        "db-2024-01-15-25000.sql.gz",
+        "other.sql.gz",
+        "kw_app_production-2026011-000001.sql",
+        ".db-2024-01-15.sql.gz.partial-abcd",
+        "db-2024-01-15-246000.sql.gz",
+        "db-2024-01-15.sql.age",
+        "db-2024-01-15.sql.gz.age.age",
+        "db-2024-01-15.sql.gz.age.json",
+        "kw_app_production-20260118-000001.sql.age",
+    ],
+)
 def test_refuses_other_names(name):
     assert names.parse(name) is None
 
 
 def test_newest_is_by_the_timestamp_in_the_name_not_string_order():
-    found = ["db-2024-01-09.sql.gz", "db-2024-01-15.sql.gz", "db-2024-01-15-010000.sql.gz",
-             "kw_app_production-20231231-235958.sql", "notes.txt", "db-2023-12-31-235959.sql.gz"]
+    found = [
+        "db-2024-01-09.sql.gz",
+        "db-2024-01-15.sql.gz",
+        "db-2024-01-15-010000.sql.gz",
+        "kw_app_production-20231231-235958.sql",
+        "notes.txt",
+        "db-2023-12-31-235959.sql.gz",
+    ]
     ordered = [d.name for d in names.dumps_in(found)]
-    assert ordered == ["db-2024-01-15-010000.sql.gz", "db-2024-01-15.sql.gz", "db-2024-01-09.sql.gz",
-                       "db-2023-12-31-235959.sql.gz", "kw_app_production-20231231-235958.sql"]
+    assert ordered == [
+        "db-2024-01-15-010000.sql.gz",
+        "db-2024-01-15.sql.gz",
+        "db-2024-01-09.sql.gz",
+        "db-2023-12-31-235959.sql.gz",
+        "kw_app_production-20231231-235958.sql",
+    ]
     assert names.newest(found).name == "db-2024-01-15-010000.sql.gz"
     assert names.newest(["x", "y.json"]) is None
 
 
-@pytest.mark.parametrize("hostile", [
-    "../../etc/passwd", "db-2024-01-01.sql.gz; touch /tmp/pwned", "/var/backups/db-2024-01-01.sql.gz",
-    "db-2024-01-01.sql.gz/..", "..", "db-2024-01-01.sql.gz\n", "$(touch x)", "-rf", "",
-])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "../../etc/passwd",
+        "db-2024-01-01.sql.gz; touch /tmp/pwned",
+        "/var/backups/db-2024-01-01.sql.gz",
+        "db-2024-01-01.sql.gz/..",
+        "..",
+        "db-2024-01-01.sql.gz\n",
+        "$(touch x)",
+        "-rf",
+        "",
+    ],
+)
 def test_require_refuses_hostile_names_with_exit_2(hostile):
     with pytest.raises(UsageError) as caught:
         names.require(hostile, "--local")
@@ -65,6 +98,7 @@ def test_require_passes_names_and_latest():
 
 def test_nightly_name_takes_the_time_when_the_date_is_taken():
     from datetime import datetime
+
     now = datetime(2024, 1, 15, 2, 5, 9, tzinfo=UTC)
     assert names.nightly_name_for(now, set()) == "db-2024-01-15.sql.gz"
     assert names.nightly_name_for(now, {"db-2024-01-15.sql.gz"}) == "db-2024-01-15-020509.sql.gz"

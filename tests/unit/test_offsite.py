@@ -22,8 +22,17 @@ PLAIN = ["db-2024-04-28.sql.gz", "db-2024-04-29.sql.gz", "db-2024-04-30-031500.s
 ENCRYPTED = "db-2024-05-01.sql.gz.age"
 DUMPS = [*PLAIN, ENCRYPTED]
 # Names a remote may hold that are not ours: listing ignores them, rotation never touches them.
-FOREIGN = ["notes.txt", "db-2024-01-01.sql.gz; rm -rf x", "db-2024-04-28.sql.gz.bak", "db-2024-04-28.sql.gz.json.old",
-           "db-2024-02-30.sql.gz", "-rf", ".hidden", "db-2024-01-02.sql.gz.json", "DB-2024-01-03.SQL.GZ"]
+FOREIGN = [
+    "notes.txt",
+    "db-2024-01-01.sql.gz; rm -rf x",
+    "db-2024-04-28.sql.gz.bak",
+    "db-2024-04-28.sql.gz.json.old",
+    "db-2024-02-30.sql.gz",
+    "-rf",
+    ".hidden",
+    "db-2024-01-02.sql.gz.json",
+    "DB-2024-01-03.SQL.GZ",
+]
 
 
 @pytest.fixture

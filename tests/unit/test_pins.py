@@ -19,8 +19,9 @@ def entry(size, tables):
 
 def test_a_similar_night_is_not_anomalous(limits):
     before = entry(1000, {"public.users": 2500, "public.orders": 10})
-    assert pins.anomalies(before, entry(1100, {"public.users": 2400, "public.orders": 9, "public.new": 5}),
-                          limits) == []
+    assert (
+        pins.anomalies(before, entry(1100, {"public.users": 2400, "public.orders": 9, "public.new": 5}), limits) == []
+    )
 
 
 def test_growth_and_a_loss_within_the_limit_are_fine(limits):
@@ -34,7 +35,8 @@ def test_rows_lost_beyond_the_limit_a_table_gone_and_a_size_change_are_named_wit
     assert pins.anomalies(before, after, limits) == [
         "size 1000 -> 400 bytes (-60%, SIZE_CHANGE_ALERT_PCT=50)",
         "table public.gone is gone (it had 7 rows)",
-        "public.users: 2500 -> 250 rows (-90%, ROW_DROP_ALERT_PCT=50)"]
+        "public.users: 2500 -> 250 rows (-90%, ROW_DROP_ALERT_PCT=50)",
+    ]
 
 
 def test_an_empty_database_after_a_host_move_is_anomalous(limits):

@@ -29,5 +29,7 @@ def test_local_place_runs_commands_here_and_expands_home():
 
 
 def test_label_is_the_contracts_heading():
-    assert Place("prod", "ubuntu@146.59.44.70", "/var/backups/kw-app", 2).label == \
-        "Production Server (146.59.44.70:/var/backups/kw-app/)"
+    assert (
+        Place("prod", "ubuntu@146.59.44.70", "/var/backups/kw-app", 2).label
+        == "Production Server (146.59.44.70:/var/backups/kw-app/)"
+    )

@@ -15,8 +15,13 @@ def test_keeps_the_newest_valid_dumps():
 
 
 def test_invalid_dumps_do_not_count_and_never_push_good_ones_out():
-    entries = [("db-2024-01-01.sql.gz", True), ("db-2024-01-02.sql.gz", True),
-               ("db-2024-01-03.sql.gz", False), ("db-2024-01-04.sql.gz", False), ("db-2024-01-05.sql.gz", False)]
+    entries = [
+        ("db-2024-01-01.sql.gz", True),
+        ("db-2024-01-02.sql.gz", True),
+        ("db-2024-01-03.sql.gz", False),
+        ("db-2024-01-04.sql.gz", False),
+        ("db-2024-01-05.sql.gz", False),
+    ]
     assert plan(entries, 2) == []
     assert plan(entries, 1) == ["db-2024-01-01.sql.gz"]
 
@@ -27,8 +32,12 @@ def test_newest_valid_dump_is_never_removed_even_with_keep_1():
 
 
 def test_only_nightly_dumps_are_removed():
-    entries = [("kw_app_production-20200101-000000.sql", True), ("db-2024-01-01.sql.gz", True),
-               ("db-2024-01-02.sql.gz", True), ("db-2024-01-03.sql.gz", True)]
+    entries = [
+        ("kw_app_production-20200101-000000.sql", True),
+        ("db-2024-01-01.sql.gz", True),
+        ("db-2024-01-02.sql.gz", True),
+        ("db-2024-01-03.sql.gz", True),
+    ]
     assert plan(entries, 1) == ["db-2024-01-02.sql.gz", "db-2024-01-01.sql.gz"]
 
 
@@ -38,15 +47,23 @@ def test_timed_dump_of_the_same_day_is_newer():
 
 
 def test_a_plain_and_an_encrypted_copy_of_a_dump_count_once():
-    entries = [("db-2024-01-03.sql.gz.age", True), ("db-2024-01-03.sql.gz", True),
-               ("db-2024-01-02.sql.gz", True), ("db-2024-01-01.sql.gz.age", True)]
+    entries = [
+        ("db-2024-01-03.sql.gz.age", True),
+        ("db-2024-01-03.sql.gz", True),
+        ("db-2024-01-02.sql.gz", True),
+        ("db-2024-01-01.sql.gz.age", True),
+    ]
     assert plan(entries, 2) == ["db-2024-01-01.sql.gz.age"]
     assert plan(entries, 1) == ["db-2024-01-02.sql.gz", "db-2024-01-01.sql.gz.age"]
 
 
 def test_calendar_keeps_both_forms_of_a_picked_dump():
-    entries = [("db-2024-03-01.sql.gz", True), ("db-2024-02-01.sql.gz.age", True), ("db-2024-02-01.sql.gz", True),
-               ("db-2024-01-01.sql.gz.age", True)]
+    entries = [
+        ("db-2024-03-01.sql.gz", True),
+        ("db-2024-02-01.sql.gz.age", True),
+        ("db-2024-02-01.sql.gz", True),
+        ("db-2024-01-01.sql.gz.age", True),
+    ]
     pairs = [(names.parse(n), ok) for n, ok in entries]
     doomed = [d.name for d in retention.to_remove(pairs, 1, retention.Calendar(monthly=2))]
     assert doomed == ["db-2024-01-01.sql.gz.age"]
@@ -55,6 +72,7 @@ def test_calendar_keeps_both_forms_of_a_picked_dump():
 def walk(days: int, keep: int, calendar: retention.Calendar, valid=lambda day: True) -> list[str]:
     """Rotate after each of `days` nightly dumps from 2024-01-01, as a place would; what remains."""
     from datetime import date, timedelta
+
     present: dict[str, bool] = {}
     for i in range(days):
         present[f"db-{date(2024, 1, 1) + timedelta(days=i)}.sql.gz"] = valid(i)
@@ -72,8 +90,12 @@ def test_120_days_of_calendar_retention_keep_exactly_these():
         "db-2024-03-31.sql.gz",  # newest of March (monthly)
         "db-2024-04-14.sql.gz",  # newest of ISO week 15 (weekly; weeks 18, 17, 16, 15 are the last 4)
         "db-2024-04-21.sql.gz",  # newest of ISO week 16 (weekly)
-        "db-2024-04-23.sql.gz", "db-2024-04-24.sql.gz", "db-2024-04-25.sql.gz", "db-2024-04-26.sql.gz",
-        "db-2024-04-27.sql.gz", "db-2024-04-28.sql.gz",  # daily (the 28th is also week 17's newest)
+        "db-2024-04-23.sql.gz",
+        "db-2024-04-24.sql.gz",
+        "db-2024-04-25.sql.gz",
+        "db-2024-04-26.sql.gz",
+        "db-2024-04-27.sql.gz",
+        "db-2024-04-28.sql.gz",  # daily (the 28th is also week 17's newest)
         "db-2024-04-29.sql.gz",  # the newest: April (monthly), week 18, daily, KEEP
     ]
 
@@ -86,13 +108,20 @@ def test_a_run_of_bad_nights_never_pushes_the_monthly_copies_out():
 
 
 def test_without_a_calendar_nothing_changes():
-    assert walk(30, 3, retention.NO_CALENDAR) == ["db-2024-01-28.sql.gz", "db-2024-01-29.sql.gz",
-                                                  "db-2024-01-30.sql.gz"]
+    assert walk(30, 3, retention.NO_CALENDAR) == [
+        "db-2024-01-28.sql.gz",
+        "db-2024-01-29.sql.gz",
+        "db-2024-01-30.sql.gz",
+    ]
 
 
 def test_migration_dumps_neither_count_toward_keep_nor_go():
-    entries = [("kw_app_production-20240110-000000.sql.gz", True), ("db-2024-01-08.sql.gz", True),
-               ("db-2024-01-09.sql.gz", True), ("db-2024-01-07.sql.gz", True)]
+    entries = [
+        ("kw_app_production-20240110-000000.sql.gz", True),
+        ("db-2024-01-08.sql.gz", True),
+        ("db-2024-01-09.sql.gz", True),
+        ("db-2024-01-07.sql.gz", True),
+    ]
     assert plan(entries, 2) == ["db-2024-01-07.sql.gz"]  # the two newest nightly ones stay, the migration dump too
 
 

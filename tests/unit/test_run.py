@@ -41,16 +41,22 @@ def test_iterable_source_feeds_the_first_command():
 
 def test_upstream_failure_is_named_with_its_stderr_tail():
     with pytest.raises(run.StageFailed) as caught:
-        run.pipeline([sh("seq 1 1000; echo 'pg_dump: error: connection lost' >&2; exit 1", "pg_dump"),
-                      run.Cmd(["gzip", "-c"]), Collect()])
+        run.pipeline(
+            [
+                sh("seq 1 1000; echo 'pg_dump: error: connection lost' >&2; exit 1", "pg_dump"),
+                run.Cmd(["gzip", "-c"]),
+                Collect(),
+            ]
+        )
     assert caught.value.stage == "pg_dump"
     assert "exit 1" in caught.value.line() and "connection lost" in caught.value.line()
 
 
 def test_middle_failure_beats_the_sigpipe_it_causes_upstream():
     with pytest.raises(run.StageFailed) as caught:
-        run.pipeline([sh("yes", "producer"), sh("head -c 1000 >/dev/null; echo broken >&2; exit 3", "middle"),
-                      Collect()])
+        run.pipeline(
+            [sh("yes", "producer"), sh("head -c 1000 >/dev/null; echo broken >&2; exit 3", "middle"), Collect()]
+        )
     assert caught.value.stage == "middle" and "broken" in caught.value.line()
 
 

@@ -46,19 +46,42 @@ def test_named_env_file_must_exist(tmp_path):
         settings.load(env_file=str(tmp_path / "missing.env"), environ={})
 
 
-@pytest.mark.parametrize("name, value", [
-    ("PROD_KEEP", "0"), ("PROD_KEEP", "abc"), ("NAS_KEEP", "-1"), ("PI5_KEEP", "2.5"),
-    ("PROD_DIR", "backups"), ("NAS_DIR", "./x"), ("PI5_DIR", "~backups"),
-    ("DB_EXEC", "bogus"), ("DB_PORT", "0"), ("DB_PORT", "http"),
-    ("PROD_HOST", "-oProxyCommand=touch /tmp/x"), ("NAS_HOST", "user@nas; rm -rf /"), ("PI5_HOST", "pi 5"),
-    ("PROD_HOST", "$(reboot)"), ("OLD_PROD_HOST", "a@b@c"),
-    ("DB_NAME", "kw-app"), ("DB_NAME", "x" * 34), ("DB_CONTAINER", "a b"), ("MIN_DUMP_BYTES", "1k"),
-    ("WORK_DIR", "tmp"), ("SIZE_CHANGE_ALERT_PCT", "lots"),
-    ("AGE_RECIPIENTS", "ssh-ed25519 AAAA"), ("AGE_RECIPIENTS", "age1short"), ("AGE_IDENTITY_FILE", "key.txt"),
-    ("OFFSITE_REMOTE", ":sftp,host=x,pass=secret:dir"), ("OFFSITE_REMOTE", "relative/dir"),
-    ("OFFSITE_REMOTE", "-vv"), ("OFFSITE_REMOTE", "b2:my bucket"), ("OFFSITE_KEEP", "0"),
-    ("OFFSITE_KEEP_MONTHLY", "x"), ("RCLONE_CONFIG", "rclone.conf"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PROD_KEEP", "0"),
+        ("PROD_KEEP", "abc"),
+        ("NAS_KEEP", "-1"),
+        ("PI5_KEEP", "2.5"),
+        ("PROD_DIR", "backups"),
+        ("NAS_DIR", "./x"),
+        ("PI5_DIR", "~backups"),
+        ("DB_EXEC", "bogus"),
+        ("DB_PORT", "0"),
+        ("DB_PORT", "http"),
+        ("PROD_HOST", "-oProxyCommand=touch /tmp/x"),
+        ("NAS_HOST", "user@nas; rm -rf /"),
+        ("PI5_HOST", "pi 5"),
+        ("PROD_HOST", "$(reboot)"),
+        ("OLD_PROD_HOST", "a@b@c"),
+        ("DB_NAME", "kw-app"),
+        ("DB_NAME", "x" * 34),
+        ("DB_CONTAINER", "a b"),
+        ("MIN_DUMP_BYTES", "1k"),
+        ("WORK_DIR", "tmp"),
+        ("SIZE_CHANGE_ALERT_PCT", "lots"),
+        ("AGE_RECIPIENTS", "ssh-ed25519 AAAA"),
+        ("AGE_RECIPIENTS", "age1short"),
+        ("AGE_IDENTITY_FILE", "key.txt"),
+        ("OFFSITE_REMOTE", ":sftp,host=x,pass=secret:dir"),
+        ("OFFSITE_REMOTE", "relative/dir"),
+        ("OFFSITE_REMOTE", "-vv"),
+        ("OFFSITE_REMOTE", "b2:my bucket"),
+        ("OFFSITE_KEEP", "0"),
+        ("OFFSITE_KEEP_MONTHLY", "x"),
+        ("RCLONE_CONFIG", "rclone.conf"),
+    ],
+)
 def test_bad_values_name_the_setting(tmp_path, name, value):
     with pytest.raises(UsageError) as caught:
         load({name: value}, tmp_path=tmp_path, file_text="")
@@ -66,8 +89,10 @@ def test_bad_values_name_the_setting(tmp_path, name, value):
     assert name in caught.value.line()
 
 
-@pytest.mark.parametrize("host", ["local", "ubuntu@146.59.44.70", "pi5", "user@nas.local", "deploy@old-prod",
-                                  "backup_user@10.0.0.1", "fe80::1"])
+@pytest.mark.parametrize(
+    "host",
+    ["local", "ubuntu@146.59.44.70", "pi5", "user@nas.local", "deploy@old-prod", "backup_user@10.0.0.1", "fe80::1"],
+)
 def test_good_hosts(tmp_path, host):
     assert load({"PROD_HOST": host}, tmp_path=tmp_path, file_text="")["PROD_HOST"] == host
 
@@ -89,8 +114,17 @@ def test_env_file_beside_bin_is_found(tmp_path, monkeypatch):
     assert settings.load(environ={})["PROD_KEEP"] == "3"
 
 
-@pytest.mark.parametrize("value, ok", [("/var/run/postgresql", True), ("10.0.0.5", True), ("db.internal", True),
-                                       ("user@db", False), ("-h", False), ("a b", False)])
+@pytest.mark.parametrize(
+    "value, ok",
+    [
+        ("/var/run/postgresql", True),
+        ("10.0.0.5", True),
+        ("db.internal", True),
+        ("user@db", False),
+        ("-h", False),
+        ("a b", False),
+    ],
+)
 def test_db_host_is_a_host_or_a_socket_directory(tmp_path, value, ok):
     if ok:
         assert load({"DB_HOST": value}, tmp_path=tmp_path, file_text="")["DB_HOST"] == value
@@ -99,10 +133,18 @@ def test_db_host_is_a_host_or_a_socket_directory(tmp_path, value, ok):
             load({"DB_HOST": value}, tmp_path=tmp_path, file_text="")
 
 
-@pytest.mark.parametrize("name, value", [
-    ("OFFSITE_REMOTE", "b2-kw:kw-backups/kw-app"), ("OFFSITE_REMOTE", "/mnt/usb/kw-app"), ("OFFSITE_REMOTE", "box:"),
-    ("AGE_RECIPIENTS", "age1ze4x5d64ttjyzduq86mzr6k94j0q98hwtgymglau7y2epzua35aswaa8jv "
-                       "age1dmqvxr5vuf6y57gwdsyzy4le80nqvjadv7ftkfmqe8m78xqgzdesnkh46y"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("OFFSITE_REMOTE", "b2-kw:kw-backups/kw-app"),
+        ("OFFSITE_REMOTE", "/mnt/usb/kw-app"),
+        ("OFFSITE_REMOTE", "box:"),
+        (
+            "AGE_RECIPIENTS",
+            "age1ze4x5d64ttjyzduq86mzr6k94j0q98hwtgymglau7y2epzua35aswaa8jv "
+            "age1dmqvxr5vuf6y57gwdsyzy4le80nqvjadv7ftkfmqe8m78xqgzdesnkh46y",
+        ),
+    ],
+)
 def test_good_offsite_and_encryption_values(tmp_path, name, value):
     assert load({name: value}, tmp_path=tmp_path, file_text="")[name] == value

@@ -44,8 +44,11 @@ def test_place_and_offsite_are_origins():
 
 
 def test_latest_passes_over_bad_dumps_saying_why(caplog):
-    origin = Listed(entry("db-2024-01-03.sql.gz", 90, 100), entry("db-2024-01-02.sql.gz", 50, None),
-                    entry("db-2024-01-01.sql.gz", 100, 100))
+    origin = Listed(
+        entry("db-2024-01-03.sql.gz", 90, 100),
+        entry("db-2024-01-02.sql.gz", 50, None),
+        entry("db-2024-01-01.sql.gz", 100, 100),
+    )
     chosen = sources.resolve(sources.Source("--from-nas", origin), CLOCK)
     assert chosen.name == "db-2024-01-01.sql.gz"
     text = caplog.text
@@ -75,8 +78,15 @@ def test_choose_takes_keywords_and_refuses_what_is_not_a_source(tmp_path):
 
 def test_remote_scripts_use_stock_tools_only():
     """What runs on prod: a POSIX shell, coreutils, gzip/pigz, flock, openssl or sha256sum; nothing of kw-backup."""
-    for script in (staging.DECOMPRESS_INTO, staging.HEAD_SCRIPT, staging.SUM_SCRIPT, staging.KEEP_SCRIPT,
-                   staging.CLEAN_STAGING_SCRIPT, staging.HOLD_SCRIPT, staging.READ_IF_THERE):
+    for script in (
+        staging.DECOMPRESS_INTO,
+        staging.HEAD_SCRIPT,
+        staging.SUM_SCRIPT,
+        staging.KEEP_SCRIPT,
+        staging.CLEAN_STAGING_SCRIPT,
+        staging.HOLD_SCRIPT,
+        staging.READ_IF_THERE,
+    ):
         assert "verify-backup" not in script and "python" not in script and "kw-backup" not in script
 
 

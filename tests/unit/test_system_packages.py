@@ -45,8 +45,13 @@ def unprivileged_copy():
 
         def run(list_text: str, target: str = "demo") -> subprocess.CompletedProcess:
             (base / "system-packages.txt").write_text(list_text)
-            return subprocess.run([*as_user, "sh", str(base / "tools" / "system-packages"), target],
-                                  capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            return subprocess.run(
+                [*as_user, "sh", str(base / "tools" / "system-packages"), target],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
 
         yield run
     finally:
