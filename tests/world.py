@@ -106,24 +106,32 @@ def free_port() -> int:
 def staging_leftovers(pattern: str = "kw-restore.*", lock: str = ".lock") -> set[str]:
     """Run directories in /tmp that no live run holds (restores lock their `.lock`, drills the directory
     itself: lock=""): what a run left behind. Another test's or suite's run in progress holds its lock,
-    so it never counts."""
-    left = set()
-    for path in glob.glob(f"/tmp/{pattern}"):
+    so it never counts; nor does a restore's directory that gets its .lock within a few seconds (a run
+    between its mktemp and its lock)."""
+    return {path for path in glob.glob(f"/tmp/{pattern}") if not _held(path, lock)}
+
+
+def _held(path: str, lock: str) -> bool:
+    deadline = time.monotonic() + (5 if lock else 0)
+    while True:
         try:
             fd = os.open(os.path.join(path, lock), os.O_RDONLY)
+            break
         except FileNotFoundError:
-            left.add(path)
-            continue
+            if not os.path.isdir(path):
+                return True  # removed meanwhile: not left behind
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
         except OSError:
-            continue  # removed meanwhile
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            left.add(path)
-        except BlockingIOError:
-            pass
-        finally:
-            os.close(fd)
-    return left
+            return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def service_user() -> str | None:

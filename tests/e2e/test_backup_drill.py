@@ -266,9 +266,10 @@ def test_a_drill_killed_with_sigkill_leaves_a_server_the_next_drill_removes(kw, 
     result = kw.run("backup-drill", "--from-file", small_dump, timeout=300)
     assert result.returncode == 0, result.stderr
     # The next drill removes it; under pytest-xdist another worker's drill may have been the next one.
-    assert f"removed {left}, left by a drill that was killed" in result.stderr or not left.exists()
+    ours = f"removed {left}, left by a drill that was killed" in result.stderr
+    assert ours or not left.exists()
     assert not left.exists() and not data.exists() and not alive(pid)
-    if server == "container":
+    if server == "container" and ours:
         assert ["docker", "rm", "-f", name] in world.standin_calls(kw.standin_log)
 
 
