@@ -283,9 +283,12 @@ class Loader:
         session.put(f"SELECT 'kw-done-{self.token}-{unit.id}';\n".encode())
 
     def copy_done(self, header, rows):
-        with self.out_lock:
-            sys.stdout.buffer.write(header + b"COPY %d\n" % rows)
-            sys.stdout.buffer.flush()
+        try:
+            with self.out_lock:
+                sys.stdout.buffer.write(header + b"COPY %d\n" % rows)
+                sys.stdout.buffer.flush()
+        except OSError:  # the caller is gone (killed, its link dropped): stop, and stop the sessions
+            self.fail("the counts' reader is gone (the restore was killed or its connection dropped)")
 
     def may_spool(self, session, size):
         """Whether `session`'s lag should be spooled: another session idles while the stream waits."""

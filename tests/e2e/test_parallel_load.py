@@ -208,6 +208,29 @@ def test_a_failing_session_or_a_damaged_dump_is_named(pg, pagila_sql, tmp_path, 
         pg.drop_db(name)
 
 
+def test_a_loader_whose_caller_is_gone_stops_with_its_sessions(pg, pagila_sql, tmp_path):
+    """A killed restore or drill (or a dropped ssh link) closes the loader's stdout: it stops its sessions and
+    exits, instead of waiting for ever with them on prod."""
+    name = pg.create_db(f"kwpl_{uuid.uuid4().hex[:8]}")
+    path = tmp_path / "pagila.sql"
+    path.write_bytes(pagila_sql)
+    session = ["psql", "-X", "--no-password", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-d", name]
+    loader = subprocess.Popen(
+        [sys.executable, PROGRAM, "--jobs", "2", "--session", json.dumps(session), "--dump", str(path)],
+        env={**os.environ, **pg.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert loader.stdout.readline().startswith(b"COPY ")  # loading
+    loader.stdout.close()
+    try:
+        assert loader.wait(30) != 0
+    finally:
+        loader.kill()
+    sessions = subprocess.run(["pgrep", "-f", f"-d {name}$"], capture_output=True, text=True).stdout.split()
+    assert not sessions, "psql sessions outlived their loader"
+
+
 def test_the_stream_splitter_keeps_every_byte_at_any_chunking(pagila_sql):
     """events(): lines outside COPY, COPY data in pieces, the `\\.` line last, at any chunk boundaries."""
     sql = without_restrict(pagila_sql)[:400_000]
