@@ -189,11 +189,12 @@ def staged(settings, prod: Place, source: sources.Source):
         _stream(prod, source, local, key, target, total)
         yield Staged(target, plain, manifest, directory)
     finally:
-        _release(holder)
+        # Removed while still locked: no other run's cleanup ever sees it unlocked and half removed.
         if prod.is_local:
             shutil.rmtree(directory, ignore_errors=True)
         else:
             run(prod.command(["rm", "-rf", "--", directory], name="cleanup on prod"), check=False, timeout=60)
+        _release(holder)
         log.info("removed %s on prod", directory)
 
 
