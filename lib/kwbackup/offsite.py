@@ -286,16 +286,7 @@ class Offsite:
 
     def unpin(self, dumps: list[str]) -> None:
         if dumps:
-            self._run(
-                "delete",
-                "--max-depth",
-                "1",
-                "--files-from-raw",
-                "-",
-                self.path(),
-                name="release offsite pins",
-                input="\n".join(d + names.PIN_SUFFIX for d in dumps).encode(),
-            )
+            self._delete([d + names.PIN_SUFFIX for d in dumps], name="release offsite pins")
 
     def finish(self) -> None:
         """Remove what failed runs left in .incoming/ (only the orchestrator, under its lock, writes there)."""
@@ -315,16 +306,20 @@ class Offsite:
     def remove(self, dumps: list[str]) -> None:
         if dumps:
             listed = [n for name in dumps for n in (name, name + names.MANIFEST_SUFFIX)]
-            self._run(
-                "delete",
-                "--max-depth",
-                "1",
-                "--files-from-raw",
-                "-",
-                self.path(),
-                name="rotate offsite",
-                input="\n".join(listed).encode(),
-            )
+            self._delete(listed, name="rotate offsite")
+
+    def _delete(self, files: list[str], name: str) -> None:
+        """These files at the remote's top level, in one rclone call."""
+        self._run(
+            "delete",
+            "--max-depth",
+            "1",
+            "--files-from-raw",
+            "-",
+            self.path(),
+            name=name,
+            input="\n".join(files).encode(),
+        )
 
 
 def _timestamp(text: str) -> float:
