@@ -68,19 +68,7 @@ class BenchPostgres(world.Postgres):
             [str(world.PG_BIN / "pg_ctl"), "-D", str(self.data), "status"], user=self.user, capture_output=True
         )
         if status.returncode != 0:
-            self._as_server_user(
-                [
-                    str(world.PG_BIN / "pg_ctl"),
-                    "-D",
-                    str(self.data),
-                    "-l",
-                    str(self.base / "server.log"),
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ]
-            )
+            self.run_server()
 
     def settle(self) -> None:
         """Write dirty pages now (server and OS), so that the next measurement does not pay for them."""

@@ -190,20 +190,13 @@ class Postgres:
         )
         with open(self.data / "postgresql.conf", "a") as f:
             f.write(conf)
-        self._as_server_user(
-            [
-                str(PG_BIN / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.base / "server.log"),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        )
+        self.run_server()
         return self
+
+    def run_server(self) -> None:
+        """pg_ctl start on the initialised data directory; returns once it accepts connections."""
+        pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "server.log")]
+        self._as_server_user([*pg_ctl, "-w", "-t", "60", "start"])
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
@@ -462,10 +455,12 @@ class SshWorld:
         path.write_text(text)
         return path
 
-    def restricted_key(self, tmp: Path, prod_dir: Path) -> tuple[Path, str]:
-        """A new key that prod accepts only as `rrsync -ro <prod_dir>`, as make authorize-pi5 adds it."""
+    def restricted_key(self, tmp: Path, prod_dir: Path, owner: str | None = None) -> tuple[Path, str]:
+        """A new key that prod accepts only as `rrsync -ro <prod_dir>`, as make authorize-pi5 adds it;
+        made by `owner` (an OS user, as the Pi's `pi` makes its own) when given."""
         key = tmp / "id_prod_backup"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        as_owner = ["runuser", "-u", owner, "--"] if owner else []
+        subprocess.run([*as_owner, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         public = key.with_suffix(".pub").read_text()
         self.places["prod"].authorize(public, f'restrict,command="rrsync -ro {prod_dir}"')
         return key, public

@@ -95,26 +95,10 @@ def _demo(argv=None) -> int:
         # The temporary PostgreSQL takes only its own password, given as libpq's environment.
         env.update(KW_BACKUP_ENV=str(env_file), KW_BACKUP_SYSLOG=str(base / "no-syslog"), PGPASSWORD=server["password"])
 
-        def sql(query: str) -> str:
+        def sql(query: str, database: str = "kw_app_production") -> str:
+            psql = ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", server["host"], "-p", server["port"]]
             return subprocess.run(
-                [
-                    "psql",
-                    "-X",
-                    "-q",
-                    "-At",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-h",
-                    server["host"],
-                    "-p",
-                    server["port"],
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "kw_app_production",
-                    "-c",
-                    query,
-                ],
+                [*psql, "-U", "postgres", "-d", database, "-c", query],
                 env=env,
                 check=True,
                 capture_output=True,
@@ -126,25 +110,7 @@ def _demo(argv=None) -> int:
             subprocess.run([str(ROOT / "bin" / name), *script_args], env=env, check=True)
 
         say("A temporary PostgreSQL with a small Rails-like database (kw_app_production)")
-        subprocess.run(
-            [
-                "psql",
-                "-X",
-                "-q",
-                "-h",
-                server["host"],
-                "-p",
-                server["port"],
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                "CREATE DATABASE kw_app_production",
-            ],
-            env=env,
-            check=True,
-        )
+        sql("CREATE DATABASE kw_app_production", "postgres")
         sql(SAMPLE)
         print(
             f"users: {sql('SELECT count(*) FROM users')}, orders: {sql('SELECT count(*) FROM orders')}; "

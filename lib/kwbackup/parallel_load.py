@@ -4,18 +4,20 @@
 Standard library only, no import from kwbackup: restore.py sends this file to prod's own python3
 over ssh (`python3 - ARGS`, the code on stdin), and runs it here for kamal and for the drill.
 
-    parallel_load.py --session JSON [--jobs N|auto] [--dump PATH]      (without --dump: SQL on stdin)
+    parallel_load.py --session JSON [--jobs N|auto] [--dump PATH] [--queue-bytes N]
+                                                    (without --dump: SQL on stdin)
 
 --session is the argument list of one psql session on the new database (JSON), with
 ON_ERROR_STOP=1, -A -t and without -q, so that its `COPY n` tags reach us. The dump is read once
 (through igzip, pigz or gzip -dc for a .gz): the preamble (SET lines, \\restrict) goes to every
 session; the pre-data (types, tables, functions) runs in session 0; each table's COPY block goes
-to a free session as the stream reaches it (when its session lags and another is idle, the rest of
-the block waits in a spool file, so the stream goes on); then the post-data: indexes and
-constraints in parallel (never two units on one table unless both are plain CREATE INDEX), each as
-soon as its table's data is in, then INDEX ATTACH in order, then FOREIGN KEYs in parallel (never
-two on one partition tree), then everything else in its original order. What cannot be split
-safely runs in one session in the dump's order, saying so on stderr.
+to a free session as the stream reaches it; when that session lags (--queue-bytes queued for it,
+16 MiB) and another idles, the block is cut after a row and goes on there as another COPY of the
+table. Then the post-data: indexes and constraints in parallel (never two units on one table
+unless both are plain CREATE INDEX), each as soon as its table's data is in, then INDEX ATTACH in
+order, then FOREIGN KEYs in parallel (never two on one partition tree), then everything else in
+its original order. What cannot be split safely runs in one session in the dump's order, saying
+so on stderr.
 
 stdout: for each COPY, its statement and then its tag (`COPY n`), as `psql -e` prints them.
 stderr: lines starting with `kw-parallel-load: `. Exit 0 loaded; 97 the dump is damaged or
@@ -38,8 +40,7 @@ PREFIX = "kw-parallel-load: "
 DAMAGED = 97
 TOO_OLD = 98
 CHUNK = 1 << 20
-MEMORY_PER_SESSION = 16 << 20  # queued in memory for one session; past this, spooled (or the stream waits)
-SPOOL_CAP = 4 << 30
+QUEUE_BYTES = 16 << 20  # queued in memory for one session; past this the stream waits, or cuts its COPY
 HEADER_RE = re.compile(rb"^-- (?:Data for )?Name: (.*); Type: (.*?); Schema: (.*?); Owner: (.*?)(?:; Tablespace: .*)?$")
 COPY_RE = re.compile(rb"^COPY (.+?) (?:\(.*\) )?FROM stdin;$")
 TAG_RE = re.compile(rb"^COPY (\d+)$")
@@ -108,14 +109,37 @@ class LoadFailed(Exception):
 
 
 def chunks_of(fd):
-    """The stream in whole 1 MiB pieces (a pipe gives what is there, often 64 KiB: each piece costs
-    the sessions' queues a lock and a wake-up)."""
-    reader = open(fd, "rb", buffering=CHUNK, closefd=False)
+    """The stream in pieces of at least a quarter MiB (a pipe gives what is there, often 64 KiB:
+    each piece costs the sessions' queues a lock and a wake-up). os.read, not a buffered reader:
+    half the CPU."""
     while True:
-        chunk = reader.read(CHUNK)
+        chunk = os.read(fd, CHUNK)
         if not chunk:
             return
+        if len(chunk) < CHUNK // 4:
+            parts, size = [chunk], len(chunk)
+            while size < CHUNK // 4:
+                more = os.read(fd, CHUNK - size)
+                if not more:
+                    break
+                parts.append(more)
+                size += len(more)
+            chunk = b"".join(parts)
         yield chunk
+
+
+def find_terminator(buf, pos):
+    """Where the next `\\n\\.\\n` (the end of COPY data) starts at or after `pos`, or -1. Backslashes
+    are rare in most data, and memchr finds them ten times faster than a search for the four bytes;
+    where they are common (many NULLs, \\N), after a few the four-byte search takes over."""
+    i = buf.find(b"\\", pos + 1)
+    for _ in range(16):
+        if i < 0:
+            return -1
+        if buf[i - 1] == 10 and buf[i + 1 : i + 3] == b".\n":
+            return i - 1
+        i = buf.find(b"\\", i + 1)
+    return -1 if i < 0 else buf.find(b"\n\\.\n", i - 1)
 
 
 def events(chunks):
@@ -138,7 +162,7 @@ def events(chunks):
                 if 0 <= i < len(last) < i + 4:  # begun in what was passed on
                     found_end = pos + i + 4 - len(last)
                 else:
-                    found = buf.find(b"\n\\.\n", pos)
+                    found = find_terminator(buf, pos)
                     found_end = found + 4 if found >= 0 else -1
                 if found_end >= 0:
                     yield "data", view[pos:found_end]
@@ -211,18 +235,14 @@ class Unit:
 
 
 class Loader:
-    def __init__(self, argv, jobs, spool_dir=None):
-        self.argv, self.jobs = argv, jobs
+    def __init__(self, argv, jobs, queue_bytes=QUEUE_BYTES):
+        self.argv, self.jobs, self.queue_bytes = argv, jobs, queue_bytes
         self.token = secrets.token_hex(6)
         self.cond = threading.Condition()
         self.failure = None
         self.out_lock = threading.Lock()
         self.sessions = []
-        self.spool_dir = spool_dir or tempfile.gettempdir()
-        self.spool_left = None
         self.next_id = 0
-        self.buffered = 0  # bytes queued in memory for all sessions
-        self.memory_cap = _memory_cap()
 
     # sessions
     def start(self):
@@ -242,9 +262,6 @@ class Loader:
             if self.failure is None:
                 self.failure = message
             self.cond.notify_all()
-
-    def idle(self, session):
-        return not session.pending
 
     def free_session(self, exclude=None):
         for session in self.sessions:
@@ -290,16 +307,6 @@ class Loader:
         except OSError:  # the caller is gone (killed, its link dropped): stop, and stop the sessions
             self.fail("the counts' reader is gone (the restore was killed or its connection dropped)")
 
-    def may_spool(self, session, size):
-        """Whether `session`'s lag should be spooled: another session idles while the stream waits."""
-        if self.spool_left is None:
-            try:
-                free = shutil.disk_usage(self.spool_dir).free
-            except OSError:
-                free = 0
-            self.spool_left = min(SPOOL_CAP, free // 2)
-        return self.spool_left >= size and self.free_session(exclude=session) is not None
-
     def close(self):
         for session in self.sessions:
             session.close()
@@ -316,8 +323,6 @@ class Session:
         self.queue = collections.deque()
         self.queued = 0
         self.closing = False
-        self.spool = None
-        self.spool_end = 0
         self.errors = collections.deque(maxlen=20)
         try:
             self.proc = subprocess.Popen(
@@ -331,42 +336,22 @@ class Session:
         for thread in self.threads:
             thread.start()
 
-    def put(self, data):
-        """Queue bytes for this session; past its memory share, into its spool file when another session
-        idles (the stream goes on), else wait."""
-        cond = self.loader.cond
+    def put(self, data, unless_one_idles=False, wait=True):
+        """Queue bytes for this session, waiting while it holds its share already (unless `wait` is
+        False: a COPY's last bytes before its cut). With `unless_one_idles`, returns False instead of
+        waiting when another session has nothing to do: the caller cuts the COPY there."""
         loader = self.loader
-        with cond:
-            while self.queued > MEMORY_PER_SESSION:
+        with loader.cond:
+            while wait and self.queued > loader.queue_bytes:
                 loader.check()
-                if loader.may_spool(self, len(data)):
-                    if loader.buffered + len(data) <= loader.memory_cap:
-                        break  # held in memory: no copies at all
-                    self._spool(data)
-                    cond.notify_all()
-                    return
-                cond.wait(1)
+                if unless_one_idles and loader.free_session(exclude=self) is not None:
+                    return False
+                loader.cond.wait(1)
             loader.check()
             self.queue.append(data)
             self.queued += len(data)
-            loader.buffered += len(data)
-            cond.notify_all()
-
-    def _spool(self, data):
-        if self.spool is None:
-            self.spool = tempfile.TemporaryFile(dir=self.loader.spool_dir, prefix="kw-parallel-load.")
-        fd = self.spool.fileno()
-        view = memoryview(data)
-        offset = self.spool_end
-        while view:
-            view = view[os.pwrite(fd, view, self.spool_end) :]
-            self.spool_end = offset + len(data) - len(view)
-        self.loader.spool_left -= len(data)
-        last = self.queue[-1] if self.queue else None
-        if isinstance(last, list) and last[0] + last[1] == offset:
-            last[1] += len(data)
-        else:
-            self.queue.append([offset, len(data)])
+            loader.cond.notify_all()
+        return True
 
     def write(self):
         cond = self.loader.cond
@@ -379,21 +364,10 @@ class Session:
                     if not self.queue:
                         break
                     item = self.queue.popleft()
-                if isinstance(item, list):
-                    offset, length = item
-                    while length:
-                        piece = os.pread(self.spool.fileno(), min(CHUNK, length), offset)
-                        if not piece:
-                            raise OSError("the spool file is short")
-                        _write_all(fd, piece)
-                        offset += len(piece)
-                        length -= len(piece)
-                else:
-                    _write_all(fd, item)
-                    with cond:
-                        self.queued -= len(item)
-                        self.loader.buffered -= len(item)
-                        cond.notify_all()
+                _write_all(fd, item)
+                with cond:
+                    self.queued -= len(item)
+                    cond.notify_all()
         except OSError:
             pass  # psql went away: read() reports its exit
         finally:
@@ -454,17 +428,6 @@ class Session:
             pass
 
 
-def _memory_cap():
-    """How much of the stream may wait in memory for lagging sessions: a quarter of the memory
-    available, at most 1 GiB (beyond, a spool file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        available = 0
-    return min(1 << 30, available // 4)
-
-
 def _large_pipe(fd):
     try:
         import fcntl
@@ -502,9 +465,14 @@ class Plan:
         self.parents = {}  # partition -> its parent (TABLE ATTACH entries)
         self.copy_unit = None
         self.copy_session = None
+        self.copy_header = None
+        self.copy_state = b""  # the session state lines its COPY runs under, for each part it is cut into
+        self.copy_label = ""
+        self.copy_parts = 0
         self.sizes = collections.Counter()  # COPY bytes per table
         self.copies = 0
-        self.spooled = 0
+        self.parts = 0  # COPY statements sent: more than copies when blocks were cut
+        self.data_transactions = False
 
     def run(self, stream):
         for kind, value in stream:
@@ -531,6 +499,7 @@ class Plan:
             return
         self.flush_entry()
         self.close_open_unit()
+        self.commit_data_transactions()
         self.schedule_rest()
 
     # the stream's lines
@@ -590,6 +559,8 @@ class Plan:
             self.close_open_unit()
             self.loader.wait_all()
             self.section = DATA if type_ in DATA_TYPES else POST_DATA
+            if self.section == DATA:
+                self.begin_data_transactions()
         elif self.section == DATA and type_ not in DATA_TYPES:
             self.section = POST_DATA
 
@@ -625,6 +596,25 @@ class Plan:
         else:
             self.post.append(entry)
 
+    def begin_data_transactions(self):
+        """Each session loads its COPY blocks in one transaction, committed when the stream ends: rows
+        count for autovacuum only once committed, so it does not scan and analyze the tables while
+        they are being loaded (as it would after each COPY), taking the cores from the load."""
+        for session in self.loader.sessions:
+            session.put(b"BEGIN;\n")
+        self.data_transactions = True
+
+    def commit_data_transactions(self):
+        """The COPY blocks' transactions committed (the post-data, in other sessions, must see the rows)."""
+        if not self.data_transactions:
+            return
+        self.data_transactions = False
+        for session in self.loader.sessions:
+            unit = self.loader.unit("COMMIT of the data", "commit")
+            self.loader.begin(session, unit, b"COMMIT;\n")
+            self.loader.finish(session, unit)
+        self.loader.wait_all()
+
     def close_open_unit(self):
         if self.open_unit is not None:
             self.loader.finish(self.main, self.open_unit)
@@ -639,6 +629,7 @@ class Plan:
         if self.main is None:
             self.send_preamble(everywhere=False)
         elif self.open_unit is None:
+            self.commit_data_transactions()
             self.loader.wait_all()
             self.open_unit = self.loader.unit("the rest of the dump, in order", "serial")
             self.loader.begin(self.main, self.open_unit)
@@ -663,14 +654,20 @@ class Plan:
             self.main.put(header)
             return
         self.entry = None
-        table = key_of(COPY_RE.match(header.rstrip(b"\n")).group(1))
-        session = self.loader.wait_free()
-        unit = self.loader.unit(entry.label(), DATA, table=table)
-        unit.copies.append(header)
-        self.loader.begin(session, unit, _state_lines(entry.state) + entry.text() + header)
+        self.copies += 1
+        self.copy_header, self.copy_state = header, _state_lines(entry.state)
+        self.copy_label, self.copy_parts = entry.label(), 1
+        self.copy_part(self.loader.wait_free(), self.copy_label, self.copy_state + entry.text() + header)
+
+    def copy_part(self, session, label, prefix):
+        """A COPY statement of the current block in `session`: the block's start, or a part after a cut."""
+        table = key_of(COPY_RE.match(self.copy_header.rstrip(b"\n")).group(1))
+        unit = self.loader.unit(label, DATA, table=table)
+        unit.copies.append(self.copy_header)
+        self.loader.begin(session, unit, prefix)
         self.copy_unit, self.copy_session = unit, session
         self.data_units.append((unit, self.root(table)))
-        self.copies += 1
+        self.parts += 1
 
     def copy_data(self, data):
         if self.serial:
@@ -678,9 +675,26 @@ class Plan:
             return
         self.sizes[self.copy_unit.table] += len(data)
         session = self.copy_session
-        before = session.spool_end
-        session.put(data)
-        self.spooled += session.spool_end - before
+        ends = len(data) <= 3 or data[-4:] == b"\n\\.\n"  # may end the block (`\.`, whole or begun before): never cut
+        if ends:
+            session.put(data)
+            return
+        if session.put(data, unless_one_idles=True):
+            return
+        # Its session lags and another idles: in text format (pg_dump's) every newline ends a row, so
+        # the block is cut after the piece's last one and the rest goes on as another COPY there.
+        piece = bytes(data)
+        cut = piece.rfind(b"\n") + 1
+        if cut == 0:  # inside a row longer than the piece: no cut here
+            session.put(data)
+            return
+        session.put(piece[:cut] + b"\\.\n", wait=False)
+        self.loader.finish(session, self.copy_unit)
+        self.copy_parts += 1
+        label = f"{self.copy_label} (part {self.copy_parts})"
+        self.copy_part(self.loader.wait_free(), label, self.copy_state + self.copy_header)
+        if cut < len(piece):
+            self.copy_session.put(piece[cut:])
 
     def copy_end(self):
         if not self.serial:
@@ -862,10 +876,10 @@ def default_jobs():
     return max(1, min(4, cores))
 
 
-def load(argv, jobs, dump=None, stdin_fd=0):
+def load(argv, jobs, dump=None, stdin_fd=0, queue_bytes=QUEUE_BYTES):
     """Load; returns the exit status."""
     started = time.monotonic()
-    loader = Loader(argv, jobs, spool_dir=os.environ.get("KW_SPOOL_DIR") or None)
+    loader = Loader(argv, jobs, queue_bytes)
     source = None
     err = tempfile.TemporaryFile()
 
@@ -902,7 +916,7 @@ def load(argv, jobs, dump=None, stdin_fd=0):
         raise
     note(
         f"loaded with {jobs} sessions in {time.monotonic() - started:.1f}s: {plan.copies} tables' data"
-        + (f", {plan.spooled >> 20} MiB spooled to disk" if plan.spooled else "")
+        + (f" in {plan.parts} COPY statements (blocks cut where a session lagged)" if plan.parts > plan.copies else "")
         + (f" (in one session: {plan.serial})" if plan.serial else "")
     )
     return 0
@@ -910,7 +924,7 @@ def load(argv, jobs, dump=None, stdin_fd=0):
 
 def main(args=None):
     args = list(sys.argv[1:] if args is None else args)
-    options = {"--jobs": "auto", "--session": None, "--dump": None}
+    options = {"--jobs": "auto", "--session": None, "--dump": None, "--queue-bytes": str(QUEUE_BYTES)}
     while args:
         flag = args.pop(0)
         if flag not in options or not args:
@@ -922,7 +936,7 @@ def main(args=None):
         return 2
     argv = json.loads(options["--session"])
     jobs = default_jobs() if options["--jobs"] == "auto" else max(1, int(options["--jobs"]))
-    return load(argv, jobs, options["--dump"])
+    return load(argv, jobs, options["--dump"], queue_bytes=max(1, int(options["--queue-bytes"])))
 
 
 if __name__ == "__main__":

@@ -194,22 +194,10 @@ def load(settings: Settings, prod: Place, db: Database, dump: staging.Staged, ne
                 check=False,
                 timeout=None,
             )
-            if code == staging.DECOMPRESS_FAILED:
-                raise VerificationError(f"{dump.name} is damaged: {staging.last_error(err)}", "use another copy")
-            if code != 0:
-                raise Failed(f"psql failed: {staging.last_error(err)}", "see the error; DB_NAME is unchanged")
+            _check_exit(dump, code, err, "psql failed")
             return dumps.copy_counts(out)
-        echo = _Collect()
-        sql = prod.script(staging.DECOMPRESS_INTO, dump.path, "cat", name="gzip stream check")
-        try:
-            pipeline([sql, db.psql(new, "--single-transaction", "-e", quiet=False), echo])
-        except StageFailed as exc:
-            if exc.stage == sql.name:
-                raise VerificationError(
-                    f"{dump.name} is damaged: {exc.tail or exc.detail}", "use another copy"
-                ) from exc
-            raise Failed(exc.message, "see the error; DB_NAME is unchanged") from exc
-        return dumps.copy_counts(bytes(echo.data))
+        out, _ = _piped(prod, dump, db.psql(new, "--single-transaction", "-e", quiet=False), "psql failed")
+        return dumps.copy_counts(out)
     finally:
         watcher.stop()
 
@@ -251,13 +239,8 @@ def _parallel(
             )
             return None
         _notes(err)
-        if code == staging.DECOMPRESS_FAILED:
-            raise VerificationError(f"{dump.name} is damaged: {staging.last_error(err)}", "use another copy")
-        if code != 0:
-            raise Failed(f"the load failed: {staging.last_error(err)}", "see the error; DB_NAME is unchanged")
+        _check_exit(dump, code, err, "the load failed")
         return dumps.copy_counts(out)
-    echo = _Collect()
-    sql = prod.script(staging.DECOMPRESS_INTO, dump.path, "cat", name="gzip stream check")
     loader = Cmd(
         [
             sys.executable,
@@ -269,14 +252,32 @@ def _parallel(
         ],
         name="parallel load",
     )
+    out, said = _piped(prod, dump, loader, "the load failed")
+    _notes(said.get(loader.name, ""))
+    return dumps.copy_counts(out)
+
+
+def _check_exit(dump: staging.Staged, code: int, err: bytes, failed: str) -> None:
+    """The exit of a load run on prod behind DECOMPRESS_INTO or PARALLEL_LOAD: a damaged dump, or
+    `failed` and the error."""
+    if code == staging.DECOMPRESS_FAILED:
+        raise VerificationError(f"{dump.name} is damaged: {staging.last_error(err)}", "use another copy")
+    if code != 0:
+        raise Failed(f"{failed}: {staging.last_error(err)}", "see the error; DB_NAME is unchanged")
+
+
+def _piped(prod: Place, dump: staging.Staged, loader: Cmd, failed: str) -> tuple[bytes, dict[str, str]]:
+    """prod's decompressed SQL into `loader` here (kamal): its stdout, and each stage's stderr; a
+    failed decompression is a damaged dump, any other failure `failed` and the error."""
+    echo = _Collect()
+    sql = prod.script(staging.DECOMPRESS_INTO, dump.path, "cat", name="gzip stream check")
     try:
         said = pipeline([sql, loader, echo])
     except StageFailed as exc:
         if exc.stage == sql.name:
             raise VerificationError(f"{dump.name} is damaged: {exc.tail or exc.detail}", "use another copy") from exc
-        raise Failed(f"the load failed: {exc.tail or exc.detail}", "see the error; DB_NAME is unchanged") from exc
-    _notes(said.get(loader.name, ""))
-    return dumps.copy_counts(bytes(echo.data))
+        raise Failed(f"{failed}: {exc.tail or exc.detail}", "see the error; DB_NAME is unchanged") from exc
+    return bytes(echo.data), said
 
 
 def _notes(stderr: str) -> None:

@@ -270,12 +270,7 @@ def test_the_installed_cron_lines_run_as_written_as_their_users(
     # The Pi's own: its key for prod (restricted as make authorize-pi5 adds it), ssh config, known hosts, the nas.
     mine = Path(tempfile.mkdtemp(prefix="kw-pi-"))
     os.chown(mine, pi.pw_uid, pi.pw_gid)
-    key = mine / "id_prod_backup"
-    subprocess.run(
-        ["runuser", "-u", "pi", "--", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
-    )
-    public = key.with_suffix(".pub").read_text()
-    ssh_world.places["prod"].authorize(public, f'restrict,command="rrsync -ro {prod_dir}"')
+    key, public = ssh_world.restricted_key(mine, prod_dir, owner="pi")
     recorder = world.Recorder()
     try:
         (mine / "known_hosts").write_text(ssh_world.known_hosts.read_text())

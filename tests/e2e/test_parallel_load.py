@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ def pg_dump(pg, db, *args):
     return out.stdout
 
 
-def load(pg, sql: bytes, jobs=4, tmp=None, gz=False):
+def load(pg, sql: bytes, jobs=4, tmp=None, gz=False, options=()):
     """A fresh database loaded by the program from a file; (database, exit status, stdout, stderr)."""
     name = pg.create_db(f"kwpl_{uuid.uuid4().hex[:8]}")
     path = os.path.join(tmp, f"{name}.sql" + (".gz" if gz else ""))
@@ -34,7 +35,7 @@ def load(pg, sql: bytes, jobs=4, tmp=None, gz=False):
         f.write(gzip.compress(sql, 1) if gz else sql)
     session = ["psql", "-X", "--no-password", "-v", "ON_ERROR_STOP=1", "-A", "-t", "-d", name]
     done = subprocess.run(
-        [sys.executable, PROGRAM, "--jobs", str(jobs), "--session", json.dumps(session), "--dump", path],
+        [sys.executable, PROGRAM, "--jobs", str(jobs), "--session", json.dumps(session), "--dump", path, *options],
         env={**os.environ, **pg.env},
         capture_output=True,
     )
@@ -57,6 +58,19 @@ def same_database(pg, a, b):
     """Schema dump, and every row in heap order as pg_dump -a writes it (sequences' values included)."""
     assert without_restrict(pg_dump(pg, a, "--schema-only")) == without_restrict(pg_dump(pg, b, "--schema-only"))
     assert without_restrict(pg_dump(pg, a, "--data-only")) == without_restrict(pg_dump(pg, b, "--data-only"))
+
+
+def sorted_rows(sql: bytes) -> dict[str, list[bytes]]:
+    """Each table's rows as a COPY block has them, sorted: what is the same whatever order they were loaded in."""
+    rows, table, data = {}, None, b""
+    for kind, value in parallel_load.events(iter([sql])):
+        if kind == "copy":
+            table, data = dumps.table_key(dumps.COPY_HEADER_RE.fullmatch(value.decode().strip())["table"]), b""
+        elif kind == "data":
+            data += bytes(value)
+        elif kind == "end":
+            rows.setdefault(table, []).extend(data.split(b"\n")[:-2])  # without the `\.` line
+    return {t: sorted(r) for t, r in rows.items()}
 
 
 def rows_in(sql: bytes) -> dict[str, int]:
@@ -150,13 +164,18 @@ def without_restrict(sql: bytes) -> bytes:
     return b"\n".join(line for line in sql.split(b"\n") if not line.startswith((b"\\restrict", b"\\unrestrict")))
 
 
-@pytest.mark.parametrize("case", ["no headers", "meta-command", "unknown post-data"])
+@pytest.mark.parametrize("case", ["no headers", "meta-command", "meta-command amid the data", "unknown post-data"])
 def test_what_cannot_be_split_runs_in_one_session_saying_so(pg, pagila_sql, tmp_path, case):
     if case == "no headers":
         sql, says = PLAIN, "loading the rest in one session, in the dump's order: no pg_dump entry header"
     elif case == "meta-command":  # a dump from before \restrict, with a meta-command psql would run
         sql = without_restrict(pagila_sql).replace(
             b"\n--\n-- Data for Name: actor;", b"\n\\set kw 1\n--\n-- Data for Name: actor;", 1
+        )
+        says = "loading the rest in one session, in the dump's order: a psql meta-command in the dump (\\set kw 1)"
+    elif case == "meta-command amid the data":  # other sessions have loaded tables, in transactions still open
+        sql = without_restrict(pagila_sql).replace(
+            b"\n--\n-- Data for Name: rental;", b"\n\\set kw 1\n--\n-- Data for Name: rental;", 1
         )
         says = "loading the rest in one session, in the dump's order: a psql meta-command in the dump (\\set kw 1)"
     else:
@@ -173,6 +192,44 @@ def test_what_cannot_be_split_runs_in_one_session_saying_so(pg, pagila_sql, tmp_
         pg.drop_db(name)
         if "reference" in locals():
             pg.drop_db(reference)
+
+
+LONG_ROWS = """
+CREATE TABLE long_rows (id int PRIMARY KEY, body text, note text);
+INSERT INTO long_rows SELECT i, repeat(md5(i::text), 50000 + i), CASE WHEN i % 2 = 0 THEN E'tab\\there' END
+FROM generate_series(1, 12) i;
+INSERT INTO long_rows SELECT i, md5(i::text), CASE WHEN i % 3 = 0 THEN E'back\\\\slash\\nnewline' END
+FROM generate_series(13, 200000) i;
+"""
+
+
+def test_copy_blocks_cut_where_a_session_lags_load_the_same_rows(pg, pagila_db, tmp_path):
+    """With a tiny queue every lagging session's block is cut after a row and goes on in an idle one:
+    the rows are those of one psql session's load (in another heap order), the counts the dump's."""
+    source = pg.create_db(f"kwpl_{uuid.uuid4().hex[:8]}")
+    made = []
+    try:
+        pg.psql(f"CREATE DATABASE {source}_t TEMPLATE {pagila_db}")  # pagila and rows longer than a read
+        made.append(f"{source}_t")
+        pg.psql(LONG_ROWS, f"{source}_t")
+        sql = pg_dump(pg, f"{source}_t")
+        name, code, out, err = load(pg, sql, 3, str(tmp_path), gz=True, options=["--queue-bytes", "1"])
+        made.append(name)
+        assert code == 0, err
+        assert re.search(r"in \d+ COPY statements \(blocks cut where a session lagged\)", err), err
+        assert out.count(b"COPY public.long_rows ") >= 10, out  # one for each MiB read, nearly
+        reference = single(pg, sql)
+        made.append(reference)
+        assert without_restrict(pg_dump(pg, name, "--schema-only")) == without_restrict(
+            pg_dump(pg, reference, "--schema-only")
+        )
+        assert sorted_rows(pg_dump(pg, name, "--data-only")) == sorted_rows(pg_dump(pg, reference, "--data-only"))
+        assert dumps.copy_counts(out) == rows_in(sql)
+        sequences = "SELECT string_agg(format('%s %s', sequencename, last_value), ',' ORDER BY 1) FROM pg_sequences"
+        assert pg.psql(sequences, name) == pg.psql(sequences, reference)
+    finally:
+        for db in [source, *made]:
+            pg.drop_db(db)
 
 
 @pytest.mark.parametrize("damage", ["bad row", "duplicate key", "truncated"])
