@@ -101,12 +101,16 @@ def size(n: int) -> str:
 class Progress:
     """Bytes, rate and (when the total is known) ETA of a long stream.
 
-    On a terminal it redraws one line; in logs it writes a line every `interval` seconds.
+    On a terminal it redraws one line; in logs it writes a line every `interval` seconds. An
+    `estimated` total is shown as "about" and dropped, ETA with it, once the stream has passed it.
     """
 
-    def __init__(self, what: str, total: int | None = None, interval: float = 10.0, stream=None):
+    def __init__(
+        self, what: str, total: int | None = None, interval: float = 10.0, stream=None, estimated: bool = False
+    ):
         self.what = what
         self.total = total
+        self.estimated = estimated
         self.interval = interval
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
@@ -124,11 +128,15 @@ class Progress:
         elapsed = max(now - self.start, 1e-6)
         rate = self.done / elapsed
         parts = [f"{self.what}: {size(self.done)}"]
-        if self.total:
-            parts[0] += f" of {size(self.total)} ({100 * self.done / self.total:.0f}%)"
+        total = self.total
+        if self.estimated and total and self.done > total:
+            total = None  # the estimate was short: say only what is known
+        if total:
+            about = "about " if self.estimated else ""
+            parts[0] += f" of {about}{size(total)} ({100 * self.done / total:.0f}%)"
         parts.append(f"{size(rate)}/s")
-        if self.total and rate > 0:
-            parts.append(f"ETA {humanize.naturaldelta(max(self.total - self.done, 0) / rate)}")
+        if total and rate > 0:
+            parts.append(f"ETA {humanize.naturaldelta(max(total - self.done, 0) / rate)}")
         return ", ".join(parts)
 
     def _show(self, now: float) -> None:

@@ -466,6 +466,7 @@ class Plan:
         self.copy_unit = None
         self.copy_session = None
         self.copy_header = None
+        self.copy_table = None
         self.copy_state = b""  # the session state lines its COPY runs under, for each part it is cut into
         self.copy_label = ""
         self.copy_parts = 0
@@ -656,12 +657,13 @@ class Plan:
         self.entry = None
         self.copies += 1
         self.copy_header, self.copy_state = header, _state_lines(entry.state)
+        self.copy_table = key_of(COPY_RE.match(header.rstrip(b"\n")).group(1))
         self.copy_label, self.copy_parts = entry.label(), 1
         self.copy_part(self.loader.wait_free(), self.copy_label, self.copy_state + entry.text() + header)
 
     def copy_part(self, session, label, prefix):
         """A COPY statement of the current block in `session`: the block's start, or a part after a cut."""
-        table = key_of(COPY_RE.match(self.copy_header.rstrip(b"\n")).group(1))
+        table = self.copy_table
         unit = self.loader.unit(label, DATA, table=table)
         unit.copies.append(self.copy_header)
         self.loader.begin(session, unit, prefix)

@@ -63,7 +63,7 @@ def restore(
                     return
                 confirm(name, yes)
                 with app_stopped(settings, stop_app):
-                    load_check_swap(settings, prod, db, dump, name, new, previous)
+                    load_check_swap(settings, prod, db, dump, name, new, previous, expected_size(dump, target))
                 if drop_previous and target.exists:
                     catalog.drop(db, previous)
                     log.info("dropped %s (--drop-previous)", previous)
@@ -142,14 +142,28 @@ def app_stopped(settings: Settings, stop: bool):
                 ) from exc
 
 
+def expected_size(dump: staging.Staged, target: catalog.Target) -> int:
+    """About how big the restored database gets: the one it replaces, else a guess from the dump's size."""
+    if target.exists and target.size:
+        return target.size
+    return (dump.manifest.bytes if dump.manifest else 0) * 6
+
+
 def load_check_swap(
-    settings: Settings, prod: Place, db: Database, dump: staging.Staged, name: str, new: str, previous: str
+    settings: Settings,
+    prod: Place,
+    db: Database,
+    dump: staging.Staged,
+    name: str,
+    new: str,
+    previous: str,
+    expected: int,
 ) -> None:
     started = time.monotonic()
     swapping = False
     try:
         catalog.create(db, new, name)
-        counts = load(settings, prod, db, dump, new)
+        counts = load(settings, prod, db, dump, new, expected)
         summary = check_restored(db, new, dump, counts)
         log.info("restored %s in %.1fs: %s", new, time.monotonic() - started, summary)
         swapping = True
@@ -169,7 +183,9 @@ def load_check_swap(
     log.info("swapped: %s is the restored database; the old one is %s", name, previous)
 
 
-def load(settings: Settings, prod: Place, db: Database, dump: staging.Staged, new: str) -> dict[str, int]:
+def load(
+    settings: Settings, prod: Place, db: Database, dump: staging.Staged, new: str, expected: int
+) -> dict[str, int]:
     """Load the dump into `new`; the rows the server loaded per table.
 
     RESTORE_JOBS sessions (parallel_load.py; default the server's cores, at most 4); with 1, or
@@ -179,7 +195,7 @@ def load(settings: Settings, prod: Place, db: Database, dump: staging.Staged, ne
     """
     log.info("restoring into %s", new)
     # -e echoes each COPY statement and psql prints its `COPY n` tag: the rows the server loaded.
-    watcher = _SizeWatcher(db, new, (dump.manifest.bytes if dump.manifest else 0) * 6)
+    watcher = _SizeWatcher(db, new, expected)
     watcher.start()
     try:
         jobs = restore_jobs(settings, db)
@@ -336,12 +352,12 @@ class _Collect(Tap):
 
 
 class _SizeWatcher(threading.Thread):
-    """Progress of a load: the new database's size, polled, against a rough expected size."""
+    """Progress of a load: the new database's size, polled, against an estimate of its final size."""
 
     def __init__(self, db: Database, name: str, expected: int):
         super().__init__(daemon=True)
         self.db, self.dbname = db, name
-        self.progress = Progress(f"restoring into {name}", expected or None)
+        self.progress = Progress(f"restoring into {name}", expected or None, estimated=True)
         self.stopped = threading.Event()
 
     def run(self) -> None:

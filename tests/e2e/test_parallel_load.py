@@ -99,21 +99,34 @@ def dbs(pg):
         pg.drop_db(name)
 
 
-def test_pagila_in_four_sessions_equals_one_psql_session(pg, pagila_sql, tmp_path):
-    assert pagila_sql.count(b"Type: INDEX ATTACH") > 50 and b"\\restrict " in pagila_sql
-    parallel, code, out, err = load(pg, pagila_sql, 4, str(tmp_path), gz=True)
+def loads_like_one_psql_session(pg, sql: bytes, tmp_path):
+    """Four sessions load `sql` into what one psql session makes of it: schema, rows, counts, sequences."""
+    parallel, code, out, err = load(pg, sql, 4, str(tmp_path), gz=True)
     try:
         assert code == 0, err
         assert "loaded with 4 sessions" in err and "one session" not in err
-        reference = single(pg, pagila_sql)
+        reference = single(pg, sql)
         same_database(pg, parallel, reference)
-        assert dumps.copy_counts(out) == rows_in(pagila_sql)
+        assert dumps.copy_counts(out) == rows_in(sql)
         sequences = "SELECT string_agg(format('%s %s', sequencename, last_value), ',' ORDER BY 1) FROM pg_sequences"
         assert pg.psql(sequences, parallel) == pg.psql(sequences, reference)
     finally:
         for name in (parallel, locals().get("reference")):
             if name:
                 pg.drop_db(name)
+
+
+def test_pagila_in_four_sessions_equals_one_psql_session(pg, pagila_sql, tmp_path):
+    assert pagila_sql.count(b"Type: INDEX ATTACH") > 50 and b"\\restrict " in pagila_sql
+    loads_like_one_psql_session(pg, pagila_sql, tmp_path)
+
+
+def test_a_dump_loading_via_the_partition_root_equals_one_psql_session(pg, pagila_db, tmp_path):
+    """pg_dump --load-via-partition-root: each partition's rows are a COPY into the root, in sessions
+    side by side; the rows still reach the same partitions in the same order."""
+    sql = pg_dump(pg, pagila_db, "--load-via-partition-root")
+    assert sql.count(b"\nCOPY public.payment (") > 5 and b"\nCOPY public.payment_p2022_01 " not in sql
+    loads_like_one_psql_session(pg, sql, tmp_path)
 
 
 def test_tablespace_settings_reach_every_session(pg, tmp_path):

@@ -21,6 +21,18 @@ def test_progress_on_a_terminal_shows_bytes_rate_and_eta(monkeypatch):
     assert text.startswith("\r") and "2.0 MB of 4.0 MB (50%)" in text and "/s" in text and "ETA" in text
 
 
+def test_an_estimated_total_is_about_and_dropped_once_passed(monkeypatch):
+    clock = iter([0.0, 1.0, 2.0, 3.0])
+    monkeypatch.setattr(log.time, "monotonic", lambda: next(clock))
+    out = Tty()
+    progress = log.Progress("restoring into kw_restore_1", total=3_000_000, stream=out, estimated=True)
+    progress.add(1_000_000)
+    assert "1.0 MB of about 3.0 MB (33%)" in out.getvalue() and "ETA" in out.getvalue()
+    progress.add(3_000_000)
+    last = out.getvalue().rsplit("\r", 1)[1]
+    assert last.startswith("restoring into kw_restore_1: 4.0 MB, ") and "of" not in last and "ETA" not in last
+
+
 def test_progress_in_logs_is_a_line_every_interval(monkeypatch, caplog):
     clock = iter([0.0, 5.0, 11.0, 12.0])
     monkeypatch.setattr(log.time, "monotonic", lambda: next(clock))
