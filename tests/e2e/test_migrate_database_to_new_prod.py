@@ -81,6 +81,7 @@ def test_migrates_the_newest_into_a_database_it_creates(old_prod, pg, db):
     result = migrate(old_prod, "--yes")
     assert result.returncode == 0, result.stderr
     assert f"migrating {NEWEST}" in result.stderr
+    assert "parallel load: loaded with" in result.stderr  # RESTORE_JOBS by default: a session per core
     assert content(pg, f"{db}_new") == content(pg, db) and old_prod.expected == world.RAILS_TABLE_ROWS
     assert databases(pg, db) == [db, f"{db}_new"] and not migration_dumps_on_prod(old_prod)
 

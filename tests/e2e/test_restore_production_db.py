@@ -149,6 +149,28 @@ def test_kill_9_mid_restore_then_a_normal_run_cleans_up(remote_prod, pg, db, big
     assert pg.row_counts(big_db) == before and not leftovers(pg, big_db) and not staging_dirs()
 
 
+def test_a_link_dropped_mid_load_stops_the_load_on_prod_and_changes_nothing(remote_prod, pg, db, big_db):
+    """The loader runs on prod under the ssh login that drops: it and its psql sessions end there (no load goes
+    on for ever on prod), the script fails, DB_NAME is as it was, and the next run cleans up. (The loader's own
+    stop when its output is gone is test_parallel_load's test_a_loader_whose_caller_is_gone_...)"""
+    kw = remote_prod
+    kw.settings["DB_NAME"] = big_db
+    made = kw.run("backup-db", timeout=300)
+    assert made.returncode == 0, made.stderr
+    before = pg.row_counts(big_db)
+    proc = start_restore(kw)
+    loading = f"SELECT 1 FROM pg_stat_activity WHERE datname LIKE '{big_db}\\_restore\\_%' AND query LIKE 'COPY %'"
+    wait_for(lambda: pg.psql(loading), 120, "the load")
+    assert kw.fresh_prod.drop_sessions() > 0
+    assert proc.wait(120) == 1, "".join(proc.lines)
+    sessions = f"SELECT 1 FROM pg_stat_activity WHERE datname LIKE '{big_db}\\_restore\\_%'"
+    wait_for(lambda: not pg.psql(sessions), 60, "the load's sessions on prod to end")
+    assert pg.row_counts(big_db) == before
+    result = kw.run("restore-production-db", "--local", "latest", "--yes", "--drop-previous", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert pg.row_counts(big_db) == before and not leftovers(pg, big_db) and not staging_dirs()
+
+
 def test_the_cleanup_spares_a_staging_directory_another_run_has_just_made(kw, pg, db, dumped):
     """Between its mktemp and its lock a directory has no .lock yet: a restore of another database on the
     same server may be there. Only an hour later is such a directory a dead run's."""

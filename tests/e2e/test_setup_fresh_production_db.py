@@ -80,6 +80,7 @@ def test_default_takes_the_latest_on_the_nas(fresh, pg, db):
     assert result.returncode == 0, result.stderr
     assert content(pg, f"{db}_fresh") == content(pg, db) and fresh.expected == world.RAILS_TABLE_ROWS
     assert fresh.dump.name in result.stderr and "taking the pi5" not in result.stderr
+    assert "parallel load: loaded with" in result.stderr  # RESTORE_JOBS by default: a session per core
     assert databases(pg, db) == [db, f"{db}_fresh"]
     assert_nothing_left(fresh)
 

@@ -80,6 +80,9 @@ def test_named_env_file_must_exist(tmp_path):
         ("OFFSITE_KEEP", "0"),
         ("OFFSITE_KEEP_MONTHLY", "x"),
         ("RCLONE_CONFIG", "rclone.conf"),
+        ("RESTORE_JOBS", "0"),
+        ("RESTORE_JOBS", "auto"),
+        ("RESTORE_JOBS", "65"),
     ],
 )
 def test_bad_values_name_the_setting(tmp_path, name, value):
