@@ -13,11 +13,13 @@ ON_ERROR_STOP=1, -A -t and without -q, so that its `COPY n` tags reach us. The d
 session; the pre-data (types, tables, functions) runs in session 0; each table's COPY block goes
 to a free session as the stream reaches it; when that session lags (--queue-bytes queued for it,
 16 MiB) and another idles, the block is cut after a row and goes on there as another COPY of the
-table. Then the post-data: indexes and constraints in parallel (never two units on one table
-unless both are plain CREATE INDEX), each as soon as its table's data is in, then INDEX ATTACH in
-order, then FOREIGN KEYs in parallel (never two on one partition tree), then everything else in
-its original order. What cannot be split safely runs in one session in the dump's order, saying
-so on stderr.
+table. The data's other entries (INSERTs, SEQUENCE SET, large objects, statistics) follow in order.
+Then the post-data: indexes and primary key, unique and exclusion constraints in parallel (never
+two units on one table unless both are plain CREATE INDEX), each as soon as its table's data is
+in, then INDEX ATTACH in order, then FOREIGN KEYs in parallel (never two on one partition tree)
+and CHECK constraints, then everything else in its original order. Every entry type pg_dump 15 to
+18 writes has its place (see placement()); SQL it does not write runs in one session in the
+dump's order, saying why on stderr.
 
 stdout: for each COPY, its statement and then its tag (`COPY n`), as `psql -e` prints them.
 stderr: lines starting with `kw-parallel-load: `. Exit 0 loaded; 97 the dump is damaged or
@@ -42,7 +44,11 @@ TOO_OLD = 98
 CHUNK = 1 << 20
 QUEUE_BYTES = 16 << 20  # queued in memory for one session; past this the stream waits, or cuts its COPY
 HEADER_RE = re.compile(rb"^-- (?:Data for )?Name: (.*); Type: (.*?); Schema: (.*?); Owner: (.*?)(?:; Tablespace: .*)?$")
-COPY_RE = re.compile(rb"^COPY (.+?) (?:\(.*\) )?FROM stdin;$")
+# pg_dump writes `COPY <qualified name> <column list> FROM stdin;`, the list empty for a table without
+# columns (two spaces): the name is read by copy_target, by pg_dump's quoting rules.
+COPY_RE = re.compile(rb"^COPY (.+?) (?:\(.*\) | )?FROM stdin;$")
+DATA_HEADER_RE = re.compile(rb"^-- Data for Name: (.*); Type: TABLE DATA; Schema: (.*?); Owner: ")
+NAME_PART_RE = re.compile(rb'"(?:[^"]|"")*"|[^."\s(]+')
 TAG_RE = re.compile(rb"^COPY (\d+)$")
 STATE_RE = re.compile(
     rb"^(?:SET (default_tablespace|default_table_access_method|default_with_oids|search_path) = "
@@ -52,13 +58,25 @@ RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict ")
 PREAMBLE_RE = re.compile(rb"^(?:SET \w+ = .*;|SELECT pg_catalog\.set_config\(.*\);|\\restrict \S+)$")
 IDENT = rb'(?:"(?:[^"]|"")*"|[^."\s(]+)'
 QUALIFIED = rb"(" + IDENT + rb"(?:\." + IDENT + rb")?)"
-INDEX_ON_RE = re.compile(rb"^CREATE (?:UNIQUE )?INDEX \S+ ON (ONLY )?" + QUALIFIED + rb" USING ", re.M)
-ALTER_RE = re.compile(rb"^ALTER TABLE (ONLY )?" + QUALIFIED + rb"\n", re.M)
+INDEX_ON_RE = re.compile(rb"^CREATE (?:UNIQUE )?INDEX " + IDENT + rb" ON (ONLY )?" + QUALIFIED + rb" USING ", re.M)
+# The one statement of a CONSTRAINT, CHECK CONSTRAINT or FK CONSTRAINT entry; its last group is set when it builds
+# an index of the table's own (a primary key, unique or exclusion constraint, not one USING an existing index).
+ADD_CONSTRAINT_RE = re.compile(
+    rb"^ALTER (TABLE|FOREIGN TABLE|DOMAIN) (ONLY )?"
+    + QUALIFIED
+    + rb"\n    ADD CONSTRAINT "
+    + IDENT
+    + rb" ((?:PRIMARY KEY|UNIQUE|EXCLUDE)\b(?! USING INDEX))?",
+    re.M,
+)
 REFERENCES_RE = re.compile(rb" REFERENCES " + QUALIFIED + rb"\(")
 ATTACH_RE = re.compile(rb"^ALTER TABLE ONLY " + QUALIFIED + rb" ATTACH PARTITION " + QUALIFIED + rb" ", re.M)
 
 PRE_DATA, DATA, POST_DATA = "pre-data", "data", "post-data"
-DATA_TYPES = {b"TABLE DATA", b"SEQUENCE SET", b"BLOBS", b"BLOB", b"BLOB DATA", b"LARGE OBJECTS"}
+# The sections of the entry types pg_dump writes (15 to 18: pg_dump.c's ArchiveEntry calls), which a plain dump
+# holds in that order; every other type (SCHEMA, TABLE, FUNCTION, BLOB before pg_dump 17, ...) is pre-data.
+# ACLs and DEFAULT ACLs (no section) come after the post-data's other entries, in a pass of their own.
+DATA_TYPES = {b"TABLE DATA", b"SEQUENCE SET", b"BLOBS", b"BLOB METADATA"}
 POST_TYPES = {
     b"INDEX",
     b"CONSTRAINT",
@@ -77,15 +95,15 @@ POST_TYPES = {
     b"PUBLICATION TABLES IN SCHEMA",
     b"SUBSCRIPTION",
     b"SUBSCRIPTION TABLE",
-    b"STATISTICS DATA",
-}
-# Post-data that may run after the indexes, constraints and foreign keys, in the dump's order.
-LATER_TYPES = POST_TYPES - {b"INDEX", b"CONSTRAINT", b"FK CONSTRAINT", b"INDEX ATTACH"} | {
-    b"COMMENT",
     b"ACL",
     b"DEFAULT ACL",
-    b"SECURITY LABEL",
 }
+# In the section of the entry before them: a COMMENT or SECURITY LABEL follows its object (a large object's is
+# data from pg_dump 17 on), STATISTICS DATA (pg_dump 18) is a table's in the data, an index's in the post-data.
+FOLLOWING_TYPES = {b"COMMENT", b"SECURITY LABEL", b"STATISTICS DATA"}
+CONSTRAINT_TYPES = {b"CONSTRAINT", b"CHECK CONSTRAINT", b"FK CONSTRAINT"}
+# Post-data that runs after the indexes and constraints, in the dump's order.
+LATER_TYPES = (POST_TYPES | FOLLOWING_TYPES) - CONSTRAINT_TYPES - {b"INDEX", b"INDEX ATTACH"}
 
 
 def program():
@@ -179,7 +197,7 @@ def events(chunks):
                 break
             line = buf[pos : newline + 1]
             pos = newline + 1
-            if line.startswith(b"COPY ") and COPY_RE.match(line.rstrip(b"\n")):
+            if line.startswith(b"COPY ") and copy_target(line) is not None:
                 copying = line
                 last = b"\n"
                 yield "copy", line
@@ -212,11 +230,68 @@ class Entry:
         return f"{what} {schema + '.' if schema not in ('', '-') else ''}{name}".strip()
 
 
+def _name_parts(text, pos=0):
+    """The parts of a (schema-)qualified name at `pos`, as the catalog has them, and where it ends: a
+    quoted part keeps its case, spaces and dots (`""` is a quote); an unquoted one is folded to
+    lower case, as the server folds it."""
+    parts = []
+    while True:
+        m = NAME_PART_RE.match(text, pos)
+        if not m:
+            return None, pos
+        part = m.group(0)
+        parts.append(part[1:-1].replace(b'""', b'"') if part.startswith(b'"') else part.lower())
+        pos = m.end()
+        if text[pos : pos + 1] != b"." or len(parts) == 2:
+            return parts, pos
+        pos += 1
+
+
 def key_of(qualified):
-    """`schema.table` unquoted, as dumps.table_key does."""
-    parts = re.findall(rb'"(?:[^"]|"")*"|[^."]+', qualified)
-    out = [p[1:-1].replace(b'""', b'"') if p.startswith(b'"') else p for p in parts]
-    return b".".join(out).decode(errors="replace")
+    """`schema.table` as the catalog has it, for a qualified name as pg_dump writes one."""
+    parts, _ = _name_parts(qualified)
+    return b".".join(parts or [qualified]).decode(errors="replace")
+
+
+def _copy_parts(line):
+    line = line.rstrip(b"\n")
+    if not line.startswith(b"COPY "):
+        return None
+    parts, end = _name_parts(line, 5)
+    rest = line[end:]
+    if parts is None or not (
+        rest in (b"  FROM stdin;", b" FROM stdin;") or (rest.startswith(b" (") and rest.endswith(b") FROM stdin;"))
+    ):
+        return None
+    return parts
+
+
+def copy_target(line):
+    """`schema.table` that a COPY line loads, or None when it is not `COPY name [(columns)] FROM stdin;`."""
+    parts = _copy_parts(line)
+    return None if parts is None else b".".join(parts).decode(errors="replace")
+
+
+def data_table(copy_line, data_header=None):
+    """The one reading of a dump's table names (the manifest, verify-backup, the pull, the restores,
+    the drill): `schema.table` as the catalog has it, for the rows of a COPY line (None when it is
+    not one) under the TABLE DATA entry header before it, if any. pg_dump --load-via-partition-root
+    COPYs a partition's rows into its root: then the header names the partition, whose rows they are
+    (its names as pg_dump prints them in comments: a line break in a name becomes a space)."""
+    parts = _copy_parts(copy_line)
+    if parts is None:
+        return None
+    if data_header is not None and len(parts) == 2:
+        schema, table = (_comment_text(p) for p in parts)
+        own = b"-- Data for Name: " + table + b"; Type: TABLE DATA; Schema: " + schema + b"; Owner: "
+        m = None if data_header.startswith(own) else DATA_HEADER_RE.match(data_header)
+        if m:
+            parts = [m.group(2), m.group(1)]
+    return b".".join(parts).decode(errors="replace")
+
+
+def _comment_text(name):
+    return name.replace(b"\n", b" ").replace(b"\r", b" ")
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -446,6 +521,52 @@ def _write_all(fd, data):
 # --- the plan -----------------------------------------------------------------------------------
 
 
+def section_of(type_, section):
+    """The section an entry of `type_` is in, coming after one in `section`. Unknown types stay where they are
+    (a new pre-data kind runs in order with the rest), but after the data they are post-data, which the
+    post-data's plan then declines."""
+    if type_ in FOLLOWING_TYPES:
+        return section
+    if type_ in POST_TYPES or section == DATA and type_ not in DATA_TYPES:
+        return POST_DATA
+    return DATA if type_ in DATA_TYPES and section == PRE_DATA else section
+
+
+def placement(type_, text):
+    """How a post-data entry loads, from its type and its SQL as pg_dump writes it:
+    ("index", table)       a CREATE INDEX, beside the others on its table (they share their lock);
+    ("constraint", table)  ALTER TABLE ONLY ... ADD a primary key, unique or exclusion constraint: it builds an
+                           index on that one table, and runs alone on it;
+    ("attach", None)       INDEX ATTACH, after those, in order;
+    ("late", tables)       the rest of the constraints (FOREIGN KEY, CHECK on a table or a domain, a NOT NULL ...
+                           NOT VALID) after those and all the data: they check rows beyond one table (the other
+                           side of a key, inheritance children, every column of a domain); never beside another
+                           on one of `tables`, and when those are not known (None) alone;
+    ("later", None)        everything else pg_dump writes there, after all of those, in order;
+    (None, why)            SQL pg_dump does not write there."""
+    if re.search(rb"^\\", text, re.M):
+        return None, "a psql meta-command"
+    if type_ == b"INDEX":
+        found = INDEX_ON_RE.findall(text)
+        return ("index", key_of(found[0][1])) if len(found) == 1 else (None, "an index statement it cannot read")
+    if type_ in CONSTRAINT_TYPES:
+        found = ADD_CONSTRAINT_RE.findall(text)
+        if len(found) != 1:
+            return None, "a constraint it cannot read"
+        what, only, table, builds_index = found[0]
+        if type_ == b"CONSTRAINT" and what == b"TABLE" and only and builds_index:
+            return "constraint", key_of(table)
+        ref = REFERENCES_RE.search(text)
+        if type_ == b"FK CONSTRAINT" and what == b"TABLE" and only and ref:
+            return "late", (key_of(table), key_of(ref.group(1)))
+        return "late", None  # recursing into partitions or children, or a domain's: alone
+    if type_ == b"INDEX ATTACH":
+        return "attach", None
+    if type_ in LATER_TYPES:
+        return "later", None
+    return None, "an entry of type " + type_.decode(errors="replace")
+
+
 class Plan:
     """Reads the stream, feeds the sessions, and schedules what comes after the data."""
 
@@ -460,7 +581,7 @@ class Plan:
         self.main = None
         self.open_unit = None  # session 0's unit whose marker is not sent yet (the pre-data, or the serial rest)
         self.data_units = []  # COPY units: (unit, root of its table)
-        self.rows_units = []  # data entries run after the stream (SEQUENCE SET, INSERTs, large objects)
+        self.rows_units = []  # the data's other entries, run after the stream in order (INSERTs, SEQUENCE SET, ...)
         self.post = []
         self.parents = {}  # partition -> its parent (TABLE ATTACH entries)
         self.copy_unit = None
@@ -489,7 +610,7 @@ class Plan:
                 self.at_eof()
                 if value is not None:
                     raise LoadFailed(
-                        "the dump ends inside the data of table " + key_of(COPY_RE.match(value.rstrip(b"\n")).group(1)),
+                        "the dump ends inside the data of table " + copy_target(value),
                         DAMAGED,
                     )
         if self.section == "preamble":
@@ -556,14 +677,13 @@ class Plan:
         self.entry = Entry(name, type_, schema)
         self.entry.state = dict(self.state)
         self.entry.lines = carried + [b"--\n", m.group(0) + b"\n"]
-        if self.section == PRE_DATA and (type_ in DATA_TYPES or type_ in POST_TYPES):
+        section = section_of(type_, self.section)
+        if section != self.section and self.section == PRE_DATA:
             self.close_open_unit()
             self.loader.wait_all()
-            self.section = DATA if type_ in DATA_TYPES else POST_DATA
-            if self.section == DATA:
+            if section == DATA:
                 self.begin_data_transactions()
-        elif self.section == DATA and type_ not in DATA_TYPES:
-            self.section = POST_DATA
+        self.section = section
 
     def send_preamble(self, everywhere=True):
         loader = self.loader
@@ -649,7 +769,7 @@ class Plan:
                 or entry.type != b"TABLE DATA"
                 or not all(_is_noise(line) for line in entry.lines)
             ):
-                self.go_serial(f"a COPY outside a TABLE DATA entry ({header[:60].decode(errors='replace').strip()})")
+                self.go_serial(f"a COPY outside a TABLE DATA entry ({header.decode(errors='replace').strip()[:60]})")
         if self.serial:
             self.open_unit.copies.append(header)
             self.main.put(header)
@@ -657,7 +777,7 @@ class Plan:
         self.entry = None
         self.copies += 1
         self.copy_header, self.copy_state = header, _state_lines(entry.state)
-        self.copy_table = key_of(COPY_RE.match(header.rstrip(b"\n")).group(1))
+        self.copy_table = copy_target(header)
         self.copy_label, self.copy_parts = entry.label(), 1
         self.copy_part(self.loader.wait_free(), self.copy_label, self.copy_state + entry.text() + header)
 
@@ -715,52 +835,35 @@ class Plan:
         loader = self.loader
         units = []
         chain = set()
-        rows = set()
+        before_indexes = set()  # rows loaded by INSERTs, and restored statistics that an index build rewrites
         for entry in self.rows_units:
-            is_rows = entry.type == b"TABLE DATA"  # without COPY: INSERTs
-            unit = loader.unit(entry.label(), "rows" if is_rows else "later-data", entry=entry, deps=chain)
+            unit = loader.unit(entry.label(), "later-data", entry=entry, deps=chain)
             chain = {unit.id}
             units.append(unit)
-            if is_rows:
-                rows.add(unit.id)
-        data_ids = {u.id for u, _ in self.data_units} | rows
-        post, why = self.plan_post(data_ids, rows)
+            if entry.type in (b"TABLE DATA", b"STATISTICS DATA"):
+                before_indexes.add(unit.id)
+        data_ids = {u.id for u, _ in self.data_units} | {u.id for u in units}
+        post, why = self.plan_post(data_ids, before_indexes)
         if why:
             note(f"the post-data runs in one session, in the dump's order: {why}")
         self.execute(units + post)
 
-    def plan_post(self, data_ids, rows):
+    def plan_post(self, data_ids, before_indexes):
         loader = self.loader
-        first, attach, fks, later = [], [], [], []
+        first, attach, late, later = [], [], [], []
         why = None
         for entry in self.post:
-            text = entry.text()
-            if re.search(rb"^\\", text, re.M):
-                why = why or f"a psql meta-command in {entry.label()}"
-            elif entry.type == b"INDEX":
-                found = INDEX_ON_RE.findall(text)
-                if len(found) != 1:
-                    why = why or f"an index statement it cannot read in {entry.label()}"
-                else:
-                    first.append((entry, key_of(found[0][1]), True))
-            elif entry.type in (b"CONSTRAINT", b"CHECK CONSTRAINT"):
-                m = ALTER_RE.search(text)
-                if not m or b" FOREIGN KEY " in text or b" USING INDEX " in text:
-                    why = why or f"a constraint it cannot read in {entry.label()}"
-                else:
-                    first.append((entry, key_of(m.group(2)), False))
-            elif entry.type == b"INDEX ATTACH":
+            kind, detail = placement(entry.type, entry.text())
+            if kind is None:
+                why = why or f"{detail} ({entry.label()})"
+            elif kind in ("index", "constraint"):
+                first.append((entry, detail, kind == "index"))
+            elif kind == "attach":
                 attach.append(entry)
-            elif entry.type == b"FK CONSTRAINT":
-                m, ref = ALTER_RE.search(text), REFERENCES_RE.search(text)
-                if m and ref and m.group(1):
-                    fks.append((entry, {self.root(key_of(m.group(2))), self.root(key_of(ref.group(1)))}))
-                else:
-                    fks.append((entry, None))  # on a partitioned table (it recurses), or unread: alone
-            elif entry.type in LATER_TYPES:
-                later.append(entry)
+            elif kind == "late":
+                late.append((entry, None if detail is None else {self.root(table) for table in detail}))
             else:
-                why = why or f"an entry of type {entry.type.decode(errors='replace')} ({entry.label()})"
+                later.append(entry)
         if why:
             units, chain = [], set()
             for entry in self.post:
@@ -780,7 +883,7 @@ class Plan:
                     entry=entry,
                     table=table,
                     shared=is_index,
-                    deps=by_root.get(self.root(table), set()) | rows,
+                    deps=by_root.get(self.root(table), set()) | before_indexes,
                     cost=self.sizes[table],
                 )
             )
@@ -792,18 +895,18 @@ class Plan:
             chain = {unit.id}
             attaches.append(unit)
         barrier |= {u.id for u in attaches} | data_ids
-        fk_units = []
-        for entry, roots in fks:
-            unit = loader.unit(entry.label(), "fk", entry=entry, deps=barrier)
+        late_units = []
+        for entry, roots in late:
+            unit = loader.unit(entry.label(), "late", entry=entry, deps=barrier)
             unit.locks = roots
-            fk_units.append(unit)
-        barrier |= {u.id for u in fk_units}
+            late_units.append(unit)
+        barrier |= {u.id for u in late_units}
         laters, chain = [], set()
         for entry in later:
             unit = loader.unit(entry.label(), "later", entry=entry, deps=barrier | chain)
             chain = {unit.id}
             laters.append(unit)
-        return firsts + attaches + fk_units + laters, None
+        return firsts + attaches + late_units + laters, None
 
     def execute(self, units):
         """Run units as their dependencies are done, on free sessions, never two that lock alike at once."""
@@ -835,9 +938,9 @@ class Plan:
 
     @staticmethod
     def _conflicts(unit, running):
-        if unit.kind == "fk":
+        if unit.kind == "late":
             return any(
-                other.kind == "fk" and (unit.locks is None or other.locks is None or unit.locks & other.locks)
+                other.kind == "late" and (unit.locks is None or other.locks is None or unit.locks & other.locks)
                 for other in running
             )
         if unit.kind in ("index", "constraint"):
