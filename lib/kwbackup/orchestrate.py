@@ -4,7 +4,8 @@ The pi5 trusts nothing it cannot check. Every dump on prod newer than the pi5's 
 copy (and not future-dated) is pulled into `<DIR>/.incoming/` (0700, never listed as dumps) and
 checked whole while it arrives: gzip stream, completion line, every table's row count, size and
 sha256, all against the manifest. Only then does it get its final name, by a rename in the same
-filesystem, manifest first, never over another file. A new dump that looks wrong against the one
+filesystem, manifest first, never over another file. Every other prod dump the pi5 holds under
+the same name is compared with the pi5's copy, every run. A new dump that looks wrong against the one
 before it (size, a table gone, rows lost) pins that one everywhere (pins.py). Then every
 verified pi5 dump a destination lacks is pushed (destinations.py: the nas, then the offsite
 remote, whose failure is only a warning), and the pi5 is rotated. A run ends failed when a dump
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +33,7 @@ from .monitor import Monitor
 from .offsite import Offsite
 from .places import Entry, Multiplexer, Place, local_listing, place
 from .settings import Settings
-from .transfer import RsyncSource, receive_verified
+from .transfer import RsyncSource, receive_verified, with_retries
 
 INCOMING = ".incoming"
 OUTGOING = ".outgoing"
@@ -171,34 +173,42 @@ def _to_pull(this: Run, listing: list[Entry], directory: Path) -> list[Entry]:
     return [e for e in reversed(listing) if newest is None or names.parse(e.name).sort_key > newest]
 
 
+def _held_here(this: Run, listing: list[Entry], wanted: list[Entry], directory: Path) -> list[Entry]:
+    """Prod's dumps the pi5 will not pull but holds a file of the same name for (at most PROD_KEEP of them)."""
+    pulling = {e.name for e in wanted}
+    return [
+        e
+        for e in listing
+        if e.name not in pulling and not this.clock.is_future(e.name) and (directory / e.name).is_file()
+    ]
+
+
 def _pull(this: Run, prod: Place, directory: Path, incoming: Path) -> list[Entry]:
-    """Pull and verify what prod has new; the newly verified dumps, oldest first."""
+    """Pull and verify what prod has new, then compare the rest with the pi5's copies; the newly verified dumps,
+    oldest first."""
     source = RsyncSource(prod)
     listing = source.listing()
     if not listing:
         raise Failed(f"no dump in {prod.dir} on prod", "check that backup-db ran on prod (cron 02:00 UTC)")
     wanted = _to_pull(this, listing, directory)
+    held = _held_here(this, listing, wanted, directory)
     newest_on_prod = next((e for e in listing if not this.clock.is_future(e.name)), None)
     if newest_on_prod:
         this.summary.dump, this.summary.bytes = newest_on_prod.name, newest_on_prod.size
-    if not wanted:
-        log.info("nothing to pull: the pi5 has prod's newest dump, verified")
-        return []
     keep = {n for e in wanted for n in (e.name, e.name + names.MANIFEST_SUFFIX)}
     for stale in os.listdir(incoming):
         if stale not in keep:
             os.unlink(incoming / stale)
             log.info("removed %s from %s, left by an interrupted run", stale, incoming)
+    if not wanted:
+        log.info("nothing to pull: the pi5 has prod's newest dump, verified")
     pulled = []
     for entry in wanted:
-        try:
+        with _settled(this, entry.name):
             pulled.append(_pull_one(this, source, entry, directory, incoming))
-        except _Conflict as exc:
-            this.in_question.add(entry.name)
-            this.problems.append(exc)
-        except (VerificationError, _TooSmall) as exc:
-            log.warning("not promoted: %s", exc.line())
-            this.problems.append(exc)
+    for entry in held:  # after the pulls: comparing an older name never stands in the way of tonight's dump
+        with _settled(this, entry.name):
+            _compare_held(source, entry, directory, incoming)
     return pulled
 
 
@@ -207,7 +217,27 @@ class _TooSmall(Failed):
 
 
 class _Conflict(VerificationError):
-    """A name the pi5 holds with other bytes (exit 3): its copy is left as it was."""
+    """A name the pi5 holds with other bytes than prod's (exit 3): its copy is left as it was."""
+
+    @classmethod
+    def over(cls, name: str) -> _Conflict:
+        return cls(
+            f"the pi5 already holds {name} with other bytes than prod's: not replacing it",
+            "compare the two by hand; the pi5's copy and prod's are as they were",
+        )
+
+
+@contextmanager
+def _settled(this: Run, name: str):
+    """A dump that fails its checks or conflicts is the run's problem; the run goes on with the other dumps."""
+    try:
+        yield
+    except _Conflict as exc:
+        this.in_question.add(name)
+        this.problems.append(exc)
+    except (VerificationError, _TooSmall) as exc:
+        log.warning("not promoted: %s", exc.line())
+        this.problems.append(exc)
 
 
 def _pull_one(this: Run, source: RsyncSource, entry: Entry, directory: Path, incoming: Path) -> Entry:
@@ -258,16 +288,10 @@ def _promote_local(incoming: Path, directory: Path, name: str, manifest: dumps.M
     """Give a verified dump its final name on the pi5: fsynced, manifest first, never over another file."""
     dump_path, final = incoming / name, directory / name
     if final.exists():
-        held = dumps.FileChunks(final)
-        for _ in held:
-            pass
         for leftover in (name, name + names.MANIFEST_SUFFIX):
             (incoming / leftover).unlink(missing_ok=True)
-        if held.sha256.hexdigest() != manifest.sha256:
-            raise _Conflict(
-                f"the pi5 already holds {name} with other bytes than prod's: not replacing it",
-                "compare the two by hand; the pi5's copy is as it was",
-            )
+        if _sha256_of(final) != manifest.sha256:
+            raise _Conflict.over(name)
         if not final.with_name(name + names.MANIFEST_SUFFIX).exists():  # the same dump: only its manifest was lost
             files.write_atomic(directory, name + names.MANIFEST_SUFFIX, manifest.to_json())
         log.info("%s is already here with the same bytes", name)
@@ -282,6 +306,57 @@ def _promote_local(incoming: Path, directory: Path, name: str, manifest: dumps.M
     files.write_atomic(directory, name + names.MANIFEST_SUFFIX, manifest.to_json(), replace=True)
     (incoming / (name + names.MANIFEST_SUFFIX)).unlink(missing_ok=True)
     files.publish(dump_path, final)
+
+
+def _sha256_of(path: Path) -> str:
+    read = dumps.FileChunks(path)
+    for _ in read:
+        pass
+    return read.sha256.hexdigest()
+
+
+def _compare_held(source: RsyncSource, entry: Entry, directory: Path, incoming: Path) -> None:
+    """_Conflict unless prod's `entry` has the bytes of the pi5's file of that name (hashed here, never trusted).
+
+    Prod's manifest is only a cheap "the same": when it describes a file of the size prod lists and the pi5's
+    sha256. Anything else reads prod's file (a night already gone wrong; at most PROD_KEEP dumps). A same-size
+    file under a manifest that lies passes: none of it reaches the pi5 or the nas, and any read of it on prod
+    (a restore, verify-backup) fails its sha256; re-reading prod's dumps every night to catch it is not worth it.
+    """
+    pi5_copy = directory / entry.name
+    if pi5_copy.stat().st_size != entry.size:
+        raise _Conflict.over(entry.name)
+    pi5_sha256 = _sha256_of(pi5_copy)
+    manifest = _prod_manifest(source, entry.name, incoming)
+    if manifest is not None and (manifest.bytes, manifest.sha256) == (entry.size, pi5_sha256):
+        log.debug("%s: prod's manifest describes the pi5's copy", entry.name)
+        return
+    try:  # read as a pull is (checked whole, resumed after a dropped link), and never promoted
+        prod_sha256 = receive_verified(source, entry.name, False, incoming).sha256
+    finally:
+        (incoming / entry.name).unlink(missing_ok=True)
+    if prod_sha256 != pi5_sha256:
+        raise _Conflict.over(entry.name)
+    log.debug("%s: prod's copy has the pi5's bytes", entry.name)
+
+
+def _prod_manifest(source: RsyncSource, name: str, incoming: Path) -> dumps.Manifest | None:
+    """Prod's manifest of `name` when it lists one of a manifest's size and it is valid, else None."""
+    manifest_name = name + names.MANIFEST_SUFFIX
+    listed = source.seen.get(manifest_name)
+    if listed is None or listed > dumps.MAX_MANIFEST_BYTES:
+        return None
+    with_retries(
+        lambda _: source.fetch([manifest_name], incoming),
+        f"fetching {manifest_name} from prod",
+        "check the network and prod; run again",
+    )
+    try:
+        return dumps.read_manifest(incoming / name)
+    except VerificationError:
+        return None
+    finally:
+        (incoming / manifest_name).unlink(missing_ok=True)
 
 
 # --- anomalies and pins -------------------------------------------------------------------------
@@ -439,6 +514,8 @@ def _plan(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release
         dry("the pi5 has prod's newest dump, verified; nothing would be pulled")
     for entry in wanted:
         dry("would pull %s (%s) from prod into %s and verify it whole", entry.name, size(entry.size), pi5.dir)
+    for entry in _held_here(this, listing, wanted, directory):
+        dry("would compare prod's %s with the pi5's copy (size and sha256)", entry.name)
     if no_push:
         dry("--no-push: would not push or rotate")
         return

@@ -131,6 +131,79 @@ def test_the_same_bytes_under_the_same_name_are_not_a_conflict(good_nights):
     assert (net.nas_dir / NAME).read_bytes() == (net.prod_dir / NAME).read_bytes()
 
 
+OLDER = GOOD[1]  # older than the pi5's newest: never pulled, still compared every run
+
+
+@pytest.fixture
+def recorder():
+    server = world.Recorder()
+    yield server
+    server.close()
+
+
+def restamped(data: bytes) -> bytes:
+    """The same dump under another time in its gzip header: still valid, the same size, other bytes."""
+    return data[:4] + b"\x01\x02\x03\x04" + data[8:]
+
+
+@pytest.mark.parametrize(
+    ("bytes_on_prod", "manifest"),
+    [
+        ("the same size", "prod's own"),
+        ("the same size", "none"),
+        ("another size", "prod's own"),
+        ("another size", "none"),
+        ("another size", "one that lies"),  # the same size under a lying manifest passes: see _compare_held
+    ],
+)
+def test_an_older_name_the_pi5_holds_with_other_bytes_is_a_conflict_every_run(
+    good_nights, recorder, bytes_on_prod, manifest
+):
+    net = good_nights
+    net.settings["NOTIFY_URLS"] = f"json://{recorder.url[7:]}/notify"
+    for name in GOOD[1:]:  # prod keeps 2: the newest is the pi5's newest, so nothing is new
+        world.synthetic_dump(net.prod_dir, name)
+    held = net.pi5_dir / OLDER
+    if bytes_on_prod == "the same size":
+        (net.prod_dir / OLDER).write_bytes(restamped(held.read_bytes()))
+    else:
+        world.synthetic_dump(net.prod_dir, OLDER, rows=1200)
+    if manifest == "prod's own":
+        damage.forge_manifest(net.prod_dir / OLDER)
+    elif manifest == "none":
+        (net.prod_dir / (OLDER + ".json")).unlink()
+    else:  # it describes the pi5's copy, not the file beside it
+        (net.prod_dir / (OLDER + ".json")).write_bytes((net.pi5_dir / (OLDER + ".json")).read_bytes())
+    before = {d: contents(d) for d in (net.prod_dir, net.pi5_dir, net.nas_dir)}
+    result = orchestrate(net)
+    assert result.returncode == 3, result.stderr
+    assert len(errors(result)) == 1 and f"pi5 already holds {OLDER} with other bytes than prod's" in errors(result)[0]
+    assert "nothing to pull" in result.stderr
+    note = json.loads([r for r in recorder.requests if r["path"].startswith("/notify")][-1]["body"])
+    assert "FAILED" in note["title"] and OLDER in note["message"] and "prod's" in note["message"]
+    assert {d: contents(d) for d in before} == before  # every copy byte for byte as it was
+    assert os.listdir(net.pi5_dir / ".incoming") == []
+
+
+@pytest.mark.parametrize("manifest", ["prod's own", "none", "one of other bytes"])
+def test_an_older_name_held_with_the_same_bytes_is_said_only_in_debug(good_nights, manifest):
+    net = good_nights
+    for name in GOOD[1:]:
+        world.synthetic_dump(net.prod_dir, name)  # the pi5's bytes: the same name makes the same dump
+    if manifest == "none":
+        (net.prod_dir / (OLDER + ".json")).unlink()
+    elif manifest == "one of other bytes":  # a wrong manifest is no cheap "same": prod's file is read, and matches
+        (net.prod_dir / (OLDER + ".json")).write_bytes((net.pi5_dir / (GOOD[0] + ".json")).read_bytes())
+    planned = orchestrate(net, "--dry-run")
+    assert planned.returncode == 0 and f"would compare prod's {OLDER} with the pi5's copy" in planned.stderr
+    before = {d: contents(d) for d in (net.prod_dir, net.pi5_dir, net.nas_dir)}
+    result = orchestrate(net)
+    assert result.returncode == 0, result.stderr
+    assert OLDER not in result.stderr  # only a debug line says it
+    assert {d: contents(d) for d in before} == before
+    assert os.listdir(net.pi5_dir / ".incoming") == []
+
+
 def test_nights_missed_while_prod_kept_them_are_caught_up(net):
     world.synthetic_dump(net.pi5_dir, "db-2024-03-08.sql.gz")
     for name in ("db-2024-03-08.sql.gz", "db-2024-03-09.sql.gz", NAME):
