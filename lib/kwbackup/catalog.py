@@ -189,6 +189,20 @@ def tables(db: Database, dbname: str) -> list[list[str]]:
     return db.sql(TABLES + ";\n", dbname=dbname)
 
 
+def own_rows_sql(quoted_tables: list[str]) -> str:
+    """Each table's own rows (FROM ONLY: a parent's never include its children's), as a COPY block of
+    pg_dump holds them; the names as the server quoted them (TABLES)."""
+    return " UNION ALL ".join(f"SELECT {i}, count(*) FROM ONLY {t}" for i, t in enumerate(quoted_tables))
+
+
+def own_rows(db: Database, dbname: str, tables: list[list[str]]) -> dict[str, int]:
+    """`schema.table` -> its own rows, for rows of TABLES."""
+    if not tables:
+        return {}
+    rows = db.sql(own_rows_sql([quoted for _, _, quoted in tables]) + ";\n", dbname=dbname)
+    return {f"{tables[int(i)][0]}.{tables[int(i)][1]}": int(n) for i, n in rows}
+
+
 def newest_record(db: Database, dbname: str) -> str | None:
     columns = db.sql(RECENT_COLUMNS + ";\n", dbname=dbname)
     return db.sql(newest_record_sql(columns) + ";\n", dbname=dbname)[0][0] if columns else None

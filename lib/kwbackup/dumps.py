@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import __version__, files, names
+from . import __version__, files, names, parallel_load
 from .errors import Failed, VerificationError
 from .run import CHUNK, Cmd, StageFailed, Tap, pipeline
 
@@ -34,9 +34,31 @@ HEAD_BYTES = 8 * 1024
 LINE_LIMIT = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 20
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-COPY_HEADER_RE = re.compile(r"COPY (?P<table>.+?) (?:\(.*\) )?FROM stdin;")
-IDENT = r'"(?:[^"]|"")*"|[^."\s]+'
-QUALIFIED_RE = re.compile(rf"(?P<schema>{IDENT})\.(?P<table>{IDENT})")
+DATA_HEADER = b"-- Data for Name: "
+# The lines of SQL the scanner reads (it skips every other): COPY, the TABLE DATA entry header that names
+# its rows, and the statements that name roles (owners, grantees, policies' roles).
+ROLE_LINES = (
+    b"ALTER ",
+    b"GRANT ",
+    b"REVOKE ",
+    b"CREATE POLICY ",
+    b"SET SESSION AUTHORIZATION ",
+    b"CREATE USER MAPPING ",
+)
+SQL_LINES = (b"COPY ", DATA_HEADER, *ROLE_LINES)
+SQL_LINE_RE = re.compile(b"\n(?=" + b"|".join(re.escape(p) for p in SQL_LINES) + b")")
+ROLE = rb'"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*'
+ROLES = rb"(?:" + ROLE + rb")(?:, (?:" + ROLE + rb"))*"
+ROLE_RES = (
+    re.compile(rb" OWNER TO (" + ROLE + rb");$"),
+    re.compile(rb" TO (" + ROLES + rb")(?: WITH GRANT OPTION)?(?: GRANTED BY " + ROLE + rb")?;$"),  # GRANT
+    re.compile(rb"^REVOKE .* FROM (" + ROLES + rb")(?: GRANTED BY " + ROLE + rb")?;$"),
+    re.compile(rb"^ALTER DEFAULT PRIVILEGES FOR ROLE (" + ROLE + rb") "),
+    re.compile(rb"^CREATE POLICY .* TO (" + ROLES + rb")(?: USING .*| WITH CHECK .*)?;?$"),
+    re.compile(rb"^CREATE USER MAPPING FOR (" + ROLE + rb") SERVER "),
+)
+SESSION_AUTHORIZATION_RE = re.compile(rb"^SET SESSION AUTHORIZATION '((?:[^']|'')*)';$")
+NOT_ROLES = {"public", "current_user", "session_user", "current_role"}  # keywords, unquoted
 TERMINATOR = b"\\.\n"
 
 
@@ -44,12 +66,15 @@ def _unquote(ident: str) -> str:
     return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident
 
 
-def table_key(copy_target: str) -> str:
-    """`schema.table` (unquoted) for the target of a COPY line."""
-    m = QUALIFIED_RE.fullmatch(copy_target)
-    if not m:
-        return _unquote(copy_target)
-    return f"{_unquote(m['schema'])}.{_unquote(m['table'])}"
+def roles_named(line: bytes) -> set[str]:
+    """The roles a line of pg_dump's SQL names (an owner, grantees, a policy's roles), as the catalog has them."""
+    found = set()
+    for pattern in ROLE_RES:
+        if m := pattern.search(line):
+            found |= {_unquote(r.decode(errors="replace")) for r in re.findall(ROLE, m.group(1))}
+    if m := SESSION_AUTHORIZATION_RE.match(line):
+        found.add(m.group(1).replace(b"''", b"'").decode(errors="replace"))
+    return {r for r in found if r not in NOT_ROLES}
 
 
 def completion_problem(tail: bytes) -> str | None:
@@ -73,6 +98,8 @@ class DumpScanner(Tap):
     def __init__(self, crc: bool = False):
         self.tables: dict[str, int] = {}
         self.copying: str | None = None  # the table whose COPY data is streaming
+        self.data_header: bytes | None = None  # the TABLE DATA entry header the next COPY belongs to
+        self.roles: set[str] = set()  # the roles the SQL names: a server restoring it needs them
         self.rows = 0
         self.partial = b""  # an incomplete line that may still turn out to matter
         self.mid_line = False  # inside a line that is known not to matter
@@ -132,27 +159,35 @@ class DumpScanner(Tap):
         return pos
 
     def _scan_sql(self, buf: bytes, pos: int) -> int:
-        """At a line start in SQL: find the next COPY header line."""
-        if buf.startswith(b"COPY ", pos):
-            newline = buf.find(b"\n", pos)
-            if newline < 0:
-                if len(buf) - pos > LINE_LIMIT:
-                    raise VerificationError(
-                        f"a line beginning with COPY is longer than {LINE_LIMIT} bytes: not pg_dump's output"
-                    )
-                self.partial = buf[pos:]
-                return len(buf)
-            m = COPY_HEADER_RE.fullmatch(buf[pos:newline].decode(errors="replace"))
-            if m:
-                self.copying, self.rows = table_key(m["table"]), 0
-            return newline + 1
-        found = buf.find(b"\nCOPY ", pos)
-        if found >= 0:
-            return found + 1
+        """At a line start in SQL: find the next COPY line, or a TABLE DATA entry header that names its rows."""
+        for prefix in SQL_LINES:
+            if buf.startswith(prefix, pos):
+                newline = buf.find(b"\n", pos)
+                if newline < 0:
+                    if len(buf) - pos <= LINE_LIMIT:
+                        self.partial = buf[pos:]
+                    elif prefix == b"COPY ":
+                        raise VerificationError(
+                            f"a line beginning with COPY is longer than {LINE_LIMIT} bytes: not pg_dump's output"
+                        )
+                    else:
+                        self.mid_line = True  # not a statement that names roles: a function's text, say
+                    return len(buf)
+                line = buf[pos:newline]
+                if prefix == DATA_HEADER:
+                    self.data_header = line
+                elif prefix in ROLE_LINES:
+                    self.roles |= roles_named(line)
+                elif (table := parallel_load.data_table(line, self.data_header)) is not None:
+                    self.copying, self.rows, self.data_header = table, 0, None
+                return newline + 1
+        found = SQL_LINE_RE.search(buf, pos)
+        if found:
+            return found.start() + 1
         last_newline = buf.rfind(b"\n", pos)
         start = last_newline + 1 if last_newline >= 0 else pos
         rest = buf[start:]
-        if rest and (rest.startswith(b"COPY ") or b"COPY ".startswith(rest)):
+        if rest and any(rest.startswith(p) or p.startswith(rest) for p in SQL_LINES):
             self.partial = rest
         elif rest:
             self.mid_line = True
@@ -347,6 +382,7 @@ class Verified:
     sha256: str
     manifest: Manifest | None
     tables: dict[str, int]
+    roles: frozenset[str] = frozenset()  # named by the SQL, when it was read whole
 
     @property
     def status(self) -> str:
@@ -413,7 +449,7 @@ def verify_file(
             check_against_manifest(inner.file, inner, plain.size, plain.sha256.hexdigest(), scanner.tables)
         else:
             check_against_manifest(shown, manifest, reader.size, digest, scanner.tables)
-    return Verified(path, reader.size, digest, manifest, scanner.tables)
+    return Verified(path, reader.size, digest, manifest, scanner.tables, frozenset(scanner.roles))
 
 
 class _Measure(Tap):
@@ -509,16 +545,16 @@ def needs(schema: bytes) -> dict:
     }
 
 
-COPY_TAG_RE = re.compile(r"COPY (\d+)")
+COPY_TAG_RE = re.compile(rb"COPY (\d+)")
 
 
 def copy_counts(psql_echo: bytes) -> dict[str, int]:
     """Rows each COPY loaded, from psql -e output: the echoed COPY statement, then its `COPY n` tag."""
     counts: dict[str, int] = {}
     table = None
-    for line in psql_echo.decode(errors="replace").splitlines():
-        if m := COPY_HEADER_RE.fullmatch(line):
-            table = table_key(m["table"])
+    for line in psql_echo.splitlines():
+        if (target := parallel_load.copy_target(line)) is not None:
+            table = target
         elif table and (m := COPY_TAG_RE.fullmatch(line)):
             counts[table] = counts.get(table, 0) + int(m[1])
             table = None

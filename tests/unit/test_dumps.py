@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kwbackup import dumps
+from kwbackup import dumps, parallel_load
 from kwbackup.errors import Failed, VerificationError
 
 SQL = (
@@ -162,9 +162,44 @@ def test_missing_file_is_a_failure_not_a_verification(tmp_path):
     assert caught.value.exit_status == 1
 
 
-def test_table_keys():
-    assert dumps.table_key('public."a ""b"""') == 'public.a "b"'
-    assert dumps.table_key('"s.x".t') == "s.x.t"
+def test_table_names_are_the_catalogs():
+    """One reading of a COPY line's table, by pg_dump's quoting rules."""
+    assert parallel_load.copy_target(b'COPY public."a ""b""" (id) FROM stdin;') == 'public.a "b"'
+    assert parallel_load.copy_target(b'COPY "s.x".t (id) FROM stdin;\n') == "s.x.t"
+    assert parallel_load.copy_target(b"COPY public.marker  FROM stdin;") == "public.marker"  # no columns
+    assert parallel_load.copy_target(b'COPY "Zoo Keeper"."a (b)" ("x y") FROM stdin;') == "Zoo Keeper.a (b)"
+    unicode = 'COPY public."Ünïcode tåble" ("ключ") FROM stdin;'.encode()
+    assert parallel_load.copy_target(unicode) == "public.Ünïcode tåble"
+    assert parallel_load.copy_target(b"COPY Public.T (id) FROM stdin;") == "public.t"  # folded, as the server does
+    for not_copy in (b"COPY public.t TO stdout;", b"COPY public.t (id) FROM stdin", b'COPY "open (id) FROM stdin;'):
+        assert parallel_load.copy_target(not_copy) is None
+
+
+def test_a_partition_loaded_through_its_root_counts_as_the_partition():
+    header = b"-- Data for Name: events 2025; Type: TABLE DATA; Schema: public; Owner: app"
+    copy = b"COPY public.events (id, at) FROM stdin;"
+    assert parallel_load.data_table(copy, header) == "public.events 2025"
+    assert parallel_load.data_table(copy, None) == "public.events"
+    own = b"-- Data for Name: a; b; Type: TABLE DATA; Schema: s; x; Owner: app"
+    assert parallel_load.data_table(b'COPY "s; x"."a; b" (id) FROM stdin;', own) == "s; x.a; b"
+    # pg_dump's comments print a line break in a name as a space: the COPY line's exact name is kept
+    two_lines = b"-- Data for Name: two lines; Type: TABLE DATA; Schema: public; Owner: -"
+    assert parallel_load.data_table(b'COPY public."two\nlines" (id) FROM stdin;', two_lines) == "public.two\nlines"
+
+
+def test_the_scanner_names_tables_as_the_catalog_does():
+    sql = (
+        b"--\n-- Data for Name: marker; Type: TABLE DATA; Schema: public; Owner: app\n--\n\n"
+        b"COPY public.marker  FROM stdin;\n\n\n\\.\n\n"
+        b"--\n-- Data for Name: p1; Type: TABLE DATA; Schema: public; Owner: app\n--\n\n"
+        b"-- load via partition root public.parent\nCOPY public.parent (id) FROM stdin;\n1\n2\n\\.\n\n"
+        b'COPY "A"."b c" (id) FROM stdin;\n1\n\\.\n'
+    )
+    for size in (1, 7, len(sql)):  # the stream in pieces of every size: a line cut anywhere
+        scanner = dumps.DumpScanner()
+        for i in range(0, len(sql), size):
+            scanner(sql[i : i + size])
+        assert scanner.tables == {"public.marker": 2, "public.p1": 2, "A.b c": 1}
 
 
 # --- manifests are validated before anything trusts them ------------------------------------------
@@ -261,3 +296,29 @@ def test_a_long_line_that_is_no_copy_header_is_skipped_without_being_held():
         scanner(b"y" * (1 << 20))
     scanner(b"';\n" + SQL)
     assert len(scanner.partial) < 64 and scanner.tables == TABLES and scanner.problem() is None
+
+
+def test_the_roles_a_dump_names():
+    """Owners, grantees (of ACL entries at the dump's very end), policies' and default privileges' roles."""
+    lines = {
+        b"ALTER TABLE public.t OWNER TO app;": {"app"},
+        b'ALTER LARGE OBJECT 424242 OWNER TO "Big Owner";': {"Big Owner"},
+        b"GRANT SELECT ON LARGE OBJECT 424242 TO zoo_reader;": {"zoo_reader"},
+        b'GRANT ALL ON TABLE public.t TO "a ""b""", c WITH GRANT OPTION;': {'a "b"', "c"},
+        b"GRANT SELECT ON TABLE public.t TO PUBLIC;": set(),
+        b"REVOKE ALL ON SCHEMA public FROM PUBLIC;": set(),
+        b"REVOKE USAGE ON SCHEMA s FROM old_role;": {"old_role"},
+        b"CREATE POLICY p ON public.secrets FOR SELECT TO zoo_reader, r2 USING (true);": {"zoo_reader", "r2"},
+        b"CREATE POLICY p ON public.secrets USING ((owner = CURRENT_USER));": set(),
+        b"ALTER DEFAULT PRIVILEGES FOR ROLE deployer IN SCHEMA public GRANT SELECT ON TABLES TO reader;": {
+            "deployer",
+            "reader",
+        },
+        b"SET SESSION AUTHORIZATION 'o''brien';": {"o'brien"},
+        b"ALTER TABLE ONLY public.t": set(),
+    }
+    for line, roles in lines.items():
+        assert dumps.roles_named(line) == roles, line
+    scanner = dumps.DumpScanner()
+    scanner(b"\n".join(lines) + b"\n")
+    assert scanner.roles == set().union(*lines.values())
