@@ -17,6 +17,18 @@ def forge_manifest(path) -> None:
     manifest_path.write_text(json.dumps(manifest))
 
 
+def spoil(path, how: str) -> None:
+    """Damage a dump behind its manifest's back: "junk" appended (its size differs: the listing shows it), or
+    one byte flipped, "flip" (the same size: only a check of its content or sha256 finds it)."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    if how == "junk":
+        data += b"junk"
+    else:
+        data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def with_sql_error(sql: bytes) -> bytes:
     """The SQL with a failing statement just before the users' data."""
     return sql.replace(b"\nCOPY public.users ", b"\nSELECT no_such_function();\nCOPY public.users ", 1)

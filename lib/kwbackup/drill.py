@@ -47,7 +47,7 @@ from .monitor import Monitor
 from .places import Multiplexer, place
 from .run import Cmd, StageFailed, pipeline, run
 from .settings import Settings
-from .sources import Source, offsite_or_fail, resolve
+from .sources import Source, offsite_or_fail, resolve_naming_a_copy
 
 LIBPQ_ENV = {
     "host": "PGHOST",
@@ -487,7 +487,9 @@ def drill(settings: Settings, args) -> dict:
                 path = local_dump(Path(args.from_file), local, settings)
             else:
                 origin = offsite_or_fail(settings) if args.source == "offsite" else shared(place(settings, args.source))
-                chosen = resolve(Source(f"--from {args.source}", origin, wanted), names.Clock.from_settings(settings))
+                chosen = resolve_naming_a_copy(
+                    settings, Source(f"--from {args.source}", origin, wanted), "backup-drill", shared
+                )
                 report["source"] = origin.label
                 path = fetch_dump(origin, chosen.name, local, settings)
             report["download_seconds"] = round(time.monotonic() - started, 2)

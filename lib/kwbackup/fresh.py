@@ -17,6 +17,8 @@ from .places import Multiplexer, Place, place
 from .run import run
 from .settings import Settings
 
+SCRIPT = "setup-fresh-production-db"  # how a failed newest dump's message names the command to run instead
+
 
 def setup_fresh(
     settings: Settings,
@@ -33,38 +35,53 @@ def setup_fresh(
     fetched here, verified, and restored into DB_NAME; refused when DB_NAME holds tables unless `force`."""
     wanted = names.require(dump or "latest", "--dump")
     with Multiplexer() as shared, work_dir(settings["WORK_DIR"]) as local:
-        if from_file:
-            path = local_dump(Path(from_file), local, settings)
-        elif from_ssh:
-            source = sources.choose(settings, from_ssh=from_ssh)
-            host, _, remote = source.path.partition(":")
-            reader = shared(Place("old-prod", host, "/", None, settings["SSH_CONFIG"]))
-            key = sources.key_for(settings, source)
-            path = fetch(
-                reader.command(["cat", "--", remote], name=f"read from {host}"),
-                local,
-                names.plain_name(source.name),
-                identity_file=key,
+        if from_file or from_ssh:
+            path = _given_dump(settings, shared, local, from_file, from_ssh)
+            _verify_and_restore_fresh(settings, path, yes=yes, dry_run=dry_run, force=force)
+            return
+        chosen = (
+            sources.resolve_naming_a_copy(
+                settings,
+                sources.Source(f"--from-{origin}", sources.origin(settings, origin, shared), wanted),
+                SCRIPT,
+                shared,
             )
-        else:
-            chosen = (
-                sources.resolve(
-                    sources.Source(f"--from-{origin}", sources.origin(settings, origin, shared), wanted),
-                    names.Clock.from_settings(settings),
-                )
-                if origin
-                else sources.first_good(settings, shared, wanted)
-            )
-            path = fetch_dump(chosen.origin, chosen.name, local, settings)
-        verified = dumps.verify_file(path)
-        log.info("verified %s here: %s", path.name, verified.status)
-        restore.restore(
-            settings,
-            sources.Source("--from-file", path=str(path), name=path.name),
-            yes=yes,
-            dry_run=dry_run,
-            refuse_tables=not force,
+            if origin
+            else sources.first_good(settings, shared, wanted)
         )
+        # A failure that the checks here or on prod find names a verified copy too, as one the listing shows.
+        with sources.naming_a_copy(settings, chosen, SCRIPT, shared):
+            path = fetch_dump(chosen.origin, chosen.name, local, settings)
+            _verify_and_restore_fresh(settings, path, yes=yes, dry_run=dry_run, force=force)
+
+
+def _given_dump(
+    settings: Settings, shared: Multiplexer, local: Path, from_file: str | None, from_ssh: str | None
+) -> Path:
+    """A dump given by path, here (decrypted when it is a `.age`): a file on this machine, or USER@HOST:/PATH."""
+    if from_file:
+        return local_dump(Path(from_file), local, settings)
+    source = sources.choose(settings, from_ssh=from_ssh)
+    host, _, remote = source.path.partition(":")
+    reader = shared(Place("old-prod", host, "/", None, settings["SSH_CONFIG"]))
+    return fetch(
+        reader.command(["cat", "--", remote], name=f"read from {host}"),
+        local,
+        names.plain_name(source.name),
+        identity_file=sources.key_for(settings, source),
+    )
+
+
+def _verify_and_restore_fresh(settings: Settings, path: Path, *, yes: bool, dry_run: bool, force: bool) -> None:
+    verified = dumps.verify_file(path)
+    log.info("verified %s here: %s", path.name, verified.status)
+    restore.restore(
+        settings,
+        sources.Source("--from-file", path=str(path), name=path.name),
+        yes=yes,
+        dry_run=dry_run,
+        refuse_tables=not force,
+    )
 
 
 COMPRESS_SCRIPT = r"""

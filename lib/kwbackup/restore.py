@@ -25,7 +25,7 @@ from .log import Progress, dry, log, size
 from .places import Multiplexer, Place, place
 from .run import Cmd, StageFailed, Tap, pipeline, run
 from .settings import Settings
-from .sources import Source, resolve
+from .sources import Source, naming_a_copy, resolve
 
 
 def restore(
@@ -41,7 +41,11 @@ def restore(
 ) -> None:
     """restore-production-db, setup-fresh-production-db and migrate-database-to-new-prod: the safe restore."""
     work = files.own_subdir(Path(settings["WORK_DIR"]), f"kw-backup-{os.geteuid()}")
-    with files.lock(work, "kw-restore"), Multiplexer() as shared:
+    with (
+        files.lock(work, "kw-restore"),
+        Multiplexer() as shared,
+        naming_a_copy(settings, source, "restore-production-db", shared),
+    ):
         if isinstance(source.origin, Place):
             source.origin = shared(source.origin)
         prod = shared(place(settings, "prod"))

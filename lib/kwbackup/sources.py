@@ -1,20 +1,22 @@
 """Where a dump comes from: a place (prod, pi5, nas, old-prod), the offsite remote, or a path.
 
 `Origin` is what `places.Place` and `offsite.Offsite` both are: something that lists its dumps
-and writes one to standard output. `resolve` turns `latest` into a name (saying which dump it
-passes over and why), `choose` maps the scripts' source options to a `Source`, and `reader`
-gives the commands that stream a dump's plain bytes to stdout, decrypting on this machine.
+and writes one to standard output. `resolve` turns `latest` into the newest dump's name,
+`naming_a_copy` makes a failure of that dump say where a verified copy of it is, `choose` maps
+the scripts' source options to a `Source`, and `reader` gives the commands that stream a dump's
+plain bytes to stdout, decrypting on this machine.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from . import crypto, names
-from .errors import Failed, UsageError, VerificationError
+from .errors import Failed, KwError, UsageError, VerificationError, failure_line
 from .log import log
 from .offsite import Offsite
 from .places import Entry, Multiplexer, place
@@ -45,6 +47,16 @@ class Source:
     origin: Origin | None = None
     name: str = "latest"
     path: str | None = None
+    chosen_as_latest: bool = False  # by resolve: a failure of it names a verified copy (naming_a_copy)
+
+
+# The option (restore-production-db) or options (setup-fresh-production-db, backup-drill) that take
+# a dump by name from each place: how a failed newest dump's message says what to run instead.
+TAKE_NAMED = {
+    "restore-production-db": {"prod": "--local", "nas": "--from-nas", "pi5": "--from-pi5", "offsite": "--from-offsite"},
+    "setup-fresh-production-db": {p: f"--from-{p} --dump" for p in ("nas", "pi5", "offsite")},
+    "backup-drill": {p: f"--from {p} --dump" for p in ("nas", "pi5", "prod", "offsite")},
+}
 
 
 def why_bad(entry: Entry) -> str:
@@ -58,9 +70,12 @@ def why_bad(entry: Entry) -> str:
 
 
 def resolve(source: Source, clock: names.Clock) -> Source:
-    """Turn `latest` into the newest good dump's name; check that a named dump exists at its origin.
+    """Turn `latest` into the newest dump's name; check that a named dump exists at its origin.
 
-    `latest` never takes a future-dated name (by `clock`): it is passed over with a warning.
+    `latest` never takes a future-dated name (by `clock`): it is passed over with a warning. Nor
+    does it ever take an older dump in place of a newest one that fails verification: that is
+    VerificationError naming it (an older dump is the operator's to choose, by name). A newest
+    dump without a manifest is taken, unverified, as the contract allows, with a warning.
     """
     if source.origin is None:
         return source
@@ -74,24 +89,78 @@ def resolve(source: Source, clock: names.Clock) -> Source:
                 origin.name,
                 f"{clock.now:%Y-%m-%d %H:%M}",
             )
-        listing = [e for e in listing if not clock.is_future(e.name)]
-        good = [e for e in listing if e.status == "verified"] or [e for e in listing if e.status == "unverified"]
-        if not good and listing:
-            bad = listing[0]
-            raise VerificationError(
-                f"no good dump on {origin.name}: {bad.name} failed verification: {why_bad(bad)}",
-                "use another place (list-backups)",
-            )
-        if not good:
+        newest = next((e for e in listing if not clock.is_future(e.name)), None)
+        if newest is None:
             raise Failed(f"no dump on {origin.name} ({origin.dir})", "list-backups shows what exists")
-        for passed in listing[: listing.index(good[0])]:
-            why = "it has no manifest" if passed.status == "unverified" else why_bad(passed)
-            log.warning("passing over %s on %s, newer than %s: %s", passed.name, origin.name, good[0].name, why)
-        source.name = good[0].name
+        source.name, source.chosen_as_latest = newest.name, True
+        if newest.status == "SIZE MISMATCH":
+            raise VerificationError(
+                f"{newest.name} on {origin.name} failed verification: {why_bad(newest)}",
+                "list-backups shows the verified copies; an older dump is taken only by its name",
+            )
+        if newest.status == "unverified":
+            log.warning(
+                "%s on %s has no manifest: taking it unverified (its gzip stream and completion line are "
+                "checked, its row counts cannot be)",
+                newest.name,
+                origin.name,
+            )
     elif source.name not in {e.name for e in listing}:
         raise Failed(f"{source.name} is not on {origin.name} ({origin.dir})", "list-backups shows what exists")
     log.info("dump: %s from %s", source.name, origin.label)
     return source
+
+
+@contextmanager
+def naming_a_copy(settings: Settings, source: Source, script: str, shared: Multiplexer | None = None):
+    """When the dump `latest` chose fails verification inside this block (when resolved or in a later
+    check), the error's hint says where a verified copy of it is, as the command of `script` that
+    takes it; the other places are listed only then."""
+    try:
+        yield
+    except VerificationError as exc:
+        if not source.chosen_as_latest:
+            raise
+        raise VerificationError(exc.message, _take_instead(settings, source, script, shared)) from exc
+
+
+def resolve_naming_a_copy(settings: Settings, source: Source, script: str, shared: Multiplexer | None) -> Source:
+    """`resolve`, a failed newest dump saying where a verified copy of it is."""
+    with naming_a_copy(settings, source, script, shared):
+        return resolve(source, names.Clock.from_settings(settings))
+
+
+def _take_instead(settings: Settings, failed: Source, script: str, shared: Multiplexer | None) -> str:
+    """What to run instead of a failed newest dump: a verified copy of it at another place, else the newest
+    verified dump anywhere, to take by name if the operator chooses it. A place that cannot be listed is
+    warned about and skipped: the failure itself is what the operator must see."""
+    takes, wanted = TAKE_NAMED[script], names.plain_name(failed.name)
+    clock = names.Clock.from_settings(settings)
+    others: list[tuple[str, Entry]] = []  # other verified dumps, for when no place has a copy
+    # The failed dump's own place last: there only its older dumps are of use.
+    for where in sorted(takes, key=lambda p: p == failed.origin.name):
+        if where == "offsite" and Offsite.from_settings(settings) is None:
+            continue
+        try:
+            listing = origin(settings, where, shared).listing(timeout=30)
+        except (KwError, OSError) as exc:
+            log.warning("could not look for a verified copy of %s on %s: %s", failed.name, where, failure_line(exc))
+            continue
+        for entry in listing:
+            if entry.status != "verified" or clock.is_future(entry.name):
+                continue
+            if names.plain_name(entry.name) != wanted:
+                others.append((where, entry))
+            elif where != failed.origin.name:
+                return f"a verified copy of {failed.name} is on {where}: {script} {takes[where]} {entry.name}"
+    if not others:
+        return f"no place holds a verified copy of {failed.name}, nor any other verified dump (list-backups)"
+    where, newest = max(others, key=lambda found: names.parse(found[1].name).sort_key)
+    older = names.parse(newest.name).sort_key < names.parse(failed.name).sort_key
+    return (
+        f"no place holds a verified copy of {failed.name}; the newest verified dump is {newest.name} on {where}"
+        f"{', older: only if you choose it' if older else ''}: {script} {takes[where]} {newest.name}"
+    )
 
 
 def offsite_or_fail(settings: Settings) -> Offsite:
@@ -120,14 +189,10 @@ def choose(
     from_ssh: str | None = None,
 ) -> Source:
     """The one source given: NAME|latest at prod (--local), the nas, the pi5 or offsite; a file; USER@HOST:/PATH."""
-    for option, place_name, value in (
-        ("--local", "prod", local),
-        ("--from-nas", "nas", from_nas),
-        ("--from-pi5", "pi5", from_pi5),
-        ("--from-offsite", "offsite", from_offsite),
-    ):
-        if value is not None:
-            return Source(option, origin(settings, place_name), names.require(value, option))
+    given = {"prod": local, "nas": from_nas, "pi5": from_pi5, "offsite": from_offsite}
+    for place_name, option in TAKE_NAMED["restore-production-db"].items():
+        if given[place_name] is not None:
+            return Source(option, origin(settings, place_name), names.require(given[place_name], option))
     if from_file:
         if not os.path.isfile(from_file):
             raise Failed(f"--from-file: no such file: {from_file}")
@@ -141,19 +206,20 @@ def choose(
 
 
 def first_good(settings: Settings, shared: Multiplexer, wanted: str) -> Source:
-    """Latest on the nas; the pi5 when the nas is unreachable or empty; then offsite if set (saying so)."""
+    """Latest on the nas; the pi5 when the nas is unreachable, empty or its newest dump fails verification at
+    listing; then offsite if set (saying so each time)."""
     offsite = Offsite.from_settings(settings)
     clock = names.Clock.from_settings(settings)
     try:
         return resolve(Source("--from-nas", shared(place(settings, "nas")), wanted), clock)
     except (Failed, VerificationError) as exc:
-        log.warning("the nas has no usable dump (%s); taking the pi5 instead", exc.message)
+        log.warning("no dump to take on the nas (%s); taking the pi5 instead", exc.message)
     try:
         return resolve(Source("--from-pi5", shared(place(settings, "pi5")), wanted), clock)
     except (Failed, VerificationError) as exc:
         if offsite is None:
             raise
-        log.warning("the pi5 has no usable dump either (%s); taking the offsite copy", exc.message)
+        log.warning("no dump to take on the pi5 either (%s); taking the offsite copy", exc.message)
     return resolve(Source("--from-offsite", offsite, wanted), clock)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests import world
 from tests.conftest import Kw
-from tests.damage import forge_manifest, rewrite, with_sql_error
+from tests.damage import forge_manifest, rewrite, spoil, with_sql_error
 
 
 def clusters():
@@ -98,6 +98,18 @@ def test_a_drill_sql_check_that_is_not_true_exits_3(on_the_nas, net):
     net.settings["DRILL_SQL"] = "SELECT count(*) = 1 FROM users"
     result = net.run("backup-drill", timeout=300)
     assert result.returncode == 3 and "not true" in result.stderr
+
+
+def test_latest_with_a_bad_newest_dump_exits_3_naming_a_verified_copy_never_drilling_an_older_one(on_the_nas, net):
+    world.synthetic_dump(net.nas_dir, "db-2024-01-01.sql.gz", rows=10)  # older and verified: not taken by itself
+    spoil(on_the_nas, "junk")
+    result = net.run("backup-drill", timeout=300)
+    assert result.returncode == 3, result.stderr
+    line = one_error_line(result.stderr)
+    name = on_the_nas.name
+    assert f"{name} on nas failed verification: its size" in line  # backup-db's own copy on prod is intact
+    assert line.endswith(f"-- a verified copy of {name} is on prod: backup-drill --from prod --dump {name}")
+    assert last_report(net)["result"] == "failed"
 
 
 def test_from_a_file_and_hostile_names(kw, pg, db, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import world
-from tests.damage import databases, forge_manifest, rewrite, with_sql_error
+from tests.damage import databases, forge_manifest, rewrite, spoil, with_sql_error
 
 
 @pytest.fixture(scope="session")
@@ -490,18 +490,46 @@ def test_latest_when_the_only_dump_fails_verification_says_which_and_why(kw, pg,
     before = state(pg, db)
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 3, result.stderr
-    assert f"{os.path.basename(dumped)} failed verification: its size {len(data) - 200} differs" in result.stderr
+    name = os.path.basename(dumped)
+    assert f"{name} on prod failed verification: its size {len(data) - 200} differs" in result.stderr
+    assert f"no place holds a verified copy of {name}, nor any other verified dump (list-backups)" in result.stderr
     assert state(pg, db) == before and not leftovers(pg, db)
 
 
-def test_latest_passes_over_a_bad_newest_dump_saying_which_and_why(kw, pg, db, dumped):
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ("junk", " on prod failed verification: its size"),  # the listing shows it: size differs from its manifest
+        ("flip", ": sha256 differs from the manifest's"),  # same size: only the full check on prod finds it
+    ],
+)
+def test_latest_with_a_bad_newest_dump_stops_naming_the_nas_copy_and_never_takes_an_older_one(
+    kw, pg, db, dumped, damage, says
+):
+    name = os.path.basename(dumped)
+    kw.nas_dir.mkdir(mode=0o700)
+    for suffix in ("", ".json"):
+        shutil.copy(dumped + suffix, kw.nas_dir / (name + suffix))
+    world.synthetic_dump(kw.prod_dir, "db-2024-01-01.sql.gz", rows=10)  # older and verified: not taken by itself
+    spoil(dumped, damage)
+    before = state(pg, db)
+    result = kw.run("restore-production-db", "--local", "latest", "--yes")
+    assert result.returncode == 3, result.stderr
+    assert f"{name}{says}" in result.stderr, result.stderr
+    assert f"-- a verified copy of {name} is on nas: restore-production-db --from-nas {name}" in result.stderr
+    assert state(pg, db) == before and not leftovers(pg, db) and not staging_dirs()
+    named = kw.run("restore-production-db", "--local", "db-2024-01-01.sql.gz", "--yes")
+    assert named.returncode == 0, named.stderr
+    assert pg.row_counts(db) == {"public.t": 10}
+
+
+def test_latest_takes_a_newest_dump_without_a_manifest_saying_so(kw, pg, db, dumped):
     world.synthetic_dump(kw.prod_dir, "db-2024-01-01.sql.gz", rows=10)
-    open(dumped, "ab").write(b"junk")
+    os.unlink(dumped + ".json")
     result = kw.run("restore-production-db", "--local", "latest", "--yes")
     assert result.returncode == 0, result.stderr
-    passed = f"passing over {os.path.basename(dumped)} on prod, newer than db-2024-01-01.sql.gz: its size"
-    assert passed in result.stderr
-    assert pg.row_counts(db) == {"public.t": 10}
+    assert f"{os.path.basename(dumped)} on prod has no manifest: taking it unverified" in result.stderr
+    assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
 
 
 @pytest.mark.parametrize(

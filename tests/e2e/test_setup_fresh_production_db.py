@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import world
-from tests.damage import content, databases, forge_manifest, with_sql_error
+from tests.damage import content, databases, forge_manifest, spoil, with_sql_error
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
 # Around the real dump, made today (db-<today>.sql.gz): NEWER sorts after it and is not future-dated.
@@ -125,6 +125,33 @@ def test_from_pi5_takes_its_latest_even_when_the_nas_has_dumps(fresh, pg, db):
     result = run(fresh, "--from-pi5", "--dump", "latest", "--yes")
     assert result.returncode == 0, result.stderr
     assert pg.row_counts(f"{db}_fresh") == {"public.t": 2222}
+    assert_nothing_left(fresh)
+
+
+def test_a_nas_whose_newest_dump_fails_gives_way_to_the_pi5_saying_why(fresh, pg, db):
+    place_real_dump(fresh, fresh.nas_dir)
+    world.synthetic_dump(fresh.nas_dir, OLDER, rows=10)  # older and verified: never taken in the newest's place
+    spoil(fresh.nas_dir / fresh.dump.name, "junk")
+    place_real_dump(fresh, fresh.pi5_dir)
+    result = run(fresh, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert f"no dump to take on the nas ({fresh.dump.name} on nas failed verification: its size" in result.stderr
+    assert "taking the pi5 instead" in result.stderr
+    assert pg.row_counts(f"{db}_fresh") == fresh.expected
+    assert_nothing_left(fresh)
+
+
+@pytest.mark.parametrize("damage", ["junk", "flip"])  # the listing shows it; only the check here finds it
+def test_from_nas_with_a_bad_newest_dump_stops_naming_the_pi5_copy(fresh, pg, db, damage):
+    place_real_dump(fresh, fresh.nas_dir)
+    world.synthetic_dump(fresh.nas_dir, OLDER, rows=10)
+    place_real_dump(fresh, fresh.pi5_dir)
+    spoil(fresh.nas_dir / fresh.dump.name, damage)
+    result = run(fresh, "--from-nas", "--yes")
+    assert result.returncode == 3, result.stderr
+    copy = f"-- a verified copy of {fresh.dump.name} is on pi5: setup-fresh-production-db --from-pi5 --dump "
+    assert copy + fresh.dump.name in result.stderr
+    assert databases(pg, db) == [db]
     assert_nothing_left(fresh)
 
 
