@@ -47,7 +47,7 @@ from .monitor import Monitor
 from .places import Multiplexer, place
 from .run import Cmd, StageFailed, pipeline, run
 from .settings import Settings
-from .sources import Source, offsite_or_fail, resolve_naming_a_copy
+from .sources import Source, naming_a_copy, offsite_or_fail, resolve
 
 LIBPQ_ENV = {
     "host": "PGHOST",
@@ -481,26 +481,12 @@ def drill(settings: Settings, args) -> dict:
             work_dir(settings["WORK_DIR"]) as local,
         ):
             sweep(settings["DRILL_PG_BINDIR"])
-            started = time.monotonic()
-            if args.from_file:
-                report["source"] = str(Path(args.from_file).resolve())
-                path = local_dump(Path(args.from_file), local, settings)
-            else:
-                origin = offsite_or_fail(settings) if args.source == "offsite" else shared(place(settings, args.source))
-                chosen = resolve_naming_a_copy(
-                    settings, Source(f"--from {args.source}", origin, wanted), "backup-drill", shared
-                )
-                report["source"] = origin.label
-                path = fetch_dump(origin, chosen.name, local, settings)
-            report["download_seconds"] = round(time.monotonic() - started, 2)
-            verified = dumps.verify_file(path)
+            path, verified = _fetch_verified(settings, args, shared, wanted, local, report)
             report.update(dump=path.name, bytes=verified.size)
             needs = dumps.requirements(path)
             made_by = _made_by(needs, verified)
-            started = time.monotonic()
-            with _scratch(settings, args, made_by) as scratch:
+            with _timed(report, "restore_seconds"), _scratch(settings, args, made_by) as scratch:
                 _restore_and_check(scratch, path, needs, made_by, verified, settings, report)
-            report["restore_seconds"] = round(time.monotonic() - started, 2)
     except KwError as exc:
         # "failed": the dump does not restore or match (exit 3); "error": the drill could not tell.
         report.update(error=exc.line(), result="failed" if isinstance(exc, VerificationError) else "error")
@@ -513,6 +499,35 @@ def drill(settings: Settings, args) -> dict:
     report["result"] = "ok"
     _record(settings, args, report)
     return report
+
+
+@contextmanager
+def _timed(report: dict, key: str):
+    """The seconds a step took into `report[key]`, also when it fails: a failed drill's report says how long it ran."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        report[key] = round(time.monotonic() - started, 2)
+
+
+def _fetch_verified(
+    settings: Settings, args, shared: Multiplexer, wanted: str, local: Path, report: dict
+) -> tuple[Path, dumps.Verified]:
+    """The dump to drill, here and verified: a given file, or `wanted` fetched from its place (`latest`
+    failing verification names a verified copy of it elsewhere)."""
+    if args.from_file:
+        report["source"] = str(Path(args.from_file).resolve())
+        with _timed(report, "download_seconds"):
+            path = local_dump(Path(args.from_file), local, settings)
+        return path, dumps.verify_file(path)
+    origin = offsite_or_fail(settings) if args.source == "offsite" else shared(place(settings, args.source))
+    report["source"] = origin.label
+    source = Source(f"--from {args.source}", origin, wanted)
+    with naming_a_copy(settings, source, "backup-drill", shared):
+        with _timed(report, "download_seconds"):
+            path = fetch_dump(origin, resolve(source, names.Clock.from_settings(settings)).name, local, settings)
+        return path, dumps.verify_file(path)
 
 
 def _restore_and_check(
@@ -530,7 +545,7 @@ def _restore_and_check(
         _refuse_newer(made_by, version, scratch.label)
         report["server"] = f"{scratch.label} (PostgreSQL {version})"
         have = {r for (r,) in admin.execute("SELECT rolname FROM pg_roles")}
-        missing = sorted(set(needs["roles"]) - have)
+        missing = sorted((set(needs["roles"]) | verified.roles) - have)
         if missing and not scratch.ours:
             raise Failed(
                 f"the scratch server lacks roles the dump needs: {', '.join(missing)}",
@@ -641,7 +656,8 @@ def restore_jobs(settings: Settings) -> int:
 def _compare(params: dict, dbname: str, verified: dumps.Verified, settings: Settings, report: dict) -> None:
     with _connect(params, dbname) as conn:
         tables = conn.execute(catalog.TABLES).fetchall()  # the restores' table list; names quoted by the server
-        counts = {f"{s}.{t}": conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()[0] for s, t, quoted in tables}
+        counted = conn.execute(catalog.own_rows_sql([quoted for _, _, quoted in tables])).fetchall() if tables else []
+        counts = {f"{tables[i][0]}.{tables[i][1]}": n for i, n in counted}
         report.update(tables=len(counts), rows=sum(counts.values()))
         expected = verified.manifest.tables if verified.manifest else verified.tables
         wrong = [f"{k} ({counts.get(k)} rows, dump has {v})" for k, v in sorted(expected.items()) if counts.get(k) != v]
@@ -659,6 +675,8 @@ def _compare(params: dict, dbname: str, verified: dumps.Verified, settings: Sett
 
 
 def _record(settings: Settings, args, report: dict) -> None:
+    """The report printed (a failed drill's too, with what it measured) and appended to DRILL_LOG and --report."""
+    _print_report(report)
     line = json.dumps(report)
     drill_log = settings["DRILL_LOG"] or str(Path(settings["LOG_FILE"]).parent / "backup-drill.log")
     for target in filter(None, (drill_log, args.report)):
@@ -669,10 +687,10 @@ def _record(settings: Settings, args, report: dict) -> None:
             log.warning("could not write the drill report to %s: %s", target, exc.strerror)
 
 
-def print_report(report: dict) -> None:
+def _print_report(report: dict) -> None:
     print(
-        f"source:   {report['source']}\ndump:     {report['dump']} ({size(report['bytes'])})\n"
-        f"server:   {report['server']}\n"
+        f"source:   {report['source'] or '-'}\ndump:     {report['dump'] or '-'} ({size(report['bytes'])})\n"
+        f"server:   {report['server'] or '-'}\n"
         f"download: {report['download_seconds']:.1f}s\nrestore:  {report['restore_seconds']:.1f}s\n"
         f"tables:   {report['tables']}\nrows:     {report['rows']}\n"
         + "".join(f"check:    {c['sql']} -> {'true' if c['passed'] else 'NOT TRUE'}\n" for c in report["checks"])

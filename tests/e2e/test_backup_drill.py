@@ -21,10 +21,15 @@ from tests import world
 from tests.conftest import Kw
 from tests.damage import forge_manifest, rewrite, spoil, with_sql_error
 
+STARTED = r"started a private temporary PostgreSQL in (\S+)"
 
-def clusters():
-    """Drill run directories no live drill holds (another test's or suite's drill is not a leftover)."""
-    return sorted(world.staging_leftovers("kw-drill-run-*", lock=""))
+
+def clusters_left(output: str) -> list[Path]:
+    """The run directories of the temporary clusters a drill says it started that are still there. Only these tell
+    what a test's drill left: other tests' and suites' drills share /tmp, and their sweeps remove killed drills'."""
+    started = [Path(d) for d in re.findall(STARTED, output)]
+    assert started, output
+    return [d for d in started if d.exists()]
 
 
 def throwaways(pg):
@@ -45,7 +50,6 @@ def on_the_nas(net, pg, db):
 
 
 def test_a_nas_dump_restores_row_for_row_on_a_temporary_cluster(on_the_nas, net):
-    before = clusters()
     net.settings["DRILL_SQL"] = (
         "SELECT max(created_at) > now() - interval '1 day' FROM orders; SELECT count(*) = 300 FROM users"
     )
@@ -63,7 +67,7 @@ def test_a_nas_dump_restores_row_for_row_on_a_temporary_cluster(on_the_nas, net)
     assert logged == json.loads((net.tmp / "report.json").read_text())
     assert {"source", "dump", "bytes", "download_seconds", "restore_seconds", "tables", "rows", "result"} <= set(logged)
     assert logged["result"] == "ok" and all(c["passed"] for c in logged["checks"]) and len(logged["checks"]) == 2
-    assert clusters() == before
+    assert not clusters_left(result.stderr)
 
 
 def test_on_a_scratch_server_by_url_the_throwaway_database_is_dropped(on_the_nas, net, pg):
@@ -85,29 +89,35 @@ def test_a_tampered_manifest_exits_3(on_the_nas, net):
 
 def test_a_dump_that_fails_to_restore_exits_3_and_the_scratch_is_cleaned(on_the_nas, net, pg):
     rewrite(on_the_nas, with_sql_error)  # intact as a file (its manifest agrees), fails to restore
-    before = clusters()
     local = net.run("backup-drill", timeout=300)
     assert local.returncode == 3 and "no_such_function" in local.stderr
-    assert clusters() == before
+    assert not clusters_left(local.stderr)
     url = f"postgresql://postgres@/postgres?host={pg.sockets}&port={pg.port}"
     remote = net.run("backup-drill", "--database-url", url, timeout=300)
     assert remote.returncode == 3 and not throwaways(pg)
 
 
-def test_a_drill_sql_check_that_is_not_true_exits_3(on_the_nas, net):
-    net.settings["DRILL_SQL"] = "SELECT count(*) = 1 FROM users"
+def test_a_drill_sql_check_that_is_not_true_exits_3_reporting_what_it_measured(on_the_nas, net):
+    net.settings["DRILL_SQL"] = "SELECT count(*) = 1 FROM users, pg_sleep(1)"
     result = net.run("backup-drill", timeout=300)
     assert result.returncode == 3 and "not true" in result.stderr
+    report = last_report(net)
+    assert report["result"] == "failed" and report["restore_seconds"] >= 1 and report["download_seconds"] > 0
+    assert report["tables"] == 5 and report["rows"] == 2343  # counted before the check failed
+    assert f"restore:  {report['restore_seconds']:.1f}s" in result.stdout and "result:   failed" in result.stdout
 
 
-def test_latest_with_a_bad_newest_dump_exits_3_naming_a_verified_copy_never_drilling_an_older_one(on_the_nas, net):
+@pytest.mark.parametrize("how", ["junk", "flip"])  # seen in the listing (its size), or only once read whole
+def test_latest_with_a_bad_newest_dump_exits_3_naming_a_verified_copy_never_drilling_an_older_one(on_the_nas, net, how):
     world.synthetic_dump(net.nas_dir, "db-2024-01-01.sql.gz", rows=10)  # older and verified: not taken by itself
-    spoil(on_the_nas, "junk")
+    spoil(on_the_nas, how)
     result = net.run("backup-drill", timeout=300)
     assert result.returncode == 3, result.stderr
     line = one_error_line(result.stderr)
     name = on_the_nas.name
-    assert f"{name} on nas failed verification: its size" in line  # backup-db's own copy on prod is intact
+    assert name in line and "db-2024-01-01" not in result.stderr
+    if how == "junk":
+        assert f"{name} on nas failed verification: its size" in line  # backup-db's own copy on prod is intact
     assert line.endswith(f"-- a verified copy of {name} is on prod: backup-drill --from prod --dump {name}")
     assert last_report(net)["result"] == "failed"
 
@@ -196,8 +206,9 @@ def last_report(kw) -> dict:
 
 def one_error_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
-    (line,) = [line for line in stderr.splitlines() if "error:" in line]
-    return line
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +231,18 @@ def small_dump(kw):
 
 
 def test_a_live_drills_cluster_is_spared_by_another_drills_sweep(kw, small_dump):
-    kw.settings["DRILL_SQL"] = "SELECT true FROM pg_sleep(6)"
+    kw.settings["DRILL_SQL"] = "SELECT true FROM pg_sleep(600)"  # live until stopped below, however slow the second
     first = Running(kw, "--from-file", small_dump)
-    base = Path(first.wait_for(r"started a private temporary PostgreSQL in (\S+)").group(1))
+    base = Path(first.wait_for(STARTED).group(1))
     first.wait_for("restoring")
+    pid = postmaster(base / "data")
     second = kw.run("backup-drill", "--from-file", small_dump, env=kw.env(DRILL_SQL="SELECT true"), timeout=300)
     assert second.returncode == 0, second.stderr
-    assert "left by a drill that was killed" not in second.stderr and base.exists()
-    assert first.finish() == 0, first.stderr
+    # Its sweep may remove what other tests' killed drills left (they share /tmp), never this one.
+    assert f"removed {base}," not in second.stderr and base.exists() and alive(pid)
+    first.proc.terminate()
+    assert first.finish() == 128 + signal.SIGTERM, "".join(first.lines)
+    assert not base.exists()
 
 
 def test_the_temporary_cluster_is_private(kw, small_dump):
@@ -238,7 +253,7 @@ def test_the_temporary_cluster_is_private(kw, small_dump):
         "SELECT true FROM pg_sleep(3)"
     )
     drill = Running(kw, "--from-file", small_dump)
-    base = Path(drill.wait_for(r"started a private temporary PostgreSQL in (\S+)").group(1))
+    base = Path(drill.wait_for(STARTED).group(1))
     owner = pwd.getpwuid(base.stat().st_uid).pw_name
     assert owner == "postgres"  # the server's unprivileged user, not root
     socket_file = base / ".s.PGSQL.5432"
@@ -289,7 +304,7 @@ def test_a_drill_killed_with_sigkill_leaves_a_server_the_next_drill_removes(kw, 
 def test_a_drill_stopped_by_a_signal_removes_its_cluster_and_exits_128_plus_it(kw, big_dump, small_dump, name):
     signum = getattr(signal, name)
     drill = Running(kw, "--from-file", big_dump)
-    base = Path(drill.wait_for(r"started a private temporary PostgreSQL in (\S+)").group(1))
+    base = Path(drill.wait_for(STARTED).group(1))
     drill.wait_for("restoring")
     pid = postmaster(base / "data")
     drill.proc.send_signal(signum)

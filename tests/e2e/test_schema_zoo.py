@@ -4,6 +4,7 @@ one session and in parallel (on a prod without kw-backup, docker), and the drill
 equal to a `gunzip | psql -1` load of the same dump."""
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kwbackup import dumps
 from tests.conftest import Kw
 from tests.e2e.test_parallel_load import same_database
 
@@ -110,3 +112,46 @@ def test_the_drill_restores_it_in_parallel_and_counts_each_tables_own_rows(kw, z
     report = json.loads((kw.tmp / "drill.log").read_text().splitlines()[-1])
     manifest = json.loads(Path(f"{zoo_dump}.json").read_text())
     assert report["tables"] == len(manifest["tables"]) and report["rows"] == sum(manifest["tables"].values())
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_dump_loading_partitions_through_their_root_restores_counted_as_its_manifest_says(
+    remote_prod, pg, zoo_db, jobs
+):
+    """pg_dump --load-via-partition-root (a dump made by hand): each partition's rows are a COPY into the
+    root. The manifest counts them as the partition's own (its TABLE DATA entry names it); the COPY tags name
+    the root: the restore's check counts the partitions' own rows and agrees."""
+    kw = remote_prod
+    kw.prod_dir.mkdir(mode=0o700, parents=True)
+    sql = subprocess.run(
+        ["pg_dump", "--no-password", "--load-via-partition-root", zoo_db],
+        env={**os.environ, **pg.env},
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert b"-- load via partition root public.events" in sql
+    path = kw.prod_dir / "db-2026-01-01.sql.gz"
+    path.write_bytes(gzip.compress(sql))
+    scanner = dumps.DumpScanner()
+    scanner(sql)
+    assert scanner.tables == pg.row_counts(zoo_db) and "public.events" not in scanner.tables
+    data = path.read_bytes()
+    manifest = dumps.Manifest(
+        file=path.name,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        created_at="2026-01-01T02:00:00Z",
+        database=zoo_db,
+        server_version=scanner.version("from database"),
+        pg_dump_version=scanner.version("by pg_dump"),
+        tables=scanner.tables,
+    )
+    Path(f"{path}.json").write_bytes(manifest.to_json())
+    kw.settings.update(DB_NAME=f"zoo_root_j{jobs}_{uuid.uuid4().hex[:6]}", RESTORE_JOBS=jobs)
+    try:
+        result = kw.run("restore-production-db", "--local", "latest", "--yes", timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "as the manifest says" in result.stderr
+        assert pg.row_counts(kw.settings["DB_NAME"]) == pg.row_counts(zoo_db)
+    finally:
+        pg.drop_db(kw.settings["DB_NAME"])
