@@ -15,21 +15,6 @@ import pytest
 
 from tests import world
 
-# Files whose tests make /tmp names no lock tells apart (kw-migrate.*, kw-backup-install.*) and check
-# that none is left: under pytest-xdist (make test) the files of one name run in one worker.
-ONE_WORKER = {
-    "test_migrate_database_to_new_prod.py": "kw-migrate",
-    "test_anomalies_and_pins.py": "kw-migrate",
-    "test_install.py": "kw-backup-install",
-}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.path.name in ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(ONE_WORKER[item.path.name]))
-
-
 # The Pi's unprivileged user works in each test's directory, so as root the session's temporary directories sit
 # under a root of this session's own that other users may traverse: pytest keeps /tmp/pytest-of-root 0700, and
 # makes it so again whenever any session starts (another engineer's too). The roots of the last sessions that

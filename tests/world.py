@@ -9,7 +9,8 @@ Every later test builds on these pieces:
   docker stand-in and the system's tools (PostgreSQL's client among them), nothing of kw-backup;
 - `Install`: what `make install-prod` / `make install-pi5` put into a DESTDIR: the only kw-backup
   that prod's and the pi5's logins find (their PATH has its /usr/local/bin, KW_BACKUP_ENV its env file);
-- `SshWorld`: the client key, known_hosts and the ssh config file scripts get as SSH_CONFIG;
+- `SshWorld`: the client key, known_hosts and the ssh config file scripts get as SSH_CONFIG, and the
+  places' TMPDIR, this session's own;
 - `Pi`: the pi5 as deployed: the unprivileged `pi` runs the installed orchestrator with its own
   copies of keys and configs, and its key for prod works only as `rrsync -ro PROD_DIR`;
 - `S3`: moto's S3 server on loopback, for rclone's `s3` remote (the offsite tier);
@@ -20,7 +21,6 @@ Every later test builds on these pieces:
 from __future__ import annotations
 
 import fcntl
-import glob
 import json
 import os
 import pwd
@@ -59,6 +59,7 @@ PLACE_ADDRESSES = {
     "offsite": "127.0.0.6",
 }
 SSH_PORT = 2222  # replaced by the running SshWorld's own free port (a bench or another run may hold 2222)
+PLACES_TMP: Path | None = None  # the running SshWorld's places' TMPDIR
 
 RAILS_SCHEMA = """
 CREATE TABLE schema_migrations (version character varying PRIMARY KEY);
@@ -103,28 +104,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def staging_leftovers(pattern: str = "kw-restore.*", lock: str = ".lock") -> set[str]:
-    """Run directories in /tmp that no live run holds (restores lock their `.lock`, drills the directory
-    itself: lock=""): what a run left behind. Another test's or suite's run in progress holds its lock,
-    so it never counts; nor does a restore's directory that gets its .lock within a few seconds (a run
-    between its mktemp and its lock)."""
-    return {path for path in glob.glob(f"/tmp/{pattern}") if not _held(path, lock)}
+def staging_leftovers() -> set[str]:
+    """What runs left in the places' TMPDIR (this session's own: SshWorld): our scripts' `kw-*` names (a restore's
+    staging directory, a migration's compressed copy, an install's tree), but a staging directory a live run holds."""
+    assert PLACES_TMP, "no sshd places in this session"
+    return {str(path) for path in PLACES_TMP.glob("kw-*") if not _held(path)}
 
 
-def _held(path: str, lock: str) -> bool:
-    deadline = time.monotonic() + (5 if lock else 0)
-    while True:
-        try:
-            fd = os.open(os.path.join(path, lock), os.O_RDONLY)
-            break
-        except FileNotFoundError:
-            if not os.path.isdir(path):
-                return True  # removed meanwhile: not left behind
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        except OSError:
-            return True
+def _held(directory: Path) -> bool:
+    """Whether a live run holds `directory`'s .lock (a restore's staging directory while it runs)."""
+    try:
+        fd = os.open(directory / ".lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return not directory.exists()  # removed meanwhile: not left behind
+    except NotADirectoryError:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
@@ -394,16 +388,22 @@ class SshWorld:
         self.key = base / "client" / "id_ed25519"
         self.known_hosts = base / "client" / "known_hosts"
         self.config = base / "client" / "ssh_config"
+        # Every place's logins get it as TMPDIR: what this session's runs make there, no other session or
+        # pytest-xdist worker sees (our scripts make their temporary names on a place in its TMPDIR, else /tmp).
+        self.tmp = base / "tmp"
         self.port = free_port()
+        installs = installs or {}
         self.places = {
-            name: Sshd(base / name, name, addr, self.port, install=(installs or {}).get(name))
+            name: Sshd(base / name, name, addr, self.port, env={"TMPDIR": str(self.tmp)}, install=installs.get(name))
             for name, addr in PLACE_ADDRESSES.items()
         }
 
     def start(self) -> SshWorld:
-        global SSH_PORT
-        SSH_PORT = self.port
+        global SSH_PORT, PLACES_TMP
+        SSH_PORT, PLACES_TMP = self.port, self.tmp
         self.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.tmp.mkdir()
+        self.tmp.chmod(0o1777)  # as /tmp: any place's user may make its files there
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
         for sshd in self.places.values():
             sshd.start().authorize(self.key.with_suffix(".pub").read_text())
@@ -412,7 +412,7 @@ class SshWorld:
 
     def add_place(self, name: str, address: str, path: str, env: dict[str, str]) -> Sshd:
         """Another sshd place (an alias `name` in the ssh config) whose logins get this PATH and environment."""
-        sshd = Sshd(self.base / name, name, address, self.port, path, env)
+        sshd = Sshd(self.base / name, name, address, self.port, path, {"TMPDIR": str(self.tmp), **env})
         sshd.start().authorize(self.key.with_suffix(".pub").read_text())
         self.places[name] = sshd
         self._write_client_files()

@@ -84,9 +84,10 @@ def _verify_and_restore_fresh(settings: Settings, path: Path, *, yes: bool, dry_
     )
 
 
+# In old-prod's TMPDIR when its login has one (where mktemp itself would put it), else /tmp.
 COMPRESS_SCRIPT = r"""
 set -e
-dir=$(mktemp -d /tmp/kw-migrate.XXXXXXXX)
+dir=$(mktemp -d "${TMPDIR:-/tmp}/kw-migrate.XXXXXXXX")
 gzip -c -- "$1" > "$dir/$2"
 echo "$dir"
 """

@@ -358,7 +358,11 @@ def remote(target: str, host: str, make_args: list[str]) -> None:
     """Copy this tree to HOST over ssh and run the same make target there with sudo."""
     ssh = ["ssh", *(["-F", os.environ["SSH_CONFIG"]] if os.environ.get("SSH_CONFIG") else []), "-o", "BatchMode=yes"]
     staging = subprocess.run(
-        [*ssh, host, "mktemp -d /tmp/kw-backup-install.XXXXXXXX"], check=True, capture_output=True, text=True
+        # In the login's TMPDIR when it has one (where mktemp itself would put it), else /tmp.
+        [*ssh, host, shlex.join(["sh", "-c", 'mktemp -d "${TMPDIR:-/tmp}/kw-backup-install.XXXXXXXX"'])],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     try:
         rsync_e = " ".join(shlex.quote(a) for a in ssh)

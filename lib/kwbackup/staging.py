@@ -2,9 +2,9 @@
 
 Nothing of kw-backup runs on prod: the remote scripts below are constants for a POSIX shell with
 coreutils, gzip (pigz when present), flock and openssl or sha256sum, taking every value as a
-positional argument. A dump not already on prod is streamed into a private
-`/tmp/kw-restore.*` directory there, locked (flock) by the run that made it, so a later run
-removes only those of dead runs.
+positional argument. A dump not already on prod is streamed into a private `kw-restore.*`
+directory in prod's temporary directory (its login's TMPDIR, as mktemp has it, else /tmp),
+locked (flock) by the run that made it, so a later run removes only those of dead runs.
 """
 
 from __future__ import annotations
@@ -80,13 +80,17 @@ mv -- "$tmp" "$2/$3"
 # ones of dead runs go. One without a .lock yet is another run's, between its mktemp and its
 # lock (a restore of another database on the same server), unless it is an hour old.
 CLEAN_STAGING_SCRIPT = r"""
-for d in /tmp/kw-restore.*; do
+for d in "${TMPDIR:-/tmp}"/kw-restore.*; do
   [ -d "$d" ] && [ "$(stat -c %u -- "$d")" = "$(id -u)" ] || continue
   if [ -e "$d/.lock" ]; then flock -n "$d/.lock" true 2>/dev/null || continue
   elif [ -z "$(find "$d" -maxdepth 0 -mmin +60)" ]; then continue; fi
   rm -rf -- "$d" && echo "$d"
 done
 """
+# Staging is in the login's TMPDIR, else /tmp: where mktemp puts files by itself, as an operator expects
+# (a private per-user one, pam_tmpdir's, say). $1: a name's prefix.
+MKTEMP_DIR_SCRIPT = 'exec mktemp -d "${TMPDIR:-/tmp}/$1XXXXXXXX"'
+TMP_SPACE_SCRIPT = 'exec df -Pk -- "${TMPDIR:-/tmp}"'  # the free space there
 # $1: the staging directory's lock; holds it for as long as its stdin is open.
 HOLD_SCRIPT = 'exec flock "$1" sh -c "echo locked; exec cat"'
 
@@ -211,9 +215,9 @@ def _listed_size(source: sources.Source) -> int:
 
 
 def _mkdtemp(prod: Place) -> str:
-    if prod.is_local:
-        return tempfile.mkdtemp(prefix=STAGING_PREFIX, dir="/tmp")
-    _, out, _ = run(prod.command(["mktemp", "-d", f"/tmp/{STAGING_PREFIX}XXXXXXXX"], name="mktemp on prod"))
+    if prod.is_local:  # where the cleanup, a shell here, looks
+        return tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=os.environ.get("TMPDIR") or "/tmp")
+    _, out, _ = run(prod.script(MKTEMP_DIR_SCRIPT, STAGING_PREFIX, name="mktemp on prod"))
     return out.decode().strip()
 
 
@@ -255,11 +259,12 @@ def free_bytes(cmd: Cmd) -> int | None:
 
 
 def _check_tmp_space(prod: Place, needed: int) -> None:
-    free = free_bytes(prod.command(["df", "-Pk", "/tmp"], name="df on prod"))
+    free = free_bytes(prod.script(TMP_SPACE_SCRIPT, name="df on prod"))
     if free is not None and needed and free < needed * 1.05:
         raise Failed(
-            f"not enough space in prod's /tmp for the dump: need {size(needed)}, have {size(free)}",
-            "free space on prod or clean /tmp",
+            f"not enough space in prod's temporary directory (TMPDIR, else /tmp) for the dump: need {size(needed)}, "
+            f"have {size(free)}",
+            "free space there on prod",
         )
 
 

@@ -4,7 +4,6 @@ old-prod is a real sshd place, only ever read; prod the new server before anythi
 (Docker and PostgreSQL only, nothing of kw-backup: tests/conftest.py `remote_prod`).
 """
 
-import glob
 import gzip
 import hashlib
 import os
@@ -39,16 +38,11 @@ def old_prod(remote_prod, pg, db):
     world.synthetic_dump(net.old_dir, OLDER, rows=1234, manifest=False)
     net.settings.update(OLD_PROD_HOST="old-prod", OLD_PROD_DIR=f"~/{top.name}/baza_dump/sql", DB_NAME=f"{db}_new")
     net.expected = pg.row_counts(db)
-    net.before = temp_dirs()
+    net.before = world.staging_leftovers()
     net.laptop_tmp = tempfile.mkdtemp(prefix="kwt-")  # short: ssh control sockets live in it
     yield net
     shutil.rmtree(top)
     shutil.rmtree(net.laptop_tmp)
-
-
-def temp_dirs() -> set[str]:
-    """Staging on old-prod and prod (this machine's /tmp, shared with other runs: compared before and after)."""
-    return set(glob.glob("/tmp/kw-migrate.*")) | world.staging_leftovers()
 
 
 def snapshot(directory: Path) -> dict:
@@ -68,7 +62,8 @@ def migrate(net, *args):
     untouched = snapshot(net.old_dir)
     result = net.run("migrate-database-to-new-prod", *args, env=net.env(TMPDIR=net.laptop_tmp))
     assert snapshot(net.old_dir) == untouched, f"old-prod's files changed\n{result.stderr}"
-    left = files_in(net.settings["WORK_DIR"]) + os.listdir(net.laptop_tmp) + sorted(temp_dirs() - net.before)
+    left = files_in(net.settings["WORK_DIR"]) + os.listdir(net.laptop_tmp)
+    left += sorted(world.staging_leftovers() - net.before)
     assert not left, f"left behind: {left}\n{result.stderr}"
     return result
 
@@ -78,8 +73,13 @@ def migration_dumps_on_prod(net) -> list[str]:
 
 
 def test_migrates_the_newest_into_a_database_it_creates(old_prod, pg, db):
-    result = migrate(old_prod, "--yes")
+    result = migrate(old_prod, "--yes", "--verbose")
     assert result.returncode == 0, result.stderr
+    # Its copies on old-prod (compressed) and prod (staged) were in their logins' TMPDIR, where migrate() looks.
+    assert (
+        f"{world.PLACES_TMP}/kw-migrate." in result.stderr
+        and f"removed {world.PLACES_TMP}/kw-restore." in result.stderr
+    )
     assert f"migrating {NEWEST}" in result.stderr
     assert "parallel load: loaded with" in result.stderr  # RESTORE_JOBS by default: a session per core
     assert content(pg, f"{db}_new") == content(pg, db) and old_prod.expected == world.RAILS_TABLE_ROWS

@@ -174,8 +174,8 @@ def test_a_link_dropped_mid_load_stops_the_load_on_prod_and_changes_nothing(remo
 def test_the_cleanup_spares_a_staging_directory_another_run_has_just_made(kw, pg, db, dumped):
     """Between its mktemp and its lock a directory has no .lock yet: a restore of another database on the
     same server may be there. Only an hour later is such a directory a dead run's."""
-    young = Path(tempfile.mkdtemp(prefix="kw-restore.", dir="/tmp"))
-    old = Path(tempfile.mkdtemp(prefix="kw-restore.", dir="/tmp"))
+    young = Path(tempfile.mkdtemp(prefix="kw-restore.", dir=world.PLACES_TMP))  # in prod's TMPDIR
+    old = Path(tempfile.mkdtemp(prefix="kw-restore.", dir=world.PLACES_TMP))
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     try:
         result = kw.run("restore-production-db", "--local", "latest", "--yes")

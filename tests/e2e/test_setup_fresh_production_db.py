@@ -26,7 +26,7 @@ OLDER, NEWER = "db-2024-01-01.sql.gz", datetime.now(UTC).strftime("db-%Y-%m-%d-0
 
 @pytest.fixture
 def laptop(remote_prod):
-    """The laptop: prod and the nas over ssh, a private TMPDIR, and prod's /tmp as it was before the run."""
+    """The laptop: prod and the nas over ssh, a private TMPDIR, and what runs had left on prod before this one."""
     net = remote_prod
     net.before = staging_dirs()
     net.laptop_tmp = tempfile.mkdtemp(prefix="kwt-")  # short: ssh control sockets live in it
@@ -52,7 +52,7 @@ def place_real_dump(net, directory: Path) -> None:
 
 
 def staging_dirs() -> set[str]:
-    """prod's /tmp (this machine's, shared with other runs: compared before and after)."""
+    """What runs left in prod's TMPDIR (this session's places' own: compared before and after)."""
     return world.staging_leftovers()
 
 
