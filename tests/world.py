@@ -220,7 +220,7 @@ class Postgres:
         self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def row_counts(self, db: str) -> dict[str, int]:
-        """Rows of every table, keyed `schema.table` unquoted, as manifests key them."""
+        """Every table's own rows (FROM ONLY), keyed `schema.table` unquoted, as manifests key and count them."""
         listing = self.psql(
             "SELECT n.nspname || '.' || c.relname || chr(9) || format('%I.%I', n.nspname, c.relname) "
             "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
@@ -231,7 +231,7 @@ class Postgres:
         counts = {}
         for line in filter(None, listing.splitlines()):
             key, quoted = line.split("\t")
-            counts[key] = int(self.psql(f"SELECT count(*) FROM {quoted}", db))
+            counts[key] = int(self.psql(f"SELECT count(*) FROM ONLY {quoted}", db))
         return counts
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -73,6 +74,18 @@ def _on_signal(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+def _redeliver(unraisable) -> None:
+    """sys.unraisablehook: an Interrupted raised where Python can only drop it (the signal landed in a weakref
+    callback or a __del__) is sent again, so the script still unwinds. From another thread, a moment later: sent
+    now, its handler would run in this hook, where it would be dropped again."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _on_signal)
+        threading.Timer(0.01, os.kill, (os.getpid(), unraisable.exc_value.signum)).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _late_signal(signum, frame) -> None:
     logmod.log.warning("%s received while cleaning up; finishing the cleanup first", signal.Signals(signum).name)
 
@@ -102,6 +115,7 @@ def guard(body: Callable[[], int | None]) -> int:
     """
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_signal)
+    sys.unraisablehook = _redeliver
     try:
         return body() or 0
     except KwError as exc:

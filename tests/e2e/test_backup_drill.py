@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests import world
-from tests.conftest import Kw
+from tests.conftest import backup_db_dump
 from tests.damage import forge_manifest, rewrite, spoil, with_sql_error
 
 STARTED = r"started a private temporary PostgreSQL in (\S+)"
@@ -214,11 +214,7 @@ def one_error_line(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def big_dump(tmp_path_factory, pg, big_db):
     """A dump whose restore takes seconds: for stopping drills mid-restore."""
-    setup = Kw(tmp_path_factory.mktemp("big"), pg, big_db)
-    made = setup.run("backup-db", timeout=300)
-    setup.syslog.close()
-    assert made.returncode == 0, made.stderr
-    return made.stdout.strip().splitlines()[-1]
+    return str(backup_db_dump(tmp_path_factory, pg, big_db))
 
 
 @pytest.fixture

@@ -92,26 +92,6 @@ def pagila_sql(pg, pagila_db):
     return pg_dump(pg, pagila_db)
 
 
-ZOO = Path(__file__).resolve().parents[1] / "fixtures" / "zoo" / "schema.sql"
-
-
-@pytest.fixture(scope="module")
-def zoo_db(pg):
-    """The schema zoo: what pg_dump writes that pagila has not (large objects with comments and grants, NOT VALID
-    constraints, inheritance, RLS, ...). Its role is the server's: whichever module loads it first makes it."""
-    name = pg.create_db(f"kwpl_zoo_{uuid.uuid4().hex[:6]}")
-    pg.psql("DO $$ BEGIN CREATE ROLE zoo_reader; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
-    loaded = subprocess.run(
-        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", name, "-f", str(ZOO)],
-        env={**os.environ, **pg.env},
-        capture_output=True,
-        text=True,
-    )
-    assert loaded.returncode == 0, loaded.stderr
-    yield name
-    pg.drop_db(name)
-
-
 @pytest.fixture(scope="module")
 def zoo_sql(pg, zoo_db):
     return pg_dump(pg, zoo_db)

@@ -4,24 +4,18 @@ pagila, through restore-production-db on a prod without kw-backup (docker) and t
 import os
 import shutil
 import uuid
-from pathlib import Path
 
 import pytest
 
 from tests import world
-from tests.conftest import Kw
+from tests.conftest import backup_db_dump
 from tests.damage import rewrite
 from tests.e2e.test_parallel_load import same_database
 
 
 @pytest.fixture(scope="module")
 def pagila_dump(tmp_path_factory, pg, pagila_db):
-    """backup-db's dump of pagila (with its manifest), made once."""
-    setup = Kw(tmp_path_factory.mktemp("pagila-dump"), pg, pagila_db)
-    made = setup.run("backup-db", timeout=300)
-    setup.syslog.close()
-    assert made.returncode == 0, made.stderr
-    return Path(made.stdout.strip().splitlines()[-1])
+    return backup_db_dump(tmp_path_factory, pg, pagila_db)
 
 
 def test_pagila_restored_in_four_sessions_equals_one_session(remote_prod, pg, pagila_dump):
@@ -95,11 +89,7 @@ def test_a_prod_without_python3_loads_in_one_session_saying_so(remote_prod, pg, 
 
 @pytest.fixture(scope="module")
 def template_dump(pg, tmp_path_factory):
-    setup = Kw(tmp_path_factory.mktemp("template-dump-par"), pg, "kw_template")
-    made = setup.run("backup-db", timeout=300)
-    setup.syslog.close()
-    assert made.returncode == 0, made.stderr
-    return Path(made.stdout.strip().splitlines()[-1])
+    return backup_db_dump(tmp_path_factory, pg, "kw_template")
 
 
 def test_no_single_transaction_is_needed_the_new_database_is_dropped_on_failure(remote_prod, pg, db, template_dump):

@@ -300,7 +300,7 @@ def test_from_file_over_ssh_to_prod_and_a_named_dump_that_does_not_exist(kw, pg,
 def test_not_enough_disk_on_prod_stops_before_changing_anything(kw, tmp_path):
     """A server whose data directory is on a small filesystem with too little room for a second copy."""
     base = Path(tempfile.mkdtemp(prefix="kwtest-small-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m,mode=0755", "tmpfs", str(base)], check=True)
+    disk = world.Tmpfs(base, "200m", mode="0755")
     small = world.Postgres(base)
     try:
         small.start()
@@ -324,7 +324,7 @@ def test_not_enough_disk_on_prod_stops_before_changing_anything(kw, tmp_path):
         assert not [n for n in small.psql("SELECT datname FROM pg_database").split() if "_restore_" in n]
     finally:
         small.stop()
-        subprocess.run(["umount", str(base)], check=True)
+        disk.close()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from kwbackup import dumps
-from tests.conftest import Kw
+from tests.conftest import backup_db_dump
 from tests.e2e.test_parallel_load import same_database
 
-ZOO = Path(__file__).resolve().parents[1] / "fixtures" / "zoo" / "schema.sql"
 # Large objects: their contents, comments and grants (not in a schema-only dump).
 LARGE_OBJECTS = (
     "SELECT string_agg(format('%s %s %s %s', m.oid, md5(lo_get(m.oid)), obj_description(m.oid, 'pg_largeobject'), "
@@ -28,28 +27,8 @@ SEQUENCES = "SELECT string_agg(format('%s %s', sequencename, last_value), ',' OR
 
 
 @pytest.fixture(scope="module")
-def zoo_db(pg):
-    name = pg.create_db(f"zoo_{uuid.uuid4().hex[:6]}")
-    pg.psql("DO $$ BEGIN CREATE ROLE zoo_reader; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
-    result = subprocess.run(
-        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", name, "-f", str(ZOO)],
-        env={**os.environ, **pg.env},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    yield name
-    pg.drop_db(name)
-
-
-@pytest.fixture(scope="module")
 def zoo_dump(tmp_path_factory, pg, zoo_db):
-    """backup-db's dump of the zoo, with its manifest."""
-    setup = Kw(tmp_path_factory.mktemp("zoo-dump"), pg, zoo_db)
-    made = setup.run("backup-db", timeout=300)
-    setup.syslog.close()
-    assert made.returncode == 0, made.stderr
-    return Path(made.stdout.strip().splitlines()[-1])
+    return backup_db_dump(tmp_path_factory, pg, zoo_db)
 
 
 @pytest.fixture(scope="module")

@@ -75,3 +75,37 @@ def test_a_signal_during_a_shielded_step_takes_effect_after_it(tmp_path, signum)
     proc.send_signal(signum)
     proc.communicate(timeout=30)
     assert marker.read_text() == "started" and proc.returncode == 128 + signum
+
+
+DROPPED = """
+import os, signal, sys, time, weakref
+sys.path.insert(0, {lib!r})
+from kwbackup import cli
+
+class Thing:
+    pass
+
+def body():
+    thing = Thing()
+    # The signal lands while Python runs a weakref callback, where an exception can only be dropped
+    # ("Exception ignored in ..."): the script must unwind all the same.
+    ref = weakref.ref(thing, lambda _: os.kill(os.getpid(), signal.{name}))
+    del thing
+    for _ in range(300):
+        time.sleep(0.1)
+    return 0
+
+sys.exit(cli.guard(body))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM])
+def test_a_signal_landing_where_python_drops_exceptions_still_interrupts(signum):
+    done = subprocess.run(
+        [sys.executable, "-c", DROPPED.format(lib=str(ROOT / "lib"), name=signal.Signals(signum).name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 128 + signum, done.stderr
+    assert "Exception ignored" not in done.stderr
