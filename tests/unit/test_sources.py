@@ -2,7 +2,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from kwbackup import names, settings, sources, staging
+from kwbackup import fresh, names, settings, sources, staging
 from kwbackup.errors import Failed, UsageError, VerificationError
 from kwbackup.offsite import Offsite
 from kwbackup.places import Entry, Place
@@ -171,15 +171,9 @@ def test_choose_takes_keywords_and_refuses_what_is_not_a_source(tmp_path):
 
 def test_remote_scripts_use_stock_tools_only():
     """What runs on prod: a POSIX shell, coreutils, gzip/pigz, flock, openssl or sha256sum; nothing of kw-backup."""
-    for script in (
-        staging.DECOMPRESS_INTO,
-        staging.HEAD_SCRIPT,
-        staging.SUM_SCRIPT,
-        staging.KEEP_SCRIPT,
-        staging.CLEAN_STAGING_SCRIPT,
-        staging.HOLD_SCRIPT,
-        staging.READ_IF_THERE,
-    ):
+    scripts = [v for m in (staging, fresh) for k, v in vars(m).items() if k.endswith("_SCRIPT")]
+    assert len(scripts) >= 8  # every *_SCRIPT constant, a new one included
+    for script in (*scripts, staging.DECOMPRESS_INTO, staging.READ_IF_THERE):
         assert "verify-backup" not in script and "python" not in script and "kw-backup" not in script
 
 
