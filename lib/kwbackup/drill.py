@@ -42,7 +42,7 @@ from psycopg.conninfo import conninfo_to_dict
 from . import catalog, dumps, names, parallel_load
 from .download import fetch_dump, local_dump, work_dir
 from .errors import Failed, KwError, UsageError, VerificationError
-from .log import add_secrets, log, size
+from .log import add_secrets, loader_notes, log, size
 from .monitor import Monitor
 from .places import Multiplexer, place
 from .run import Cmd, StageFailed, pipeline, run
@@ -606,10 +606,7 @@ def _load(scratch: Scratch, dbname: str, path: Path, jobs: int = 1) -> None:
             env=env,
         )
         code, _, err = run(loader, check=False, timeout=None)
-        for line in err.splitlines():
-            if line.startswith(parallel_load.PREFIX):
-                text = line[len(parallel_load.PREFIX) :]
-                (log.warning if "one session" in text else log.info)("parallel load: %s", text)
+        loader_notes(err, failed=code != 0)
         if code == parallel_load.DAMAGED:
             raise VerificationError(f"the dump does not restore: {_last(err)}", "use another copy")
         if code != 0:

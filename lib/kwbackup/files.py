@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import secrets
 from contextlib import contextmanager
@@ -172,3 +173,9 @@ def lock(directory: Path, script: str):
         yield path
     finally:
         os.close(fd)
+
+
+def digest(path: Path, kind: str = "sha256") -> str:
+    """The hex digest of a file's bytes (sha256, or another hashlib algorithm)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, kind).hexdigest()

@@ -13,6 +13,8 @@ import time
 
 import humanize
 
+from .parallel_load import PREFIX as LOADER_PREFIX
+
 log = logging.getLogger("kw-backup")
 SYSLOG_TAG = "kw-backup"
 # Tests point this at their own datagram socket; production uses the system's.
@@ -150,3 +152,11 @@ class Progress:
         if self.tty and self.done:
             self.stream.write("\r" + self.text(time.monotonic()).ljust(70) + "\n")
             self.stream.flush()
+
+
+def loader_notes(stderr: str, failed: bool) -> None:
+    """parallel_load.py's own lines in a load's stderr: what ran in one session (a warning), its summary. When
+    the load failed, its last line is the failure, which the caller's error line says: not said twice."""
+    notes = [line[len(LOADER_PREFIX) :] for line in stderr.splitlines() if line.startswith(LOADER_PREFIX)]
+    for text in notes[:-1] if failed else notes:
+        (log.warning if "one session" in text else log.info)("parallel load: %s", text)

@@ -21,7 +21,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import dumps, names
+from . import dumps, files, names
 from .errors import Failed, VerificationError
 from .log import log
 from .places import Entry, combine_listing, manifest_or_none
@@ -32,7 +32,7 @@ from .settings import Settings
 INCOMING = ".incoming"
 # A dead link fails instead of hanging a night; a remote that is down fails within a minute or so.
 RCLONE_OPTIONS = ["--contimeout", "15s", "--timeout", "60s", "--retries", "2", "--low-level-retries", "3", "-q"]
-HASHES = ("sha256", "sha1", "md5")  # preferred first; all are computed here with hashlib
+HASHES = ("sha256", "sha1", "md5")  # preferred first; all are computed here (files.digest)
 DIRECTORY_NOT_FOUND = 3  # rclone's exit status: a remote path nothing was ever written to
 
 
@@ -196,7 +196,7 @@ class Offsite:
         sources = [path for parcel in parcels for path in parcel.paths]
         kind, _ = self._hash_kind()
         hasher = threading.Thread(
-            target=lambda: self._local_hashes.update({source: _file_hash(source, kind) for source in sources}),
+            target=lambda: self._local_hashes.update({source: files.digest(source, kind) for source in sources}),
             daemon=True,
         )
         hasher.start()
@@ -232,7 +232,7 @@ class Offsite:
         if unknown and not download:
             remote.update(self._hashsum(kind, True, unknown))
         for source in sources:
-            local = self._local_hashes.pop(source, None) or _file_hash(source, kind)
+            local = self._local_hashes.pop(source, None) or files.digest(source, kind)
             if remote.get(source.name) != local:
                 raise VerificationError(
                     f"offsite: the uploaded {source.name} has {kind} {remote.get(source.name)}, not {local}",
@@ -330,11 +330,3 @@ def _timestamp(text: str) -> float:
     except ValueError:
         return 0.0
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def _file_hash(path: Path, kind: str) -> str:
-    digest = hashlib.new(kind)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -290,7 +290,7 @@ def _promote_local(incoming: Path, directory: Path, name: str, manifest: dumps.M
     if final.exists():
         for leftover in (name, name + names.MANIFEST_SUFFIX):
             (incoming / leftover).unlink(missing_ok=True)
-        if _sha256_of(final) != manifest.sha256:
+        if files.digest(final) != manifest.sha256:
             raise _Conflict.over(name)
         if not final.with_name(name + names.MANIFEST_SUFFIX).exists():  # the same dump: only its manifest was lost
             files.write_atomic(directory, name + names.MANIFEST_SUFFIX, manifest.to_json())
@@ -308,13 +308,6 @@ def _promote_local(incoming: Path, directory: Path, name: str, manifest: dumps.M
     files.publish(dump_path, final)
 
 
-def _sha256_of(path: Path) -> str:
-    read = dumps.FileChunks(path)
-    for _ in read:
-        pass
-    return read.sha256.hexdigest()
-
-
 def _compare_held(source: RsyncSource, entry: Entry, directory: Path, incoming: Path) -> None:
     """_Conflict unless prod's `entry` has the bytes of the pi5's file of that name (hashed here, never trusted).
 
@@ -326,7 +319,7 @@ def _compare_held(source: RsyncSource, entry: Entry, directory: Path, incoming: 
     pi5_copy = directory / entry.name
     if pi5_copy.stat().st_size != entry.size:
         raise _Conflict.over(entry.name)
-    pi5_sha256 = _sha256_of(pi5_copy)
+    pi5_sha256 = files.digest(pi5_copy)
     manifest = _prod_manifest(source, entry.name, incoming)
     if manifest is not None and (manifest.bytes, manifest.sha256) == (entry.size, pi5_sha256):
         log.debug("%s: prod's manifest describes the pi5's copy", entry.name)

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import catalog, cli, dumps, files, names, parallel_load, staging
 from .database import Database
 from .errors import Declined, Failed, KwError, VerificationError
-from .log import Progress, dry, log, size
+from .log import Progress, dry, loader_notes, log, size
 from .places import Multiplexer, Place, place
 from .run import Cmd, StageFailed, Tap, pipeline, run
 from .settings import Settings
@@ -258,7 +258,7 @@ def _parallel(
                 "RESTORE_JOBS=" + jobs if jobs != "auto" else "one per core",
             )
             return None
-        _notes(err)
+        loader_notes(err, failed=code != 0)
         _check_exit(dump, code, err, "the load failed")
         return dumps.copy_counts(out)
     loader = Cmd(
@@ -273,7 +273,7 @@ def _parallel(
         name="parallel load",
     )
     out, said = _piped(prod, dump, loader, "the load failed")
-    _notes(said.get(loader.name, ""))
+    loader_notes(said.get(loader.name, ""), failed=False)
     return dumps.copy_counts(out)
 
 
@@ -298,14 +298,6 @@ def _piped(prod: Place, dump: staging.Staged, loader: Cmd, failed: str) -> tuple
             raise VerificationError(f"{dump.name} is damaged: {exc.tail or exc.detail}", "use another copy") from exc
         raise Failed(f"{failed}: {exc.tail or exc.detail}", "see the error; DB_NAME is unchanged") from exc
     return bytes(echo.data), said
-
-
-def _notes(stderr: str) -> None:
-    """The loader's own lines: what ran in one session (a warning), its summary."""
-    for line in stderr.splitlines():
-        if line.startswith(parallel_load.PREFIX):
-            text = line[len(parallel_load.PREFIX) :]
-            (log.warning if "one session" in text else log.info)("parallel load: %s", text)
 
 
 def check_restored(db: Database, new: str, dump: staging.Staged, loaded: dict[str, int]) -> str:
