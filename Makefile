@@ -9,7 +9,7 @@ SHELL_FILES = $(shell grep -rlIE '^\#!(/usr/bin/env |/bin/)(ba|da)?sh' --exclude
                 --exclude-dir=.bench --exclude-dir=.demo . )
 
 .PHONY: venv test test-unit lint bench demo drill install-prod install-pi5 uninstall-prod uninstall-pi5 \
-        authorize-pi5 pi5-keys
+        authorize-pi5 authorize-pi5-tunnel pi5-keys
 # The prerequisites of a target run in the order written: the system packages before the venv.
 .NOTPARALLEL:
 PREFIX ?= /opt/kw-backup
@@ -53,10 +53,13 @@ bench: venv
 	$(VENV)/bin/python bench/offsite
 
 install-prod install-pi5 uninstall-prod uninstall-pi5:
-	$(INSTALL) $@ --prefix "$(PREFIX)" --destdir "$(DESTDIR)" --host "$(HOST)" --user "$(BACKUP_USER)"
+	$(INSTALL) $@ --prefix "$(PREFIX)" --destdir "$(DESTDIR)" --host "$(HOST)" --user "$(BACKUP_USER)" --pitr "$(PITR)"
 
 authorize-pi5:
 	$(INSTALL) authorize-pi5 --key "$(KEY)" --authorized-keys "$(AUTHORIZED_KEYS)" --prod-dir "$(PROD_DIR)"
+
+authorize-pi5-tunnel:
+	$(INSTALL) authorize-pi5-tunnel --key "$(KEY)" --authorized-keys "$(AUTHORIZED_KEYS)" --port "$(PROD_PG_PORT)"
 
 pi5-keys:
 	$(INSTALL) pi5-keys

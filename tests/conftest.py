@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import world
+from tests import pitr_world, world
 
 # The Pi's unprivileged user works in each test's directory, so as root the session's temporary directories sit
 # under a root of this session's own that other users may traverse: pytest keeps /tmp/pytest-of-root 0700, and
@@ -298,3 +298,24 @@ def net(kw, ssh_world, pi, pi5_install):
     kw.pi.own(kw.pi.home)
     yield kw
     ssh_world.places["prod"].unauthorize(public)
+
+
+@pytest.fixture(scope="session")
+def pitr_install(pi) -> world.Install:
+    """make install-pi5 PITR=on BACKUP_USER=pi, once per session: Barman's pinned venv beside kw-backup's."""
+    base = Path(tempfile.mkdtemp(prefix="kw-pitr-install-"))
+    base.chmod(0o755)  # the Pi's user runs it
+    yield world.Install(base / "pi5", "pi5", "pi", pitr=True).make()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pitr(tmp_path, ssh_world, pi, pitr_install):
+    """The WAL tier's world (tests/pitr_world.py), stopped afterwards with everything it started."""
+    os.chown(tmp_path, pi.pw_uid, pi.pw_gid)
+    ssh_world.base.chmod(0o711)  # the pi5 place's env file is the Pi's to read
+    place = pitr_world.PitrWorld(tmp_path, ssh_world, pi, pitr_install)
+    try:
+        yield place.start()
+    finally:
+        place.stop()

@@ -147,12 +147,13 @@ def service_user() -> str | None:
 class Postgres:
     """A PostgreSQL server of the tests' own (PG_BIN), on a free port and a private socket directory."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, initdb_args: tuple[str, ...] = ()):
         self.base = base
         self.data = base / "data"
         self.sockets = base / "sockets"
         self.port = free_port()
         self.user = service_user()
+        self.initdb_args = initdb_args
 
     def _as_server_user(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(argv, user=self.user, check=True, capture_output=True, text=True, **kw)
@@ -176,6 +177,7 @@ class Postgres:
                 "UTF8",
                 "--locale=C.UTF-8",
                 "--no-sync",
+                *self.initdb_args,
             ]
         )
         conf = (
@@ -334,8 +336,8 @@ class Install:
     kw-backup before. Its venv is made with /usr/bin/python3: the backup user must be able to run it (a python
     under root's home, pyenv's, is not its to run)."""
 
-    def __init__(self, dest: Path, role: str, user: str = "root"):
-        self.dest, self.role, self.user = dest, role, user
+    def __init__(self, dest: Path, role: str, user: str = "root", pitr: bool = False):
+        self.dest, self.role, self.user, self.pitr = dest, role, user, pitr
         self.bin = dest / "usr/local/bin"  # the scripts' links, as a login's PATH finds them
         self.env_file = dest / "etc/kw-backup/backup.env"
         self.output: str | None = None  # what the first install printed
@@ -350,6 +352,7 @@ class Install:
                     f"DESTDIR={self.dest}",
                     f"BACKUP_USER={self.user}",
                     "PYTHON=/usr/bin/python3",
+                    *(["PITR=on"] if self.pitr else []),
                 ],
                 cwd=ROOT,
                 capture_output=True,

@@ -30,6 +30,7 @@ SHIPPED = [
     "docs",
     "requirements.txt",
     "requirements-dev.txt",
+    "requirements-barman.txt",
     ".env.example",
     "Makefile",
     "README.md",
@@ -45,8 +46,33 @@ SCRIPTS = [
     "backup-drill",
     "verify-backup",
     "backup-report",
+    "setup-pitr",
+    "pitr-status",
+    "pitr-cron",
+    "pitr-base-backup",
+    "pitr-barman",
+    "pitr-tunnel",
 ]
 CRON = {"prod": ["prod"], "pi5": ["pi5", "drill"]}
+PITR_CRON = "pi5-pitr"
+TUNNEL_UNIT = "/etc/systemd/system/kw-backup-pitr-tunnel.service"
+TUNNEL_UNIT_TEXT = """# kw-backup (make install-pi5 PITR=on): the pi5's ssh tunnel to prod's PostgreSQL (the WAL tier).
+# It forwards the unix socket PITR_DIR/tunnel/.s.PGSQL.<PROD_PG_PORT> to prod's 127.0.0.1:PROD_PG_PORT
+# with the key PITR_DIR/ssh/id_tunnel (on prod: make authorize-pi5-tunnel KEY=id_tunnel.pub).
+[Unit]
+Description=kw-backup: ssh tunnel to prod's PostgreSQL for the WAL tier
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+User={user}
+ExecStart={prefix}/bin/pitr-tunnel --quiet
+Restart=always
+RestartSec=10
+
+[Install]
+WantedBy=multi-user.target
+"""
 ENV_FILE = "/etc/kw-backup/backup.env"
 CRON_LOG = "/var/log/backup-cron.log"  # where the lines of cron/ send what the scripts print
 # A job line, or a commented-out one: five numeric time fields, then the user field (cron/ uses no names).
@@ -66,8 +92,9 @@ PUBLIC_KEY_RE = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-\S+) [A
 
 
 class Installer:
-    def __init__(self, role: str, prefix: str, destdir: str, user: str | None):
+    def __init__(self, role: str, prefix: str, destdir: str, user: str | None, pitr: bool = False):
         self.role = role
+        self.pitr = pitr or (role == "pi5" and _setting(Path(destdir or "/") / ENV_FILE.lstrip("/"), "PITR") == "on")
         self.prefix = prefix
         self.root = Path(destdir or "/")
         self.user = user or ("pi" if role == "pi5" and _user_exists("pi") else "root")
@@ -92,6 +119,8 @@ class Installer:
         self.backup_dir()
         self.logs()
         self.cron()
+        if self.pitr:
+            self.wal_tier()
         print(
             "nothing changed: already installed" if not self.changes else f"done: {len(self.changes)} changes",
             flush=True,
@@ -238,6 +267,42 @@ class Installer:
             text = CRON_JOB.sub(rf"\g<1>{self.user}", (SOURCE / "cron" / name).read_text())
             self.write_if_different(self.at(f"/etc/cron.d/kw-backup-{name}"), text, 0o644)
 
+    def wal_tier(self) -> None:
+        """PITR=on: Barman in a venv of its own, PITR_DIR with the tunnel's key, the cron lines, the tunnel's unit."""
+        venv = self.at(self.prefix) / ".venv-barman"
+        requirements = SOURCE / "requirements-barman.txt"
+        digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+        stamp = venv / ".kw-backup-requirements"
+        if not (stamp.exists() and stamp.read_text().strip() == digest):
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
+            subprocess.run([*pip, "-r", str(requirements)], check=True)  # every package pinned there
+            stamp.write_text(digest + "\n")
+            self.changed(f"made Barman's venv {venv} from requirements-barman.txt")
+        pitr_dir = self.at(_setting(self.at(ENV_FILE), "PITR_DIR") or "/backups/kw-app-wal")
+        for directory in (pitr_dir, pitr_dir / "ssh"):
+            if not directory.is_dir():
+                directory.mkdir(parents=True, mode=0o700)
+                self.changed(f"made {directory}")
+            self.own(directory, 0o700)
+        key = pitr_dir / "ssh" / "id_tunnel"
+        if not key.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pi5-wal-tunnel", "-f", str(key)], check=True
+            )
+            self.changed(f"made the tunnel key {key}: on prod, make authorize-pi5-tunnel KEY={key.name}.pub")
+        self.own(key, 0o600)
+        self.own(key.with_suffix(".pub"), 0o644)
+        text = CRON_JOB.sub(rf"\g<1>{self.user}", (SOURCE / "cron" / PITR_CRON).read_text())
+        self.write_if_different(self.at(f"/etc/cron.d/kw-backup-{PITR_CRON}"), text, 0o644)
+        unit = TUNNEL_UNIT_TEXT.format(user=self.user, prefix=self.prefix)
+        self.write_if_different(self.at(TUNNEL_UNIT), unit, 0o644)
+        if self.root == Path("/") and shutil.which("systemctl") and Path("/run/systemd/system").is_dir():
+            subprocess.run(["systemctl", "daemon-reload"], check=False)
+            subprocess.run(["systemctl", "enable", "--now", Path(TUNNEL_UNIT).name], check=False)
+        else:
+            print(f"  start the tunnel: systemctl enable --now {Path(TUNNEL_UNIT).name}", flush=True)
+
     def write_if_different(self, path: Path, text: str, mode: int) -> None:
         if path.exists() and path.read_text() == text:
             return
@@ -265,8 +330,10 @@ class Installer:
             if link.is_symlink():
                 link.unlink()
                 self.changed(f"removed {link}")
-        for name in CRON[self.role]:
+        for name in [*CRON[self.role], *([PITR_CRON] if self.role == "pi5" else [])]:
             self._remove(self.at(f"/etc/cron.d/kw-backup-{name}"))
+        if self.role == "pi5":
+            self._remove(self.at(TUNNEL_UNIT))
         self._remove(self.at("/etc/logrotate.d/kw-backup"))
         if self.at(self.prefix).exists():
             shutil.rmtree(self.at(self.prefix))
@@ -333,6 +400,30 @@ def authorize_pi5(key_file: str, authorized_keys: str | None, prod_dir: str | No
     print(f"authorized the pi5 key in {path}: read-only rsync of {prod_dir}, nothing else")
 
 
+def authorize_pi5_tunnel(key_file: str, authorized_keys: str | None, port: str | None) -> None:
+    """Add the pi5's tunnel key once: one forward to 127.0.0.1:PROD_PG_PORT, no shell, no command, nothing else."""
+    key = Path(key_file).read_text().strip()
+    if not PUBLIC_KEY_RE.fullmatch(key) or "\n" in key:
+        sys.exit(f"authorize-pi5-tunnel: {key_file} is not one ssh public key")
+    port = port or _setting(Path(ENV_FILE), "PROD_PG_PORT") or "5432"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        sys.exit(f"authorize-pi5-tunnel: PROD_PG_PORT {port!r} is not a TCP port")
+    path = Path(authorized_keys or Path.home() / ".ssh" / "authorized_keys")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    existing = path.read_text().splitlines() if path.exists() else []
+    # command=: `restrict` still lets a key run a command without a terminal; this one may only forward.
+    line = f'restrict,port-forwarding,permitopen="127.0.0.1:{port}",command="/bin/false" {key}'
+    if line in existing:
+        print(f"the pi5 tunnel key is already authorized in {path}; nothing changed")
+        return
+    if any(key.split()[1] in other.split() for other in existing):
+        sys.exit(f"authorize-pi5-tunnel: {path} already has this key with other options; edit that line by hand")
+    with open(path, "a") as out:
+        out.write(("" if not existing or path.read_text().endswith("\n") else "\n") + line + "\n")
+    path.chmod(0o600)
+    print(f"authorized the pi5 tunnel key in {path}: a forward to 127.0.0.1:{port}, nothing else")
+
+
 def pi5_keys(home: str | None) -> None:
     ssh = Path(home or Path.home()) / ".ssh"
     ssh.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -391,8 +482,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument(
         "action",
-        choices=["install-prod", "install-pi5", "uninstall-prod", "uninstall-pi5", "authorize-pi5", "pi5-keys"],
+        choices=[
+            "install-prod",
+            "install-pi5",
+            "uninstall-prod",
+            "uninstall-pi5",
+            "authorize-pi5",
+            "authorize-pi5-tunnel",
+            "pi5-keys",
+        ],
     )
+    p.add_argument("--pitr", default="", help="on: the WAL tier too (install-pi5)")
+    p.add_argument("--port", default="", help="PROD_PG_PORT (authorize-pi5-tunnel)")
     p.add_argument("--prefix", default="/opt/kw-backup")
     p.add_argument("--destdir", default="")
     p.add_argument("--host", default="")
@@ -406,17 +507,22 @@ def main(argv=None) -> int:
             [f"PREFIX={args.prefix}"]
             + ([f"DESTDIR={args.destdir}"] if args.destdir else [])
             + ([f"BACKUP_USER={args.user}"] if args.user else [])
+            + ([f"PITR={args.pitr}"] if args.pitr else [])
         )
         remote(args.action, args.host, make_args)
     elif args.action == "authorize-pi5":
         if not args.key:
             p.error("authorize-pi5 needs KEY=file.pub")
         authorize_pi5(args.key, args.authorized_keys or None, args.prod_dir or None)
+    elif args.action == "authorize-pi5-tunnel":
+        if not args.key:
+            p.error("authorize-pi5-tunnel needs KEY=file.pub")
+        authorize_pi5_tunnel(args.key, args.authorized_keys or None, args.port or None)
     elif args.action == "pi5-keys":
         pi5_keys(None)
     else:
         verb, role = args.action.split("-", 1)
-        installer = Installer(role, args.prefix, args.destdir, args.user or None)
+        installer = Installer(role, args.prefix, args.destdir, args.user or None, pitr=args.pitr == "on")
         installer.install() if verb == "install" else installer.uninstall()
     return 0
 

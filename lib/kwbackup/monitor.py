@@ -74,8 +74,12 @@ def ping_url(base: str, suffix: str, rid: str) -> str:
 
 
 class Monitor:
-    def __init__(self, settings: Settings, script: str, place: str):
+    def __init__(self, settings: Settings, script: str, place: str, healthchecks: str | None = "HEALTHCHECKS_URL"):
+        """`healthchecks`: the setting with this script's Healthchecks check (pitr-status has one of its own;
+        None: no check)."""
         self.settings = settings
+        self.healthchecks = healthchecks
+        self.gauges: dict[str, float] = {}
         self.script = script
         self.place = place
         self.rid = str(uuid.uuid4())
@@ -99,6 +103,10 @@ class Monitor:
     def record_free(self, place: str, free: int) -> None:
         """A place's free space after the run: the metric backup.free_bytes, tagged with that place."""
         self.free[place] = free
+
+    def gauge(self, name: str, value: float) -> None:
+        """A metric of the script's own (wal.lag_seconds, ...), sent with the run's."""
+        self.gauges[name] = value
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -143,7 +151,7 @@ class Monitor:
             log.warning("monitoring: %s did not answer (%s); the run goes on", what, exc)
 
     def _healthchecks(self, suffix: str, last: logging.LogRecord | None = None) -> None:
-        base = self.settings["HEALTHCHECKS_URL"]
+        base = self.settings[self.healthchecks] if self.healthchecks else None
         if base:
             self._post(
                 "Healthchecks", ping_url(base, suffix, self.rid), self.tail.body(last), "text/plain; charset=utf-8"
@@ -173,6 +181,7 @@ class Monitor:
         ):
             if self.fields.get(field):
                 values[leg] = round(self.fields[field], 3)
+        values.update(self.gauges)
         metrics = [{"name": n, "metricType": "gauge", "value": v, "tags": tags} for n, v in values.items()]
         metrics += [
             {

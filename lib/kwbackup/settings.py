@@ -74,6 +74,20 @@ def _docker_image(value: str) -> str | None:
     return "must be a docker image reference such as postgres:17"
 
 
+def _on_off(value: str) -> str | None:
+    return None if value in ("on", "off") else "must be on or off"
+
+
+def _pitr_dir(value: str) -> str | None:
+    # Its paths go into libpq connection strings and Barman's config unquoted, and the tunnel's unix socket
+    # (PITR_DIR/tunnel/.s.PGSQL.<port>) must fit the kernel's 107-byte limit.
+    if not value.startswith("/") or re.search(r"[\s'\"\\%=#;]", value):
+        return "must be an absolute path without spaces, quotes, backslashes or any of % = # ;"
+    if len(value) > 80:
+        return "must be at most 80 characters (the tunnel's socket lives in it)"
+    return None
+
+
 def _port(value: str) -> str | None:
     return None if value.isdigit() and 0 < int(value) < 65536 else "must be a TCP port (1-65535)"
 
@@ -208,6 +222,14 @@ SETTINGS = [
     Setting("DRILL_PG_BINDIR", None, _absolute),
     Setting("DRILL_DOCKER_IMAGE", None, _docker_image),
     Setting("HISTORY_FILE", None, _absolute),
+    Setting("PITR", "off", _on_off),
+    Setting("PITR_DIR", "/backups/kw-app-wal", _pitr_dir),
+    Setting("PROD_PG_PORT", "5432", _port),
+    Setting("PITR_WINDOW_DAYS", "7", _positive_int),
+    Setting("PITR_BASE_BACKUP_DAYS", "7", _positive_int),
+    Setting("PITR_MAX_LAG_MINUTES", "15", _positive_int),
+    Setting("PITR_PROD_WAL_KEEP_GB", "5", _positive_number),
+    Setting("HC_PITR_URL", None, _url, secret=True),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -1,0 +1,336 @@
+"""The WAL tier's state, read from Barman's files (so the nas copy reads the same way) and, on the pi5, from prod.
+
+From the files alone: the base backups, the window (from the oldest complete base backup's end to the newest
+WAL received), the size, and the WAL chain, checked segment by segment from the oldest base backup's first WAL
+to the newest, the one still being streamed included: Barman's own check does not see a segment missing in
+the middle. From prod, through the tunnel: the slot (missing, or invalidated once the pi5 was away longer
+than max_slot_wal_keep_size allowed) and how far the pi5 trails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from ..errors import Failed
+from ..settings import Settings
+from . import barman as barmanmod
+from .barman import SERVER, SLOT, Tier
+
+WAL_NAME = re.compile(r"([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?")
+DEFAULT_SEGMENT = 16 << 20
+
+
+@dataclass
+class BaseBackup:
+    backup_id: str
+    status: str
+    begin_wal: str
+    end_time: datetime | None
+    size: int
+    segment_size: int
+
+
+@dataclass
+class Wal:
+    name: str
+    size: int
+    time: float
+
+
+@dataclass
+class State:
+    """What pitr-status and list-backups show; `problems` are the reasons to fail."""
+
+    base_backups: list[BaseBackup] = field(default_factory=list)
+    recoverable_from: datetime | None = None
+    recoverable_to: datetime | None = None
+    bytes: int = 0
+    bytes_per_day: int = 0
+    lag_seconds: float | None = None
+    gaps: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    prod: str = "not asked"
+
+    @property
+    def window_hours(self) -> float:
+        if not (self.recoverable_from and self.recoverable_to):
+            return 0.0
+        return max(0.0, (self.recoverable_to - self.recoverable_from).total_seconds() / 3600)
+
+    @property
+    def status(self) -> str:
+        return "ok" if not self.problems else "FAILING"
+
+    def as_json(self) -> dict:
+        def stamp(when: datetime | None) -> str | None:
+            return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if when else None
+
+        return {
+            "from": stamp(self.recoverable_from),
+            "to": stamp(self.recoverable_to),
+            "lag_seconds": None if self.lag_seconds is None else round(self.lag_seconds, 1),
+            "base_backups": len([b for b in self.base_backups if b.status == "DONE"]),
+            "bytes": self.bytes,
+            "bytes_per_day": self.bytes_per_day,
+            "window_hours": round(self.window_hours, 2),
+            "gaps": self.gaps,
+            "prod": self.prod,
+            "status": self.status,
+            "problems": self.problems,
+        }
+
+
+def _info(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text(errors="replace").splitlines() if "=" in line)
+
+
+def _time(text: str | None) -> datetime | None:
+    if not text or text == "None":
+        return None
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def base_backups(server_home: Path) -> list[BaseBackup]:
+    """The base backups Barman holds, oldest first."""
+    found = []
+    meta = server_home / "meta"
+    for info_file in sorted(meta.glob("*-backup.info")) if meta.is_dir() else []:
+        info = _info(info_file)
+        found.append(
+            BaseBackup(
+                backup_id=info_file.name.removesuffix("-backup.info"),
+                status=info.get("status", "UNKNOWN"),
+                begin_wal=info.get("begin_wal", ""),
+                end_time=_time(info.get("end_time")),
+                size=int(info.get("size") or 0) if (info.get("size") or "").isdigit() else 0,
+                segment_size=int(info["xlog_segment_size"])
+                if (info.get("xlog_segment_size") or "").isdigit()
+                else DEFAULT_SEGMENT,
+            )
+        )
+    return found
+
+
+def wals(server_home: Path) -> tuple[list[Wal], list[str]]:
+    """The WAL files Barman lists (xlog.db) and, of those, the ones missing on disk."""
+    listed, missing = [], []
+    db = server_home / "wals" / f"{SERVER}-xlog.db"
+    if not db.exists():
+        return [], []
+    for line in db.read_text(errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3 or not WAL_NAME.fullmatch(parts[0]):
+            continue  # history and backup label files
+        name = parts[0]
+        listed.append(Wal(name, int(parts[1]), float(parts[2])))
+        if not (server_home / "wals" / name[:16] / name).exists():
+            missing.append(name)
+    return listed, missing
+
+
+def partials(server_home: Path) -> list[Wal]:
+    """The segment still being streamed (pg_receivewal's .partial), with the time WAL last reached it."""
+    streaming = server_home / "streaming"
+    found = []
+    for entry in os.scandir(streaming) if streaming.is_dir() else []:
+        if WAL_NAME.fullmatch(entry.name) and entry.name.endswith(".partial"):
+            st = entry.stat()
+            found.append(Wal(entry.name, st.st_size, st.st_mtime))
+    return found
+
+
+def _segno(name: str, segment_size: int) -> int:
+    per_log = 0x100000000 // segment_size
+    return int(name[8:16], 16) * per_log + int(name[16:24], 16)
+
+
+def _name(timeline: str, segno: int, segment_size: int) -> str:
+    per_log = 0x100000000 // segment_size
+    return f"{timeline}{segno // per_log:08X}{segno % per_log:08X}"
+
+
+def chain_gaps(backups: list[BaseBackup], listed: list[Wal], streaming: list[Wal]) -> list[str]:
+    """Segments missing between the oldest complete base backup's first WAL and the newest WAL received. A new
+    timeline carries on where the old one stopped, so a segment is there when any timeline has it."""
+    done = [b for b in backups if b.status == "DONE" and WAL_NAME.fullmatch(b.begin_wal or "")]
+    if not done:
+        return []
+    segment_size = done[-1].segment_size
+    start = min(_segno(b.begin_wal, segment_size) for b in done)
+    have = {_segno(w.name, segment_size) for w in [*listed, *streaming]}
+    have = {n for n in have if n >= start}
+    if not have:
+        return []
+    timeline = done[-1].begin_wal[:8]
+    gaps, run_start = [], None
+    for segno in range(start, max(have) + 1):
+        if segno not in have and run_start is None:
+            run_start = segno
+        elif segno in have and run_start is not None:
+            first, last = _name(timeline, run_start, segment_size), _name(timeline, segno - 1, segment_size)
+            gaps.append(first if first == last else f"{first}..{last}")
+            run_start = None
+    return gaps
+
+
+def du(path: Path) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                continue  # Barman moved it meanwhile
+    return total
+
+
+def from_files(server_home: Path, now: datetime | None = None) -> State:
+    """The state a copy of Barman's home holds, with the problems the files alone show."""
+    now = now or datetime.now(UTC)
+    state = State()
+    state.base_backups = base_backups(server_home)
+    listed, missing = wals(server_home)
+    streaming = partials(server_home)
+    done = [b for b in state.base_backups if b.status == "DONE"]
+    if done:
+        state.recoverable_from = min((b.end_time for b in done if b.end_time), default=None)
+    newest = max((w.time for w in [*listed, *streaming]), default=None)
+    if newest is not None:
+        state.recoverable_to = datetime.fromtimestamp(newest, UTC)
+    state.bytes = du(server_home)
+    if state.recoverable_from and listed:
+        days = max((now - state.recoverable_from).total_seconds() / 86400, 1 / 24)
+        state.bytes_per_day = int(sum(w.size for w in listed if w.time >= state.recoverable_from.timestamp()) / days)
+    state.gaps = chain_gaps(state.base_backups, [w for w in listed if w.name not in missing], streaming)
+    if not done:
+        state.problems.append("no complete base backup")
+        state.hints.append("take one: pitr-barman backup --wait prod")
+    if state.gaps:
+        state.problems.append(f"the WAL chain has a gap: {', '.join(state.gaps)} missing")
+        state.hints.append(
+            "recovery cannot pass a gap: take a new base backup now (pitr-barman backup --wait prod); "
+            "moments before the gap stay recoverable from the older base backups"
+        )
+    return state
+
+
+def check_base_age(state: State, settings: Settings, now: datetime) -> None:
+    done = [b for b in state.base_backups if b.status == "DONE" and b.end_time]
+    allowed = timedelta(days=settings.int("PITR_BASE_BACKUP_DAYS") + 1)
+    if done and now - done[-1].end_time > allowed:
+        age = (now - done[-1].end_time).total_seconds() / 86400
+        state.problems.append(
+            f"the newest base backup ({done[-1].backup_id}) is {age:.1f} days old "
+            f"(PITR_BASE_BACKUP_DAYS={settings['PITR_BASE_BACKUP_DAYS']})"
+        )
+        state.hints.append("check the pitr-base-backup cron line and its log; take one: pitr-base-backup")
+
+
+def check_prod(state: State, tier: Tier, settings: Settings, now: datetime) -> None:
+    """Through the tunnel: prod's major against the pi5's tools, the slot, and the lag."""
+    import psycopg
+
+    try:
+        conn = psycopg.connect(tier.conninfo(barmanmod.BACKUP_ROLE), autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        state.prod = "unreachable"
+        state.problems.append(f"prod's PostgreSQL is unreachable through the tunnel: {reason}")
+        state.hints.append(
+            "check the tunnel (systemctl status kw-backup-pitr-tunnel) and prod; prod keeps WAL for the slot "
+            f"up to PITR_PROD_WAL_KEEP_GB={settings['PITR_PROD_WAL_KEEP_GB']}"
+        )
+        return
+    state.prod = "reachable"
+    with conn:
+        major = int(conn.execute("SELECT current_setting('server_version_num')::int / 10000").fetchone()[0])
+        try:
+            barmanmod.check_client(tier, major)
+        except Failed as exc:
+            state.problems.append(exc.message)
+            state.hints.append(exc.hint)
+        recorded = tier.prod_major()
+        if recorded != major:
+            state.problems.append(f"prod now runs PostgreSQL {major}; the WAL tier was set up for {recorded}")
+            state.hints.append("run setup-pitr again, then take a new base backup (pitr-barman backup --wait prod)")
+        slot = conn.execute(
+            "SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = %s", [SLOT]
+        ).fetchone()
+        caught_up = conn.execute(
+            "SELECT coalesce(bool_or(flush_lsn >= pg_current_wal_lsn()), false) FROM pg_stat_replication "
+            "WHERE application_name = 'barman_receive_wal'"
+        ).fetchone()[0]
+    repair = (
+        f"pitr-barman receive-wal --stop {SERVER}; pitr-barman receive-wal --drop-slot {SERVER}; "
+        f"pitr-barman receive-wal --create-slot {SERVER}; pitr-barman receive-wal --reset {SERVER}; "
+        f"pitr-barman cron; pitr-barman backup --wait {SERVER}"
+    )
+    if slot is None:
+        state.problems.append(f"prod has no replication slot {SLOT}: WAL is not kept for the pi5")
+        state.hints.append(f"recreate it and start a new chain: {repair}")
+    elif slot[1] == "lost":
+        state.problems.append(
+            f"prod invalidated the replication slot {SLOT}: the pi5 was away longer than "
+            f"max_slot_wal_keep_size ({settings['PITR_PROD_WAL_KEEP_GB']} GB) allowed, and WAL was lost"
+        )
+        state.hints.append(f"start a new chain: {repair}")
+    newest = state.recoverable_to
+    if caught_up:
+        state.lag_seconds = 0.0
+    elif newest is not None:
+        state.lag_seconds = max(0.0, (now - newest).total_seconds())
+    if state.lag_seconds is None:
+        state.problems.append("no WAL has arrived from prod yet")
+        state.hints.append("run setup-pitr")
+    elif state.lag_seconds > settings.int("PITR_MAX_LAG_MINUTES") * 60:
+        state.problems.append(
+            f"no WAL has arrived from prod for {state.lag_seconds / 60:.0f} minutes "
+            f"(PITR_MAX_LAG_MINUTES={settings['PITR_MAX_LAG_MINUTES']})"
+        )
+        state.hints.append(
+            f"is Barman's receive-wal running? see {tier.log_file} and the pitr-cron line; "
+            f"pitr-barman receive-wal {SERVER} shows why it stops"
+        )
+
+
+def gather(settings: Settings, now: datetime | None = None, ask_prod: bool = True) -> State:
+    """The pi5's WAL tier, checked."""
+    now = now or datetime.now(UTC)
+    tier = Tier(settings)
+    tier.check_owner()
+    state = from_files(tier.server_home, now)
+    check_base_age(state, settings, now)
+    if ask_prod:
+        check_prod(state, tier, settings, now)
+    return state
+
+
+def as_text(state: State, title: str = "Point in time (pi5)") -> str:
+    def stamp(when: datetime | None) -> str:
+        return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if when else "-"
+
+    from ..log import size
+
+    lag = "-" if state.lag_seconds is None else f"{state.lag_seconds:.0f} s"
+    done = [b for b in state.base_backups if b.status == "DONE"]
+    lines = [
+        f"{title}:",
+        f"  recoverable from {stamp(state.recoverable_from)} to {stamp(state.recoverable_to)}"
+        f" ({state.window_hours:.1f} hours)",
+        f"  lag: {lag}  prod: {state.prod}",
+        f"  base backups: {len(done)}"
+        + (f" (newest {done[-1].backup_id}, ended {stamp(done[-1].end_time)})" if done else ""),
+        f"  size: {size(state.bytes)}  WAL per day: {size(state.bytes_per_day)}",
+        f"  status: {state.status}",
+        *[f"  problem: {problem}" for problem in state.problems],
+    ]
+    return "\n".join(lines)
