@@ -24,7 +24,7 @@ from ..database import Database
 from ..errors import Failed, UsageError
 from ..log import log
 from ..places import place
-from ..run import StageFailed, run
+from ..run import run
 from ..settings import Settings
 from . import barman as barmanmod
 from .barman import BACKUP_ROLE, OLDEST_MAJOR, SERVER, SLOT, STREAM_ROLE, Tier
@@ -44,10 +44,11 @@ GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {BACKU
 GRANT pg_read_all_settings, pg_read_all_stats, pg_checkpoint TO {BACKUP_ROLE};
 """
 
+SUPERUSER_SQL = "SELECT rolsuper FROM pg_roles WHERE rolname = current_user;"
 FACTS_SQL = """
 SELECT current_setting('server_version_num'), current_setting('wal_level'),
        current_setting('max_wal_senders'), current_setting('max_replication_slots'),
-       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), current_setting('max_slot_wal_keep_size'),
+       current_setting('max_slot_wal_keep_size'),
        (SELECT count(*) FROM pg_roles WHERE rolname IN ('kw_barman', 'kw_barman_stream')),
        (SELECT count(*) FROM pg_hba_file_rules
          WHERE 'replication' = ANY(database) AND (user_name = '{all}' OR 'kw_barman_stream' = ANY(user_name))
@@ -183,14 +184,13 @@ class Setup:
             logmod.dry("nothing changed")
 
     def prod_facts(self) -> dict:
-        rows = self.db.sql(FACTS_SQL)
-        version, wal_level, senders, slots, superuser, keep, roles, hba = rows[0]
-        major = int(version) // 10000
-        if superuser != "t":
+        if self.db.sql(SUPERUSER_SQL)[0][0] != "t":  # before the facts: pg_hba_file_rules is a superuser's
             raise UsageError(
                 f"DB_USER {self.settings['DB_USER']} is not a superuser on prod",
                 "setup-pitr creates roles and changes prod's settings: name the superuser in DB_USER",
             )
+        version, wal_level, senders, slots, keep, roles, hba = self.db.sql(FACTS_SQL)[0]
+        major = int(version) // 10000
         if major < OLDEST_MAJOR:
             raise Failed(
                 f"prod runs PostgreSQL {major}; the WAL tier needs {OLDEST_MAJOR} or newer",
@@ -217,16 +217,19 @@ class Setup:
             pi5_start(self.settings, self.dry_run)
             return {}
         argv = ["setup-pitr", "--pi5-side", step, *args, *(["--dry-run"] if self.dry_run else [])]
-        try:
-            _, out, _ = run(self.pi5.command(argv, name=f"setup-pitr {step} on the pi5"), timeout=None)
-        except StageFailed as exc:
-            said = (exc.tail or "").rpartition("setup-pitr: error: ")[2].strip()
-            if said:  # the pi5's own one line: what failed there and what to do
-                raise Failed(f"on the pi5: {said}") from exc
+        code, out, err = run(self.pi5.command(argv, name=f"setup-pitr {step} on the pi5"), timeout=None, check=False)
+        said = err.strip().splitlines()
+        for line in said:  # what the pi5 said, as this run's own lines (its error line is this run's error)
+            if "setup-pitr: error: " not in line:
+                log.info("pi5: %s", line.removeprefix("setup-pitr: "))
+        if code:
+            error = next((line for line in reversed(said) if "setup-pitr: error: " in line), None)
+            if error:  # the pi5's own one line: what failed there and what to do
+                raise Failed(f"on the pi5: {error.partition('setup-pitr: error: ')[2]}")
             raise Failed(
-                f"the pi5's side of setup-pitr ({step}) failed: {exc.tail or exc.detail}",
+                f"the pi5's side of setup-pitr ({step}) failed (exit {code}): {said[-1] if said else 'no output'}",
                 "make install-pi5 PITR=on on the pi5 first; then run setup-pitr again",
-            ) from exc
+            )
         text = out.decode(errors="replace").strip()
         return json.loads(text.splitlines()[-1]) if step == "prepare" else {}
 
