@@ -396,3 +396,35 @@ def test_pi5_keys_are_made_once(tmp_path):
     before = (tmp_path / ".ssh/id_prod_backup").read_bytes()
     assert "exists; kept" in make("pi5-keys", env=env).stdout
     assert (tmp_path / ".ssh/id_prod_backup").read_bytes() == before
+
+
+def test_install_pi5_with_pitr_adds_the_wal_tier_and_authorize_pi5_tunnel_adds_its_key_once(pitr_install, pi, tmp_path):
+    """make install-pi5 PITR=on: Barman pinned in its own venv, PITR_DIR the Pi's with the tunnel's key, the cron
+    lines (each parses, runs as pi, and names an installed command) and the tunnel's unit; then prod's side."""
+    root = pitr_install.dest
+    barman = root / "opt/kw-backup/.venv-barman/bin/barman"
+    version = subprocess.run(
+        ["runuser", "-u", pi.pw_name, "--", str(barman), "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.startswith("3.19.1"), version.stdout + version.stderr
+    tier = root / "backups/kw-app-wal"
+    key = tier / "ssh/id_tunnel"
+    for path, mode in ((tier, 0o700), (tier / "ssh", 0o700), (key, 0o600)):
+        st = path.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (pi.pw_uid, mode), path
+    text = (root / "etc/cron.d/kw-backup-pi5-pitr").read_text()
+    jobs = [CRON_LINE.fullmatch(line) for line in text.splitlines() if re.match(r"[0-9*]", line)]
+    assert len(jobs) == 3 and all(jobs)
+    for m in jobs:
+        assert all(valid_field(m[i + 1], *RANGES[i]) for i in range(5)) and m[6] == "pi", m[0]
+        assert (root / m[7].split()[0].lstrip("/")).exists(), m[0]
+    unit = (root / "etc/systemd/system/kw-backup-pitr-tunnel.service").read_text()
+    assert "User=pi\n" in unit and "ExecStart=/opt/kw-backup/bin/pitr-tunnel --quiet\n" in unit
+    assert "Restart=always" in unit
+
+    authorized = tmp_path / "authorized_keys"
+    first = make("authorize-pi5-tunnel", f"KEY={key}.pub", f"AUTHORIZED_KEYS={authorized}", "PROD_PG_PORT=5433")
+    second = make("authorize-pi5-tunnel", f"KEY={key}.pub", f"AUTHORIZED_KEYS={authorized}", "PROD_PG_PORT=5433")
+    assert "nothing changed" in second.stdout, first.stdout + second.stdout
+    (line,) = authorized.read_text().splitlines()
+    assert line.startswith('restrict,port-forwarding,permitopen="127.0.0.1:5433",command="/bin/false" ssh-ed25519 ')
