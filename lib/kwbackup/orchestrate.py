@@ -31,6 +31,7 @@ from .errors import Failed, KwError, UsageError, VerificationError
 from .log import dry, log, size
 from .monitor import Monitor
 from .offsite import Offsite
+from .pitr import nas as pitr_nas
 from .places import Entry, Multiplexer, Place, local_listing, place
 from .settings import Settings
 from .transfer import RsyncSource, receive_verified, with_retries
@@ -146,6 +147,7 @@ def _run(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release_
         ):
             this.summary.removed.append(f"pi5:{removed}")
         _check_space(this, directory, nas)
+        pitr_nas.copy_in_run(this, nas)  # PITR=on: the WAL tier too; its failure is the run's, never the dumps'
     this.summary.pinned = sorted(retention.pinned_in(directory))
     if this.summary.pinned:
         log.info("pinned (kept beyond KEEP until --release-pins): %s", ", ".join(this.summary.pinned))
@@ -536,3 +538,4 @@ def _plan(this: Run, prod: Place, pi5: Place, nas: Place, no_push: bool, release
         nas.keep,
         f", offsite to {offsite.keep}" if offsite else "",
     )
+    pitr_nas.plan_in_run(this.settings, nas)
