@@ -203,3 +203,59 @@ def heartbeat(tier: Tier) -> None:
 
     with psycopg.connect(tier.conninfo(BACKUP_ROLE), autocommit=True, connect_timeout=10) as conn:
         conn.execute("SELECT pg_logical_emit_message(true, 'kw-backup', 'heartbeat')")
+
+
+def new_chain(tier: Tier, wait_timeout: int = 3600) -> None:
+    """A new WAL chain after prod lost the slot (the pi5 away past max_slot_wal_keep_size) or it went missing:
+    receive-wal stopped, the slot made anew, streaming restarted from prod's position now, a base backup.
+
+    Barman's cron lock is held over the slot steps, so the minute's `barman cron` does not start receive-wal
+    between them (it skips a server whose lock is taken). Barman's --reset drops the old chain's last .partial
+    segment; every complete segment and base backup stays, recoverable up to the loss.
+    """
+    import fcntl
+    import time
+
+    import psycopg
+
+    from ..log import log
+    from ..run import run
+
+    def slot() -> tuple | None:
+        with psycopg.connect(tier.conninfo(BACKUP_ROLE), autocommit=True, connect_timeout=10) as conn:
+            return conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", [SLOT]).fetchone()
+
+    def wait(what: str, done, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise Failed(f"{what} within {timeout:.0f} s", f"see {tier.log_file}; then run it again")
+            time.sleep(0.5)
+
+    def receiver_stopped() -> bool:
+        with open(tier.locks / f".{SERVER}-receive-wal.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+    tier.write_config()
+    with open(tier.locks / f".{SERVER}-cron.lock", "a") as cron_lock:
+        fcntl.flock(cron_lock, fcntl.LOCK_EX)
+        if not receiver_stopped():
+            log.info("stopping Barman's receive-wal")
+            run(tier.barman("receive-wal", "--stop", SERVER), timeout=60, check=False)
+            wait("Barman's receive-wal did not stop", receiver_stopped)
+        if slot() is not None:
+            wait(f"prod's slot {SLOT} stayed in use", lambda: not (slot() or (False,))[0])
+            log.info("dropping prod's replication slot %s", SLOT)
+            run(tier.barman("receive-wal", "--drop-slot", SERVER), timeout=60)
+        log.info("creating prod's replication slot %s", SLOT)
+        run(tier.barman("receive-wal", "--create-slot", SERVER), timeout=60)
+        run(tier.barman("receive-wal", "--reset", SERVER), timeout=60)
+    run(tier.barman("cron"), timeout=300)
+    wait(f"Barman's receive-wal did not start streaming on {SLOT}", lambda: (slot() or (False,))[0])
+    log.info("streaming again; taking a base backup to start the new chain")
+    run(tier.barman("switch-wal", "--force", "--archive", "--archive-timeout", "120", SERVER), timeout=180)
+    run(tier.barman("backup", "--wait", "--wait-timeout", str(wait_timeout), SERVER), timeout=None)

@@ -158,9 +158,9 @@ def _name(timeline: str, segno: int, segment_size: int) -> str:
     return f"{timeline}{segno // per_log:08X}{segno % per_log:08X}"
 
 
-def chain_gaps(backups: list[BaseBackup], listed: list[Wal], streaming: list[Wal]) -> list[str]:
-    """Segments missing between the oldest complete base backup's first WAL and the newest WAL received. A new
-    timeline carries on where the old one stopped, so a segment is there when any timeline has it."""
+def _gap_runs(backups: list[BaseBackup], listed: list[Wal], streaming: list[Wal]) -> list[tuple[int, int]]:
+    """The runs of segment numbers missing between the oldest complete base backup's first WAL and the newest WAL
+    received. A new timeline carries on where the old one stopped, so a segment is there when any timeline has it."""
     done = [b for b in backups if b.status == "DONE" and WAL_NAME.fullmatch(b.begin_wal or "")]
     if not done:
         return []
@@ -170,16 +170,26 @@ def chain_gaps(backups: list[BaseBackup], listed: list[Wal], streaming: list[Wal
     have = {n for n in have if n >= start}
     if not have:
         return []
-    timeline = done[-1].begin_wal[:8]
-    gaps, run_start = [], None
+    runs, run_start = [], None
     for segno in range(start, max(have) + 1):
         if segno not in have and run_start is None:
             run_start = segno
         elif segno in have and run_start is not None:
-            first, last = _name(timeline, run_start, segment_size), _name(timeline, segno - 1, segment_size)
-            gaps.append(first if first == last else f"{first}..{last}")
+            runs.append((run_start, segno - 1))
             run_start = None
-    return gaps
+    return runs
+
+
+def _gap_name(backups: list[BaseBackup], run: tuple[int, int]) -> str:
+    done = [b for b in backups if b.status == "DONE" and WAL_NAME.fullmatch(b.begin_wal or "")]
+    timeline, segment_size = done[-1].begin_wal[:8], done[-1].segment_size
+    first, last = _name(timeline, run[0], segment_size), _name(timeline, run[1], segment_size)
+    return first if first == last else f"{first}..{last}"
+
+
+def chain_gaps(backups: list[BaseBackup], listed: list[Wal], streaming: list[Wal]) -> list[str]:
+    """Segments missing between the oldest complete base backup's first WAL and the newest WAL received."""
+    return [_gap_name(backups, run) for run in _gap_runs(backups, listed, streaming)]
 
 
 def du(path: Path) -> int:
@@ -210,12 +220,23 @@ def from_files(server_home: Path, now: datetime | None = None) -> State:
     if state.recoverable_from and listed:
         days = max((now - state.recoverable_from).total_seconds() / 86400, 1 / 24)
         state.bytes_per_day = int(sum(w.size for w in listed if w.time >= state.recoverable_from.timestamp()) / days)
-    state.gaps = chain_gaps(state.base_backups, [w for w in listed if w.name not in missing], streaming)
+    runs = _gap_runs(state.base_backups, [w for w in listed if w.name not in missing], streaming)
+    state.gaps = [_gap_name(state.base_backups, run) for run in runs]
     if not done:
         state.problems.append("no complete base backup")
         state.hints.append("take one: pitr-barman backup --wait prod")
-    if state.gaps:
-        state.problems.append(f"the WAL chain has a gap: {', '.join(state.gaps)} missing")
+    # A gap before the newest base backup's first WAL cuts the window, no more: what lies after it is recoverable
+    # from that base backup on, what lies before it from the older ones. Alarming about it until retention drops
+    # the older base backups (PITR_WINDOW_DAYS) would be an alarm nobody can clear; a gap after it is a loss now.
+    newest = next((b for b in reversed(done) if WAL_NAME.fullmatch(b.begin_wal or "")), None)
+    newest_start = _segno(newest.begin_wal, newest.segment_size) if newest else 0
+    failing = [name for run, name in zip(runs, state.gaps, strict=True) if run[1] >= newest_start]
+    if runs and not failing:
+        after = [b for b in done if b.end_time and WAL_NAME.fullmatch(b.begin_wal or "")]
+        after = [b for b in after if _segno(b.begin_wal, b.segment_size) > runs[-1][1]]
+        state.recoverable_from = min((b.end_time for b in after), default=state.recoverable_from)
+    if failing:
+        state.problems.append(f"the WAL chain has a gap: {', '.join(failing)} missing")
         state.hints.append(
             "recovery cannot pass a gap: take a new base backup now (pitr-barman backup --wait prod); "
             "moments before the gap stay recoverable from the older base backups"
@@ -233,6 +254,25 @@ def check_base_age(state: State, settings: Settings, now: datetime) -> None:
             f"(PITR_BASE_BACKUP_DAYS={settings['PITR_BASE_BACKUP_DAYS']})"
         )
         state.hints.append("check the pitr-base-backup cron line and its log; take one: pitr-base-backup")
+
+
+def space_problem(tier: Tier) -> tuple[str, str] | None:
+    """PITR_DIR too full for the next WAL segment (pg_receivewal writes each one whole, zero-filled first): the
+    stream stops and prod's slot holds its WAL meanwhile, up to PITR_PROD_WAL_KEEP_GB."""
+    from ..log import size
+
+    fs = os.statvfs(tier.dir)
+    free = fs.f_bavail * fs.f_frsize
+    backups = base_backups(tier.server_home)
+    segment = backups[-1].segment_size if backups else DEFAULT_SEGMENT
+    if free >= 2 * segment:
+        return None
+    return (
+        f"PITR_DIR {tier.dir} is full ({size(free)} free; each WAL segment needs {size(segment)}): "
+        "WAL from prod is not being received",
+        f"free space there (or move PITR_DIR to a larger disk) within PITR_PROD_WAL_KEEP_GB="
+        f"{tier.settings['PITR_PROD_WAL_KEEP_GB']} GB of prod's WAL, then run pitr-cron",
+    )
 
 
 def check_prod(state: State, tier: Tier, settings: Settings, now: datetime) -> None:
@@ -260,8 +300,14 @@ def check_prod(state: State, tier: Tier, settings: Settings, now: datetime) -> N
             state.hints.append(exc.hint)
         recorded = tier.prod_major()
         if recorded != major:
-            state.problems.append(f"prod now runs PostgreSQL {major}; the WAL tier was set up for {recorded}")
-            state.hints.append("run setup-pitr again, then take a new base backup (pitr-barman backup --wait prod)")
+            state.problems.append(
+                f"prod runs PostgreSQL {major} but the pi5's WAL tier was set up for PostgreSQL {recorded} "
+                f"(Barman streams and restores with the pi5's {recorded} client tools)"
+            )
+            state.hints.append(
+                f"install postgresql-client-{major} on the pi5, run setup-pitr again, then start a new chain: "
+                "pitr-base-backup --new-chain"
+            )
         slot = conn.execute(
             "SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = %s", [SLOT]
         ).fetchone()
@@ -269,11 +315,9 @@ def check_prod(state: State, tier: Tier, settings: Settings, now: datetime) -> N
             "SELECT coalesce(bool_or(flush_lsn >= pg_current_wal_lsn()), false) FROM pg_stat_replication "
             "WHERE application_name = 'barman_receive_wal'"
         ).fetchone()[0]
-    repair = (
-        f"pitr-barman receive-wal --stop {SERVER}; pitr-barman receive-wal --drop-slot {SERVER}; "
-        f"pitr-barman receive-wal --create-slot {SERVER}; pitr-barman receive-wal --reset {SERVER}; "
-        f"pitr-barman cron; pitr-barman backup --wait {SERVER}"
-    )
+    # One command of ours, not Barman's five: the steps depend on what is there (a receiver running, a slot left)
+    # and must not race the minute's barman cron starting receive-wal between them.
+    repair = "pitr-base-backup --new-chain"
     if slot is None:
         state.problems.append(f"prod has no replication slot {SLOT}: WAL is not kept for the pi5")
         state.hints.append(f"recreate it and start a new chain: {repair}")
@@ -282,7 +326,10 @@ def check_prod(state: State, tier: Tier, settings: Settings, now: datetime) -> N
             f"prod invalidated the replication slot {SLOT}: the pi5 was away longer than "
             f"max_slot_wal_keep_size ({settings['PITR_PROD_WAL_KEEP_GB']} GB) allowed, and WAL was lost"
         )
-        state.hints.append(f"start a new chain: {repair}")
+        state.hints.append(
+            f"start a new chain (a new slot, streaming from prod's position now, a base backup): {repair}; "
+            "moments before the loss stay recoverable from the older base backups"
+        )
     newest = state.recoverable_to
     if caught_up:
         state.lag_seconds = 0.0
@@ -308,6 +355,10 @@ def gather(settings: Settings, now: datetime | None = None, ask_prod: bool = Tru
     tier = Tier(settings)
     tier.check_owner()
     state = from_files(tier.server_home, now)
+    full = space_problem(tier)
+    if full:
+        state.problems.append(full[0])
+        state.hints.append(full[1])
     check_base_age(state, settings, now)
     if ask_prod:
         check_prod(state, tier, settings, now)
