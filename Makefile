@@ -51,6 +51,7 @@ bench: venv
 	$(VENV)/bin/python bench/transfer
 	$(VENV)/bin/python bench/restore
 	$(VENV)/bin/python bench/offsite
+	$(VENV)/bin/python bench/pitr
 
 install-prod install-pi5 uninstall-prod uninstall-pi5:
 	$(INSTALL) $@ --prefix "$(PREFIX)" --destdir "$(DESTDIR)" --host "$(HOST)" --user "$(BACKUP_USER)" --pitr "$(PITR)"
