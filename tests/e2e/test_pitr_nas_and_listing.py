@@ -6,16 +6,23 @@ and Barman reading the nas's copy."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from kwbackup import settings
+from kwbackup.pitr import nas as pitr_nas
+from kwbackup.pitr import status
+from kwbackup.places import Place
+from kwbackup.run import run
 from tests import pitr_world, world
 
 DUMP = "db-2024-01-15.sql.gz"
@@ -52,10 +59,15 @@ def tier(pitr):
 
 
 def write_some_wal(pitr) -> None:
-    """Rows on prod, and their WAL archived on the pi5 (1 MB segments: a few of them)."""
+    """Rows on prod, and their WAL archived on the pi5 (1 MB segments: a few of them) as barman cron would."""
     pitr.prod_sql("INSERT INTO orders SELECT i, md5(i::text) FROM generate_series(1, 20000) i", "kw_app_production")
-    switched = pitr.on_pi("pitr-barman", "switch-wal", "--force", "--archive", "prod")
-    assert switched.returncode == 0, switched.stdout + switched.stderr
+    streaming = pitr.dir / "home" / "prod" / "streaming"
+    deadline = time.monotonic() + 30
+    while not [p for p in streaming.iterdir() if not p.name.endswith(".partial")]:
+        assert time.monotonic() < deadline, "no complete WAL segment arrived"
+        time.sleep(0.1)
+    archived = pitr.on_pi("pitr-barman", "archive-wal", "prod")
+    assert archived.returncode == 0, archived.stdout + archived.stderr
 
 
 def orchestrate(pitr) -> subprocess.CompletedProcess:
@@ -118,6 +130,89 @@ def stamp(text: str | None) -> datetime:
 
 
 # --- the copy -------------------------------------------------------------------------------------------
+def barman_home(base: Path, backups: dict[str, int], segments: range) -> Path:
+    """A Barman home as streaming leaves it: DONE base backups (id: first segment), gzip'd WAL listed in the
+    xlog.db, the segment being streamed."""
+    home = base / "home" / "prod"
+    for backup_id, first in backups.items():
+        (home / "base" / backup_id / "data" / "global").mkdir(parents=True)
+        (home / "base" / backup_id / "data" / "global" / "pg_control").write_bytes(os.urandom(8192))
+        (home / "base" / backup_id / "data" / "PG_VERSION").write_text("15\n")
+        (home / "meta").mkdir(exist_ok=True)
+        (home / "meta" / f"{backup_id}-backup.info").write_text(
+            f"begin_wal=0000000100000000000000{first:02X}\nend_time=2024-01-{first:02d} 03:00:00+00:00\n"
+            "size=8195\nstatus=DONE\nxlog_segment_size=1048576\n"
+        )
+    lines = []
+    for segno in segments:
+        name = f"0000000100000000000000{segno:02X}"
+        (home / "wals" / name[:16]).mkdir(parents=True, exist_ok=True)
+        (home / "wals" / name[:16] / name).write_bytes(os.urandom(2000))
+        lines.append(f"{name}\t2000\t{1704078000 + segno * 3600}.5\tgzip\tNone\n")
+    (home / "wals" / "prod-xlog.db").write_text("".join(lines))
+    (home / "streaming").mkdir()
+    partial = home / "streaming" / f"0000000100000000000000{segments.stop:02X}.partial"
+    partial.write_bytes(b"\0" * 4096)
+    os.utime(partial, (1704078000 + segments.stop * 3600,) * 2)
+    return home
+
+
+def test_a_file_retention_removes_under_the_copy_starts_it_over_and_a_place_reads_as_from_files(tmp_path, monkeypatch):
+    """No PITR world: Barman's files as it leaves them, rsync for real, the nas local."""
+    pitr_dir = Path(tempfile.mkdtemp(prefix="kwp-"))
+    try:
+        home = barman_home(pitr_dir, {"20240101T030000": 1, "20240103T030000": 3}, range(1, 6))
+        config = settings.load(
+            {
+                "PITR": "on",
+                "PITR_DIR": str(pitr_dir),
+                "PI5_HOST": "local",
+                "NAS_HOST": "local",
+                "NAS_DIR": str(tmp_path / "nas"),
+            },
+            environ={"KW_BACKUP_ENV": ""},
+        )
+        taken = pitr_nas.snapshot
+
+        def retention_meanwhile(server_home: Path) -> pitr_nas.Snapshot:
+            found = taken(server_home)
+            if not hasattr(retention_meanwhile, "done"):  # once: the older base backup and its WAL go
+                retention_meanwhile.done = True
+                shutil.rmtree(server_home / "base" / "20240101T030000")
+                (server_home / "meta" / "20240101T030000-backup.info").unlink()
+                for segno in (1, 2):
+                    (server_home / "wals" / "0000000100000000" / f"00000001000000000000000{segno}").unlink()
+                xlog = server_home / "wals" / "prod-xlog.db"
+                xlog.write_text("".join(xlog.read_text().splitlines(keepends=True)[2:]))
+            return found
+
+        monkeypatch.setattr(pitr_nas, "snapshot", retention_meanwhile)
+        nas = Place("nas", "local", str(tmp_path / "nas"), None)
+        copied = pitr_nas.copy_to_nas(config, nas)
+        assert copied.base_backups == 1, copied
+        nas_home = tmp_path / "nas" / "wal" / "prod"
+        assert barman_files(nas_home) == barman_files(home)
+        assert (nas_home / "wals" / "prod-xlog.db").read_text() == (home / "wals" / "prod-xlog.db").read_text()
+
+        # Read by the stock-tools script (here, locally) and judged as from_files judges the files themselves.
+        now = datetime(2024, 1, 2, 8, tzinfo=UTC)
+        for files_there in (home, nas_home):
+            _, out, _ = run(nas.script(pitr_nas.READ_SCRIPT, str(files_there), name="read"))
+            assert pitr_nas.parse(out.decode(), now).as_json() == status.from_files(files_there, now).as_json()
+        pi5, on_nas = (pitr_nas.read_section(config, where, now) for where in pitr_nas.tier_places(config))
+        assert (pi5.as_json()["from"], pi5.as_json()["to"], pi5.as_json()["base_backups"]) == (
+            "2024-01-03T03:00:00Z",
+            "2024-01-01T09:00:00Z",  # the segment being streamed, last written then
+            1,
+        ), pi5.as_json()
+        # A day without WAL: too long for the pi5 (PITR_MAX_LAG_MINUTES), not for the nas's nightly copy.
+        assert pi5.state.lag_seconds == 23 * 3600 and pi5.status == "FAILING", pi5.state
+        assert pi5.state.problems == ["no WAL has arrived for 1380 minutes (PITR_MAX_LAG_MINUTES=15)"]
+        assert on_nas.status == "ok" and on_nas.state.lag_seconds == 24 * 3600 - 0.5, on_nas.state
+    finally:
+        shutil.rmtree(pitr_dir, ignore_errors=True)
+
+
 def test_the_nas_holds_a_checked_copy_barman_can_read_and_follows_retention(tier):
     nas_home = tier.nas_dir / "wal" / "prod"
     before = tier.laptop(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from pathlib import Path
 from plumbum.commands.base import shquote
 
 from .. import files
-from ..errors import Failed, KwError, UsageError, VerificationError
+from ..errors import Failed, KwError, UsageError, VerificationError, failure_line
 from ..log import dry, log, size
 from ..places import LABELS, Place, place
 from ..run import Cmd, StageFailed, run
@@ -46,6 +47,7 @@ from .status import WAL_NAME, State
 NAS_SUBDIR = "wal"  # NAS_DIR/wal/: Barman's home on the nas
 XLOG_DB = f"wals/{SERVER}-xlog.db"
 VANISHED = 24  # rsync: some source files vanished before they could be transferred
+PARTIAL = 23  # rsync: some files were not transferred
 JSON_KEYS = ("place", "from", "to", "lag_seconds", "base_backups", "bytes", "status")
 
 
@@ -58,7 +60,6 @@ class Snapshot:
     data: list[str]  # WAL files and the base backups' files (directories too, so rsync makes them 0700)
     xlog: bytes  # the xlog.db as read, its lines for the listed WAL files only
     xlog_mtime: float
-    bytes: int
 
 
 def snapshot(server_home: Path) -> Snapshot:
@@ -70,34 +71,24 @@ def snapshot(server_home: Path) -> Snapshot:
     except FileNotFoundError:
         xlog_lines, xlog_mtime = [], time.time()
     wal_files: dict[str, str] = {}  # name -> relative path
-    data, total = [], 0
+    data = []
     for top in ["wals", *(f"base/{backup_id}" for backup_id in done)]:
         for root, dirs, names in os.walk(server_home / top):
             dirs.sort()
             relative = os.path.relpath(root, server_home)
             data.append(relative)
             for name in sorted(names):
-                path = f"{relative}/{name}"
-                if top == "wals":
-                    if path != XLOG_DB:
-                        wal_files[name] = path
-                    continue
-                try:
-                    total += os.lstat(server_home / path).st_size
-                except FileNotFoundError:
-                    continue  # Barman removed it meanwhile: rsync will say so, and the copy starts over
-                data.append(path)
+                if top != "wals":
+                    data.append(f"{relative}/{name}")
+                elif f"{relative}/{name}" != XLOG_DB:
+                    wal_files[name] = f"{relative}/{name}"
     kept = []
     for line in xlog_lines:
         name = line.split(b"\t", 1)[0].decode(errors="replace")
         if name in wal_files:
             kept.append(line)
             data.append(wal_files[name])
-            try:
-                total += os.lstat(server_home / wal_files[name]).st_size
-            except FileNotFoundError:
-                continue
-    return Snapshot(done, data, b"".join(kept), xlog_mtime, total)
+    return Snapshot(done, data, b"".join(kept), xlog_mtime)
 
 
 class NasCopy:
@@ -118,8 +109,10 @@ class NasCopy:
     def _rsync(self, what: str, argv: list[str]) -> list[str]:
         """The itemized lines rsync printed; StageFailed on a failure, _Vanished when a source file went."""
         code, out, err = run(Cmd(argv, name=f"rsync {what} to the nas"), check=False, timeout=6 * 3600)
-        if code == VANISHED:
-            raise _Vanished(err.strip().splitlines()[-1] if err.strip() else "a file vanished")
+        # 24: a file went during the transfer; 23 with the sender's link_stat: before it (gone since the set)
+        if code == VANISHED or (code == PARTIAL and re.search(r"\[sender\] link_stat .* No such file", err)):
+            said = [line for line in err.splitlines() if "link_stat" in line or "vanished" in line]
+            raise _Vanished(said[0] if said else "a file vanished")
         if code != 0:
             raise StageFailed(f"rsync {what} to the nas", f"exit {code}", " | ".join(err.strip().splitlines()[-3:]))
         return out.decode(errors="replace").splitlines()
@@ -197,6 +190,8 @@ def copy_to_nas(settings: Settings, nas: Place) -> Copied:
     if not home.is_dir():
         raise Failed(f"no WAL tier to copy: {home} does not exist", "run setup-pitr (PITR=on)")
     started = time.monotonic()
+    for left in tier.dir.glob(".nas-copy-*"):  # a killed run's (the orchestrator's lock: no other copy runs)
+        shutil.rmtree(left, ignore_errors=True)
     copy = NasCopy(nas)
     last: KwError | None = None
     with tempfile.TemporaryDirectory(dir=tier.dir, prefix=".nas-copy-") as work:
@@ -270,7 +265,9 @@ def copy_in_run(this, nas: Place) -> None:
     started = time.monotonic()
     try:
         done = copy_to_nas(this.settings, nas)
-    except KwError as exc:
+    except (KwError, OSError) as exc:
+        if isinstance(exc, OSError):  # PITR_DIR full or unreadable
+            exc = Failed(f"copying the WAL tier to the nas failed: {failure_line(exc)}", "check PITR_DIR on the pi5")
         log.error("the WAL tier's copy to the nas failed: %s", exc.message)
         this.problems.append(exc)
         seconds = time.monotonic() - started
@@ -427,7 +424,12 @@ def read_section(settings: Settings, where: Place, now: datetime | None = None, 
     state = parse(out.decode(errors="replace"), now)
     if state is None:
         state = State()
-        state.problems.append("no WAL tier here" if where.name == "pi5" else "no copy of the WAL tier here yet")
+        if where.name == "pi5":
+            state.problems.append("no WAL tier here")
+            state.hints.append("set PITR_DIR as on the pi5; make install-pi5 PITR=on, then setup-pitr, make it")
+        else:
+            state.problems.append("no copy of the WAL tier here yet")
+            state.hints.append("the pi5's nightly backup-orchestrator (PITR=on there) makes it")
         return Section(where, state)
     status.check_base_age(state, settings, now)
     if state.recoverable_to is not None:
@@ -439,6 +441,7 @@ def read_section(settings: Settings, where: Place, now: datetime | None = None, 
                 f"no WAL has arrived for {state.lag_seconds / 60:.0f} minutes "
                 f"(PITR_MAX_LAG_MINUTES={settings['PITR_MAX_LAG_MINUTES']})"
             )
+            state.hints.append("pitr-status on the pi5 says why")
     else:
         limit = timedelta(hours=float(settings["MAX_DUMP_AGE_HOURS"]))
         if state.lag_seconds is not None and state.lag_seconds > limit.total_seconds():
@@ -446,6 +449,7 @@ def read_section(settings: Settings, where: Place, now: datetime | None = None, 
                 f"its newest WAL is {state.lag_seconds / 3600:.0f} hours old "
                 f"(MAX_DUMP_AGE_HOURS={settings['MAX_DUMP_AGE_HOURS']}): the nightly copy has not run"
             )
+            state.hints.append("see the pi5's backup-orchestrator log: the WAL tier's copy to the nas")
     return Section(where, state)
 
 
@@ -499,6 +503,17 @@ def as_text(sections: list[Section]) -> str:
         ]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def hint(sections: list[Section]) -> str:
+    """What to do about failures(): each distinct hint once."""
+    found = []
+    for section in sections:
+        if section.error:
+            found.append("check the network, the ssh key and SSH_CONFIG")
+        elif section.state.problems:
+            found += section.state.hints or ["pitr-status on the pi5 says what to do"]
+    return "; ".join(dict.fromkeys(found))
 
 
 def failures(sections: list[Section]) -> list[str]:
