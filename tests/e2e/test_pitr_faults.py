@@ -3,6 +3,7 @@ exit status, and nothing lost. One world serves the faults that leave it whole a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -54,36 +55,33 @@ def error_line(done: subprocess.CompletedProcess) -> str:
 
 
 def write_wal(pitr, segments: int, rows: int = 100) -> str:
-    """Rows on prod and `segments` finished WAL segments; returns prod's WAL position after them."""
+    """Rows on prod, then `segments` finished WAL segments; returns the name of the last one ("" for none)."""
     pitr.prod_sql(
         "CREATE TABLE IF NOT EXISTS faults (id bigserial PRIMARY KEY, note text); "
         f"INSERT INTO faults (note) SELECT 'row ' || n FROM generate_series(1, {rows}) n",
         "kw_app_production",
     )
+    last = ""
     for _ in range(segments):
-        pitr.prod_sql("SELECT pg_logical_emit_message(false, 'kw-test', 'x'); SELECT pg_switch_wal()")
-    return pitr.prod_sql("SELECT pg_current_wal_lsn()")
-
-
-def received(pitr, lsn: str) -> bool:
-    """Prod sees Barman's receive-wal streaming with everything up to `lsn` written on the pi5."""
-    return (
-        pitr.prod_sql(
-            "SELECT count(*) FROM pg_stat_replication "
-            f"WHERE application_name = 'barman_receive_wal' AND write_lsn >= '{lsn}'"
+        last = pitr.prod_sql(
+            "SELECT pg_walfile_name(pg_switch_wal()) FROM (SELECT pg_logical_emit_message(false, 'kw', 'x')) m"
         )
-        == "1"
+    return last
+
+
+def on_pi5(pitr, segment: str, archived_only: bool = False) -> bool:
+    """The pi5 holds `segment` whole: complete in streaming/, or archived in wals/."""
+    home = pitr.dir.joinpath(*SERVER_HOME)
+    return (home / "wals" / segment[:16] / segment).exists() or (
+        not archived_only and (home / "streaming" / segment).exists()
     )
 
 
-def catch_up(pitr, lsn: str, timeout: float = 60) -> None:
-    """pitr-cron as cron runs it, until prod's WAL up to `lsn` has reached the pi5."""
+def catch_up(pitr, segment: str, timeout: float = 60) -> None:
+    """pitr-cron as cron runs it (it starts receive-wal when stopped), until `segment` has reached the pi5."""
     done = pitr.on_pi("pitr-cron")
     assert done.returncode == 0, done.stderr
-    until(f"WAL up to {lsn} on the pi5", lambda: received(pitr, lsn), timeout)
-    # The segments it finished move to the archive on the next minute's pitr-cron.
-    done = pitr.on_pi("pitr-cron")
-    assert done.returncode == 0, done.stderr
+    until(f"WAL segment {segment} on the pi5", lambda: on_pi5(pitr, segment), timeout, 0.1)
 
 
 def receivers(pitr) -> list[int]:
@@ -105,6 +103,21 @@ def receivers(pitr) -> list[int]:
         ):
             found.append(int(entry.name))
     return found
+
+
+def receive_wal_locked(pitr) -> bool:
+    """Barman's receive-wal for prod is running (it holds its lock file)."""
+    try:  # never created here: a root-owned lock file would stop Barman, which runs as pi
+        fd = os.open(pitr.dir / "locks" / ".prod-receive-wal.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def wal_files(pitr) -> dict[str, bytes]:
@@ -137,18 +150,16 @@ def set_up(pitr) -> dict:
 
 
 # --- the link, prod's restarts, a killed receiver, and two checks at once ---------------------------
-def test_link_drop_prod_restart_kill_and_lock(pitr):
-    set_up(pitr)
-
+def link_drop_prod_restart_kill_and_lock(pitr):
     # The link dropped for a while: prod goes on, keeping WAL in the slot.
     pitr.stop_tunnel()
-    before = write_wal(pitr, segments=3)
+    missed = write_wal(pitr, segments=3)
     done, state = status(pitr)
     assert done.returncode == 1 and state["prod"] == "unreachable", done.stdout + done.stderr
     line = error_line(done)
     assert "unreachable through the tunnel" in line and "kw-backup-pitr-tunnel" in line, line
     start_tunnel(pitr)
-    catch_up(pitr, before)
+    catch_up(pitr, missed)
     healthy(pitr)
 
     # Prod restarted: the stream ends; the next pitr-cron starts it again from the slot.
@@ -161,9 +172,8 @@ def test_link_drop_prod_restart_kill_and_lock(pitr):
     killed = until("pg_receivewal running", lambda: receivers(pitr))
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    until("the killed pg_receivewal gone", lambda: not set(killed) & set(receivers(pitr)), 10)
-    lsn = write_wal(pitr, segments=2)
-    catch_up(pitr, lsn)
+    until("Barman's receive-wal ended with its pg_receivewal", lambda: not receive_wal_locked(pitr), 20)
+    catch_up(pitr, write_wal(pitr, segments=2))
     assert not set(killed) & set(receivers(pitr))
     healthy(pitr)
 
@@ -208,21 +218,21 @@ def utc_in(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + seconds))
 
 
-def test_lag_old_base_backup_other_major_and_gap(pitr):
-    set_up(pitr)
-
+def lag_old_base_backup_other_major(pitr):
     # No WAL for PITR_MAX_LAG_MINUTES while prod writes: receive-wal stopped, then the minutes passed.
     pitr.write_pi5_env(PITR_MAX_LAG_MINUTES="1")
     stopped = pitr.on_pi("pitr-barman", "receive-wal", "--stop", "prod")
     assert stopped.returncode == 0, stopped.stderr
     until("receive-wal stopped", lambda: not receivers(pitr), 20)
     write_wal(pitr, segments=0)
+    healthy(pitr)  # not yet: the minute has not passed
     done = on_pi_at(pitr, utc_in(150), "pitr-status", "--json")
     assert done.returncode == 1, done.stdout + done.stderr
     line = error_line(done)
     assert "no WAL has arrived from prod for" in line and "PITR_MAX_LAG_MINUTES=1" in line, line
     assert "receive-wal" in line, line
     catch_up(pitr, write_wal(pitr, segments=1))
+    pitr.write_pi5_env(PITR_MAX_LAG_MINUTES="15")
     healthy(pitr)
 
     # The newest base backup older than PITR_BASE_BACKUP_DAYS (and a day): as its info file says so.
@@ -246,13 +256,22 @@ def test_lag_old_base_backup_other_major_and_gap(pitr):
     done, state = status(pitr)
     assert done.returncode == 1, done.stdout + done.stderr
     line = error_line(done)
-    assert "PostgreSQL 15" in line and "14" in line and "setup-pitr" in line, line
+    assert "prod runs PostgreSQL 15" in line and "set up for PostgreSQL 14" in line and "setup-pitr" in line, line
     major.write_text(kept)
     healthy(pitr)
 
+
+def gap(pitr):
     # A segment removed by hand from the archive: Barman's check passes, ours names the gap.
-    catch_up(pitr, write_wal(pitr, segments=3))
-    wals = sorted(pitr.dir.joinpath(*SERVER_HOME, "wals").glob("*/0*"))
+    last = write_wal(pitr, segments=3)
+    catch_up(pitr, last)
+    assert pitr.on_pi("pitr-cron").returncode == 0  # the minute's cron archives them (in the background)
+    until(f"{last} archived", lambda: on_pi5(pitr, last, archived_only=True), 30, 0.1)
+    (info,) = pitr.dir.joinpath(*SERVER_HOME, "meta").glob("*-backup.info")
+    begin = next(line[10:] for line in info.read_text().splitlines() if line.startswith("begin_wal="))
+    wals = sorted(
+        p for p in pitr.dir.joinpath(*SERVER_HOME, "wals").glob("*/*") if len(p.name) == 24 and begin < p.name < last
+    )
     gone = wals[len(wals) // 2]
     gone.unlink()
     assert pitr.on_pi("pitr-barman", "check", "prod").returncode == 0
@@ -263,7 +282,7 @@ def test_lag_old_base_backup_other_major_and_gap(pitr):
     # What it says to run: a new base backup starts a chain without the gap; the older moments stay.
     done = pitr.on_pi("pitr-barman", "backup", "--wait", "prod")
     assert done.returncode == 0, done.stderr
-    state = healthy_with_old_gap(pitr, gone.name)
+    healthy_with_old_gap(pitr, gone.name)
 
 
 def healthy_with_old_gap(pitr, gap: str) -> dict:
@@ -283,8 +302,7 @@ def past_segments(pitr) -> int:
     )
 
 
-def test_offline_past_slot_keep_size_then_new_chain(pitr):
-    set_up(pitr)
+def offline_past_slot_keep_size_then_new_chain(pitr):
     catch_up(pitr, write_wal(pitr, segments=2))
     archived = wal_files(pitr)
 
@@ -408,16 +426,14 @@ def fill(path: Path) -> None:
         os.close(fd)
 
 
-def test_full_pitr_dir(small_pitr):
-    pitr = small_pitr
-    set_up(pitr)
+def full_pitr_dir(pitr):
     catch_up(pitr, write_wal(pitr, segments=3))
     healthy(pitr)
     archived = wal_files(pitr)
 
     filler = pitr.dir / "filler"
     fill(filler)
-    lsn = write_wal(pitr, segments=3)
+    segment = write_wal(pitr, segments=3)
     for script in ("pitr-status", "pitr-cron"):
         done = pitr.on_pi(script)
         assert done.returncode == 1, done.stdout + done.stderr
@@ -428,5 +444,19 @@ def test_full_pitr_dir(small_pitr):
 
     # Space again: the stream catches up from the slot, no gap.
     filler.unlink()
-    catch_up(pitr, lsn)
+    catch_up(pitr, segment)
     healthy(pitr)
+
+
+# --- the tests: one world for the faults that leave it whole, one on a small disk ---------------------------
+def test_link_drop_prod_restart_kill_lock_then_offline_past_keep_size(pitr):
+    set_up(pitr)
+    link_drop_prod_restart_kill_and_lock(pitr)
+    offline_past_slot_keep_size_then_new_chain(pitr)
+
+
+def test_lag_old_base_backup_other_major_full_disk_and_gap(small_pitr):
+    set_up(small_pitr)
+    lag_old_base_backup_other_major(small_pitr)
+    full_pitr_dir(small_pitr)
+    gap(small_pitr)

@@ -3,14 +3,16 @@
 From the files alone: the base backups, the window (from the oldest complete base backup's end to the newest
 WAL received), the size, and the WAL chain, checked segment by segment from the oldest base backup's first WAL
 to the newest, the one still being streamed included: Barman's own check does not see a segment missing in
-the middle. From prod, through the tunnel: the slot (missing, or invalidated once the pi5 was away longer
-than max_slot_wal_keep_size allowed) and how far the pi5 trails.
+the middle. A gap before the newest base backup only moves the window's start past it; one after it fails.
+On the pi5, PITR_DIR's room for the next segment. From prod, through the tunnel: the slot (missing, or
+invalidated once the pi5 was away longer than max_slot_wal_keep_size allowed) and how far the pi5 trails.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -137,13 +139,17 @@ def wals(server_home: Path) -> tuple[list[Wal], list[str]]:
     return listed, missing
 
 
-def partials(server_home: Path) -> list[Wal]:
-    """The segment still being streamed (pg_receivewal's .partial), with the time WAL last reached it."""
+def streamed(server_home: Path) -> list[Wal]:
+    """The segments in streaming/: the one pg_receivewal is writing (.partial, its time the last WAL that reached
+    it) and the complete ones Barman's next cron moves to wals/ (within a minute: they count as received)."""
     streaming = server_home / "streaming"
     found = []
     for entry in os.scandir(streaming) if streaming.is_dir() else []:
-        if WAL_NAME.fullmatch(entry.name) and entry.name.endswith(".partial"):
-            st = entry.stat()
+        if WAL_NAME.fullmatch(entry.name):
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue  # Barman archived it meanwhile: the xlog.db, read after this, lists it
             found.append(Wal(entry.name, st.st_size, st.st_mtime))
     return found
 
@@ -203,33 +209,42 @@ def du(path: Path) -> int:
     return total
 
 
+def _chain(backups: list[BaseBackup], server_home: Path):
+    # streaming/ before the xlog.db: a segment Barman archives in between is then seen in one or the other.
+    streaming = streamed(server_home)
+    listed, missing = wals(server_home)
+    runs = _gap_runs(backups, [w for w in listed if w.name not in missing], streaming)
+    return streaming, listed, missing, runs
+
+
 def from_files(server_home: Path, now: datetime | None = None) -> State:
     """The state a copy of Barman's home holds, with the problems the files alone show."""
     now = now or datetime.now(UTC)
     state = State()
     state.base_backups = base_backups(server_home)
-    listed, missing = wals(server_home)
-    streaming = partials(server_home)
     done = [b for b in state.base_backups if b.status == "DONE"]
-    if done:
-        state.recoverable_from = min((b.end_time for b in done if b.end_time), default=None)
-    newest = max((w.time for w in [*listed, *streaming]), default=None)
-    if newest is not None:
-        state.recoverable_to = datetime.fromtimestamp(newest, UTC)
-    state.bytes = du(server_home)
-    if state.recoverable_from and listed:
-        days = max((now - state.recoverable_from).total_seconds() / 86400, 1 / 24)
-        state.bytes_per_day = int(sum(w.size for w in listed if w.time >= state.recoverable_from.timestamp()) / days)
-    runs = _gap_runs(state.base_backups, [w for w in listed if w.name not in missing], streaming)
-    state.gaps = [_gap_name(state.base_backups, run) for run in runs]
-    if not done:
-        state.problems.append("no complete base backup")
-        state.hints.append("take one: pitr-barman backup --wait prod")
     # A gap before the newest base backup's first WAL cuts the window, no more: what lies after it is recoverable
     # from that base backup on, what lies before it from the older ones. Alarming about it until retention drops
     # the older base backups (PITR_WINDOW_DAYS) would be an alarm nobody can clear; a gap after it is a loss now.
     newest = next((b for b in reversed(done) if WAL_NAME.fullmatch(b.begin_wal or "")), None)
     newest_start = _segno(newest.begin_wal, newest.segment_size) if newest else 0
+    streaming, listed, missing, runs = _chain(state.base_backups, server_home)
+    if any(run[1] >= newest_start for run in runs):
+        time.sleep(0.5)  # Barman unlinks a segment from streaming/ a moment before its xlog.db line lands
+        streaming, listed, missing, runs = _chain(state.base_backups, server_home)
+    if done:
+        state.recoverable_from = min((b.end_time for b in done if b.end_time), default=None)
+    received = max((w.time for w in [*listed, *streaming]), default=None)
+    if received is not None:
+        state.recoverable_to = datetime.fromtimestamp(received, UTC)
+    state.bytes = du(server_home)
+    if state.recoverable_from and listed:
+        days = max((now - state.recoverable_from).total_seconds() / 86400, 1 / 24)
+        state.bytes_per_day = int(sum(w.size for w in listed if w.time >= state.recoverable_from.timestamp()) / days)
+    state.gaps = [_gap_name(state.base_backups, run) for run in runs]
+    if not done:
+        state.problems.append("no complete base backup")
+        state.hints.append("take one: pitr-barman backup --wait prod")
     failing = [name for run, name in zip(runs, state.gaps, strict=True) if run[1] >= newest_start]
     if runs and not failing:
         after = [b for b in done if b.end_time and WAL_NAME.fullmatch(b.begin_wal or "")]
@@ -381,6 +396,7 @@ def as_text(state: State, title: str = "Point in time (pi5)") -> str:
         f"  base backups: {len(done)}"
         + (f" (newest {done[-1].backup_id}, ended {stamp(done[-1].end_time)})" if done else ""),
         f"  size: {size(state.bytes)}  WAL per day: {size(state.bytes_per_day)}",
+        *([f"  gaps in the WAL chain: {', '.join(state.gaps)}"] if state.gaps else []),
         f"  status: {state.status}",
         *[f"  problem: {problem}" for problem in state.problems],
     ]
