@@ -176,6 +176,8 @@ class PitrWorld:
         if self.tunnel and self.tunnel.poll() is None:
             self.tunnel.send_signal(signal.SIGTERM)
             self.tunnel.wait(10)
+        # ssh leaves its socket behind: start_tunnel waits for a new one, not this one
+        (self.dir / "tunnel" / f".s.PGSQL.{self.pg.port}").unlink(missing_ok=True)
 
     def prod_sql(self, sql: str, db: str = "postgres") -> str:
         return self.pg.psql(sql, db)
