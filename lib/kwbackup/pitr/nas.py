@@ -16,7 +16,7 @@ consistent set, taken in an order where a half-done copy never looks complete:
 A file that vanishes under rsync (retention ran meanwhile) starts the copy over; a dropped link is retried.
 
 Reading a place's state (list-backups) takes one run of READ_SCRIPT there (stock tools: find, stat, cat, awk;
-locally the same script), parsed as status.from_files reads the files themselves.
+locally the same script), judged as status.from_files judges the files themselves (status.judge).
 """
 
 from __future__ import annotations
@@ -316,12 +316,8 @@ BACKUP_ID = re.compile(r"[0-9A-Za-z_.-]+")
 
 
 def parse(text: str, now: datetime | None = None) -> State | None:
-    """READ_SCRIPT's output judged by status.from_files itself; None when the directory does not exist.
-
-    from_files reads paths, so what it reads is laid out in a temporary directory: the base backups' infos and
-    the xlog.db as they are, an empty file for each WAL file there (it only asks whether one exists), the
-    segment being streamed with its size and time; the size is the place's own count.
-    """
+    """READ_SCRIPT's output judged as status.from_files judges the files themselves; None when the directory does
+    not exist. The size is the place's own count."""
     lines = text.splitlines()
     if lines[:1] == ["NODIR"]:
         return None
@@ -346,27 +342,19 @@ def parse(text: str, now: datetime | None = None) -> State | None:
                 on_disk[parts[3]] = (int(parts[1]), int(parts[2]))
         elif line.startswith("B ") and line[2:].strip().isdigit():
             total = int(line[2:])
-    with tempfile.TemporaryDirectory(prefix="kw-wal-tier-") as temp:
-        home = Path(temp)
-        for directory in ("meta", "wals", "streaming"):
-            (home / directory).mkdir()
-        for name, info in infos.items():
-            (home / "meta" / name).write_text("\n".join(info) + "\n")
-        (home / XLOG_DB).write_text("\n".join(xlog) + "\n")
-        for path, (length, mtime) in on_disk.items():
-            top, _, rest = path.partition("/")
-            name = os.path.basename(rest)
-            if not WAL_NAME.fullmatch(name.removesuffix(".partial")) or top not in ("wals", "streaming"):
-                continue  # the xlog.db, history files: from_files asks only for segments
-            target = home / top / (name[:16] if top == "wals" else "") / name
-            target.parent.mkdir(exist_ok=True)
-            with open(target, "wb") as out:
-                if top == "streaming":
-                    out.truncate(length)  # sparse: only its size and time are read
-            os.utime(target, (mtime, mtime))
-        state = status.from_files(home, now)
-    state.bytes = total
-    return state
+    backups = [
+        status.base_backup(name.removesuffix("-backup.info"), info)
+        for name, info in sorted(infos.items())
+        if name.endswith("-backup.info")
+    ]
+    listed = status.listed_wals(xlog)
+    missing = [w.name for w in listed if f"wals/{w.name[:16]}/{w.name}" not in on_disk]
+    streaming = [
+        status.Wal(path.removeprefix("streaming/"), length, mtime)
+        for path, (length, mtime) in on_disk.items()
+        if path.startswith("streaming/") and WAL_NAME.fullmatch(path.removeprefix("streaming/"))
+    ]
+    return status.judge(status.Files(backups, listed, missing, streaming, total), now)
 
 
 @dataclass

@@ -87,8 +87,8 @@ class State:
         }
 
 
-def _info(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text(errors="replace").splitlines() if "=" in line)
+def _info(lines: list[str]) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
 def _time(text: str | None) -> datetime | None:
@@ -101,41 +101,45 @@ def _time(text: str | None) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def base_backup(backup_id: str, info_lines: list[str]) -> BaseBackup:
+    """One base backup from the lines of its meta/<id>-backup.info."""
+    info = _info(info_lines)
+    return BaseBackup(
+        backup_id=backup_id,
+        status=info.get("status", "UNKNOWN"),
+        begin_wal=info.get("begin_wal", ""),
+        end_time=_time(info.get("end_time")),
+        size=int(info.get("size") or 0) if (info.get("size") or "").isdigit() else 0,
+        segment_size=int(info["xlog_segment_size"])
+        if (info.get("xlog_segment_size") or "").isdigit()
+        else DEFAULT_SEGMENT,
+    )
+
+
 def base_backups(server_home: Path) -> list[BaseBackup]:
     """The base backups Barman holds, oldest first."""
-    found = []
     meta = server_home / "meta"
-    for info_file in sorted(meta.glob("*-backup.info")) if meta.is_dir() else []:
-        info = _info(info_file)
-        found.append(
-            BaseBackup(
-                backup_id=info_file.name.removesuffix("-backup.info"),
-                status=info.get("status", "UNKNOWN"),
-                begin_wal=info.get("begin_wal", ""),
-                end_time=_time(info.get("end_time")),
-                size=int(info.get("size") or 0) if (info.get("size") or "").isdigit() else 0,
-                segment_size=int(info["xlog_segment_size"])
-                if (info.get("xlog_segment_size") or "").isdigit()
-                else DEFAULT_SEGMENT,
-            )
-        )
-    return found
+    return [
+        base_backup(info_file.name.removesuffix("-backup.info"), info_file.read_text(errors="replace").splitlines())
+        for info_file in (sorted(meta.glob("*-backup.info")) if meta.is_dir() else [])
+    ]
+
+
+def listed_wals(xlog_lines: list[str]) -> list[Wal]:
+    """The WAL segments the xlog.db lists (name, size, time, compression per line)."""
+    listed = []
+    for line in xlog_lines:
+        parts = line.split("\t")
+        if len(parts) >= 3 and WAL_NAME.fullmatch(parts[0]):  # not history and backup label files
+            listed.append(Wal(parts[0], int(parts[1]), float(parts[2])))
+    return listed
 
 
 def wals(server_home: Path) -> tuple[list[Wal], list[str]]:
     """The WAL files Barman lists (xlog.db) and, of those, the ones missing on disk."""
-    listed, missing = [], []
     db = server_home / "wals" / f"{SERVER}-xlog.db"
-    if not db.exists():
-        return [], []
-    for line in db.read_text(errors="replace").splitlines():
-        parts = line.split("\t")
-        if len(parts) < 3 or not WAL_NAME.fullmatch(parts[0]):
-            continue  # history and backup label files
-        name = parts[0]
-        listed.append(Wal(name, int(parts[1]), float(parts[2])))
-        if not (server_home / "wals" / name[:16] / name).exists():
-            missing.append(name)
+    listed = listed_wals(db.read_text(errors="replace").splitlines()) if db.exists() else []
+    missing = [w.name for w in listed if not (server_home / "wals" / w.name[:16] / w.name).exists()]
     return listed, missing
 
 
@@ -209,35 +213,63 @@ def du(path: Path) -> int:
     return total
 
 
-def _chain(backups: list[BaseBackup], server_home: Path):
+@dataclass
+class Files:
+    """What a copy of Barman's home holds, as read: from its files here (read), or from a listing of another
+    place's (pitr/nas.py)."""
+
+    backups: list[BaseBackup]
+    listed: list[Wal]  # what the xlog.db lists
+    missing: list[str]  # of those, the ones not on disk
+    streaming: list[Wal]
+    bytes: int
+
+
+def read(server_home: Path) -> Files:
+    backups = base_backups(server_home)
     # streaming/ before the xlog.db: a segment Barman archives in between is then seen in one or the other.
     streaming = streamed(server_home)
     listed, missing = wals(server_home)
-    runs = _gap_runs(backups, [w for w in listed if w.name not in missing], streaming)
-    return streaming, listed, missing, runs
+    return Files(backups, listed, missing, streaming, du(server_home))
+
+
+def _newest_start(done: list[BaseBackup]) -> int:
+    """The first segment of the newest complete base backup: a gap before it cuts the window, a gap after it fails."""
+    newest = next((b for b in reversed(done) if WAL_NAME.fullmatch(b.begin_wal or "")), None)
+    return _segno(newest.begin_wal, newest.segment_size) if newest else 0
+
+
+def _gap_runs_of(files: Files) -> list[tuple[int, int]]:
+    return _gap_runs(files.backups, [w for w in files.listed if w.name not in files.missing], files.streaming)
 
 
 def from_files(server_home: Path, now: datetime | None = None) -> State:
     """The state a copy of Barman's home holds, with the problems the files alone show."""
+    files = read(server_home)
+    done = [b for b in files.backups if b.status == "DONE"]
+    if any(run[1] >= _newest_start(done) for run in _gap_runs_of(files)):
+        time.sleep(0.5)  # Barman unlinks a segment from streaming/ a moment before its xlog.db line lands
+        files = read(server_home)
+    return judge(files, now)
+
+
+def judge(files: Files, now: datetime | None = None) -> State:
+    """The state `files` hold, with the problems they alone show."""
     now = now or datetime.now(UTC)
     state = State()
-    state.base_backups = base_backups(server_home)
+    state.base_backups = files.backups
     done = [b for b in state.base_backups if b.status == "DONE"]
     # A gap before the newest base backup's first WAL cuts the window, no more: what lies after it is recoverable
     # from that base backup on, what lies before it from the older ones. Alarming about it until retention drops
     # the older base backups (PITR_WINDOW_DAYS) would be an alarm nobody can clear; a gap after it is a loss now.
-    newest = next((b for b in reversed(done) if WAL_NAME.fullmatch(b.begin_wal or "")), None)
-    newest_start = _segno(newest.begin_wal, newest.segment_size) if newest else 0
-    streaming, listed, missing, runs = _chain(state.base_backups, server_home)
-    if any(run[1] >= newest_start for run in runs):
-        time.sleep(0.5)  # Barman unlinks a segment from streaming/ a moment before its xlog.db line lands
-        streaming, listed, missing, runs = _chain(state.base_backups, server_home)
+    newest_start = _newest_start(done)
+    listed, streaming, runs = files.listed, files.streaming, _gap_runs_of(files)
     if done:
         state.recoverable_from = min((b.end_time for b in done if b.end_time), default=None)
     received = max((w.time for w in [*listed, *streaming]), default=None)
     if received is not None:
         state.recoverable_to = datetime.fromtimestamp(received, UTC)
-    state.bytes = du(server_home)
+    state.bytes = files.bytes
     if state.recoverable_from and listed:
         days = max((now - state.recoverable_from).total_seconds() / 86400, 1 / 24)
         state.bytes_per_day = int(sum(w.size for w in listed if w.time >= state.recoverable_from.timestamp()) / days)
