@@ -176,25 +176,19 @@ class Installer:
                     self.changed(f"removed {path} (no longer shipped)")
 
     def make_venv(self) -> None:
-        venv = self.at(self.prefix) / ".venv"
-        digest = hashlib.sha256((SOURCE / "requirements.txt").read_bytes()).hexdigest()
+        self.venv(self.at(self.prefix) / ".venv", "requirements.txt")
+
+    def venv(self, venv: Path, requirements: str, *pip_options: str) -> None:
+        """A venv from pinned requirements, made again only when they changed."""
+        digest = hashlib.sha256((SOURCE / requirements).read_bytes()).hexdigest()
         stamp = venv / ".kw-backup-requirements"
         if stamp.exists() and stamp.read_text().strip() == digest:
             return
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run(
-            [
-                str(venv / "bin" / "pip"),
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-                str(SOURCE / "requirements.txt"),
-            ],
-            check=True,
-        )
+        pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", *pip_options]
+        subprocess.run([*pip, "-r", str(SOURCE / requirements)], check=True)
         stamp.write_text(digest + "\n")
-        self.changed(f"made the venv {venv} from the pinned requirements")
+        self.changed(f"made the venv {venv} from {requirements}")
 
     def link_scripts(self) -> None:
         links = self.at("/usr/local/bin")
@@ -269,16 +263,8 @@ class Installer:
 
     def wal_tier(self) -> None:
         """PITR=on: Barman in a venv of its own, PITR_DIR with the tunnel's key, the cron lines, the tunnel's unit."""
-        venv = self.at(self.prefix) / ".venv-barman"
-        requirements = SOURCE / "requirements-barman.txt"
-        digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
-        stamp = venv / ".kw-backup-requirements"
-        if not (stamp.exists() and stamp.read_text().strip() == digest):
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
-            subprocess.run([*pip, "-r", str(requirements)], check=True)  # every package pinned there
-            stamp.write_text(digest + "\n")
-            self.changed(f"made Barman's venv {venv} from requirements-barman.txt")
+        # --no-deps: every package Barman runs is pinned there (psycopg2-binary for its psycopg2).
+        self.venv(self.at(self.prefix) / ".venv-barman", "requirements-barman.txt", "--no-deps")
         pitr_dir = self.at(_setting(self.at(ENV_FILE), "PITR_DIR") or "/backups/kw-app-wal")
         for directory in (pitr_dir, pitr_dir / "ssh"):
             if not directory.is_dir():
@@ -376,52 +362,51 @@ def _setting(env_file: Path, name: str) -> str | None:
     return None
 
 
-def authorize_pi5(key_file: str, authorized_keys: str | None, prod_dir: str | None) -> None:
-    """Add the pi5's key to authorized_keys once, restricted to reading PROD_DIR through rrsync."""
+def _public_key(target: str, key_file: str) -> str:
     key = Path(key_file).read_text().strip()
     if not PUBLIC_KEY_RE.fullmatch(key) or "\n" in key:
-        sys.exit(f"authorize-pi5: {key_file} is not one ssh public key")
-    prod_dir = prod_dir or _setting(Path(ENV_FILE), "PROD_DIR") or "/var/backups/kw-app"
-    if not prod_dir.startswith("/") or re.search(r"[\s\"'\\]", prod_dir):
-        sys.exit(f"authorize-pi5: PROD_DIR {prod_dir!r} must be an absolute path without spaces or quotes")
+        sys.exit(f"{target}: {key_file} is not one ssh public key")
+    return key
+
+
+def _authorize_once(target: str, key: str, options: str, authorized_keys: str | None, what: str, allows: str) -> None:
+    """Append `options key` to authorized_keys once; the same key with other options is the operator's to edit."""
     path = Path(authorized_keys or Path.home() / ".ssh" / "authorized_keys")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    body = key.split()[1]
     existing = path.read_text().splitlines() if path.exists() else []
-    line = f'restrict,command="rrsync -ro {prod_dir}" {key}'
+    line = f"{options} {key}"
     if line in existing:
-        print(f"the pi5 key is already authorized in {path}; nothing changed")
+        print(f"the {what} is already authorized in {path}; nothing changed")
         return
-    if any(body in other.split() for other in existing):
-        sys.exit(f"authorize-pi5: {path} already has this key with other options; edit that line by hand")
+    if any(key.split()[1] in other.split() for other in existing):
+        sys.exit(f"{target}: {path} already has this key with other options; edit that line by hand")
     with open(path, "a") as out:
         out.write(("" if not existing or path.read_text().endswith("\n") else "\n") + line + "\n")
     path.chmod(0o600)
-    print(f"authorized the pi5 key in {path}: read-only rsync of {prod_dir}, nothing else")
+    print(f"authorized the {what} in {path}: {allows}")
+
+
+def authorize_pi5(key_file: str, authorized_keys: str | None, prod_dir: str | None) -> None:
+    """Add the pi5's key to authorized_keys once, restricted to reading PROD_DIR through rrsync."""
+    key = _public_key("authorize-pi5", key_file)
+    prod_dir = prod_dir or _setting(Path(ENV_FILE), "PROD_DIR") or "/var/backups/kw-app"
+    if not prod_dir.startswith("/") or re.search(r"[\s\"'\\]", prod_dir):
+        sys.exit(f"authorize-pi5: PROD_DIR {prod_dir!r} must be an absolute path without spaces or quotes")
+    options = f'restrict,command="rrsync -ro {prod_dir}"'
+    allows = f"read-only rsync of {prod_dir}, nothing else"
+    _authorize_once("authorize-pi5", key, options, authorized_keys, "pi5 key", allows)
 
 
 def authorize_pi5_tunnel(key_file: str, authorized_keys: str | None, port: str | None) -> None:
     """Add the pi5's tunnel key once: one forward to 127.0.0.1:PROD_PG_PORT, no shell, no command, nothing else."""
-    key = Path(key_file).read_text().strip()
-    if not PUBLIC_KEY_RE.fullmatch(key) or "\n" in key:
-        sys.exit(f"authorize-pi5-tunnel: {key_file} is not one ssh public key")
+    key = _public_key("authorize-pi5-tunnel", key_file)
     port = port or _setting(Path(ENV_FILE), "PROD_PG_PORT") or "5432"
     if not port.isdigit() or not 0 < int(port) < 65536:
         sys.exit(f"authorize-pi5-tunnel: PROD_PG_PORT {port!r} is not a TCP port")
-    path = Path(authorized_keys or Path.home() / ".ssh" / "authorized_keys")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    existing = path.read_text().splitlines() if path.exists() else []
     # command=: `restrict` still lets a key run a command without a terminal; this one may only forward.
-    line = f'restrict,port-forwarding,permitopen="127.0.0.1:{port}",command="/bin/false" {key}'
-    if line in existing:
-        print(f"the pi5 tunnel key is already authorized in {path}; nothing changed")
-        return
-    if any(key.split()[1] in other.split() for other in existing):
-        sys.exit(f"authorize-pi5-tunnel: {path} already has this key with other options; edit that line by hand")
-    with open(path, "a") as out:
-        out.write(("" if not existing or path.read_text().endswith("\n") else "\n") + line + "\n")
-    path.chmod(0o600)
-    print(f"authorized the pi5 tunnel key in {path}: a forward to 127.0.0.1:{port}, nothing else")
+    options = f'restrict,port-forwarding,permitopen="127.0.0.1:{port}",command="/bin/false"'
+    allows = f"a forward to 127.0.0.1:{port}, nothing else"
+    _authorize_once("authorize-pi5-tunnel", key, options, authorized_keys, "pi5 tunnel key", allows)
 
 
 def pi5_keys(home: str | None) -> None:

@@ -115,6 +115,12 @@ class Tier:
         ]
         return " ".join(parts)
 
+    def connect(self):
+        """A connection to prod through the tunnel as the backup role (psycopg 3, autocommit)."""
+        import psycopg
+
+        return psycopg.connect(self.conninfo(BACKUP_ROLE), autocommit=True, connect_timeout=10)
+
     def pg_bindir(self, major: int) -> Path:
         return PG_LIB / str(major) / "bin"
 
@@ -199,9 +205,8 @@ def check_client(tier: Tier, major: int) -> None:
 def heartbeat(tier: Tier) -> None:
     """A transaction on prod every minute: recovery to a time stops only at a commit, so a quiet prod still has
     one a minute after any moment, and the WAL stream moves (a logical message commits nothing else)."""
-    import psycopg
 
-    with psycopg.connect(tier.conninfo(BACKUP_ROLE), autocommit=True, connect_timeout=10) as conn:
+    with tier.connect() as conn:
         conn.execute("SELECT pg_logical_emit_message(true, 'kw-backup', 'heartbeat')")
 
 
@@ -216,13 +221,11 @@ def new_chain(tier: Tier, wait_timeout: int = 3600) -> None:
     import fcntl
     import time
 
-    import psycopg
-
     from ..log import log
     from ..run import run
 
     def slot() -> tuple | None:
-        with psycopg.connect(tier.conninfo(BACKUP_ROLE), autocommit=True, connect_timeout=10) as conn:
+        with tier.connect() as conn:
             return conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", [SLOT]).fetchone()
 
     def wait(what: str, done, timeout: float = 60) -> None:

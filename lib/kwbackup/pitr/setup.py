@@ -98,14 +98,14 @@ def _barman(tier: Tier, *args: str, timeout: float = 120) -> str:
     return out.decode(errors="replace")
 
 
-def _connect(tier: Tier, role: str = BACKUP_ROLE, timeout: float = 60):
+def _connect(tier: Tier, timeout: float = 60):
     """A connection to prod through the tunnel; waits for a tunnel that is coming up."""
     import psycopg
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return psycopg.connect(tier.conninfo(role), autocommit=True)
+            return tier.connect()
         except psycopg.OperationalError as exc:
             if time.monotonic() > deadline or "FATAL" in str(exc):  # the server answered: waiting will not help
                 reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

@@ -327,7 +327,7 @@ def check_prod(state: State, tier: Tier, settings: Settings, now: datetime) -> N
     import psycopg
 
     try:
-        conn = psycopg.connect(tier.conninfo(barmanmod.BACKUP_ROLE), autocommit=True, connect_timeout=10)
+        conn = tier.connect()
     except psycopg.OperationalError as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         state.prod = "unreachable"
