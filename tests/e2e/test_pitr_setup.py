@@ -7,6 +7,7 @@ import stat
 import subprocess
 
 from kwbackup.pitr.setup import HBA_LINE, HBA_LINE_DIRECT
+from tests import world
 
 
 def hba(pitr) -> str:
@@ -38,11 +39,39 @@ def test_setup_pitr_prepares_prod_and_starts_streaming_once(pitr):
     assert not any(p in seen for p in passwords)
     assert "SCRAM-SHA-256$" in pitr.prod_sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'kw_barman'")
 
-    status = pitr.on_pi("pitr-status", "--json")
-    assert status.returncode == 0, status.stderr
-    state = json.loads(status.stdout)
-    assert state["base_backups"] == 1 and state["status"] == "ok" and state["prod"] == "reachable", state
-    assert state["from"] and state["to"] and state["gaps"] == []
+    # pitr-status pings its own Healthchecks check (not HEALTHCHECKS_URL's) and sends the wal.* metrics
+    sinks = world.Recorder()
+    try:
+        pitr.write_pi5_env(
+            HC_PITR_URL=f"{sinks.url}/pitr-check",
+            HEALTHCHECKS_URL=f"{sinks.url}/nightly-check",
+            APPSIGNAL_FRONTEND_API_KEY="front",
+            APPSIGNAL_ENDPOINT=sinks.url,
+        )
+        status = pitr.on_pi("pitr-status", "--json")
+        assert status.returncode == 0, status.stderr
+        state = json.loads(status.stdout)
+        assert state["base_backups"] == 1 and state["status"] == "ok" and state["prod"] == "reachable", state
+        assert state["from"] and state["to"] and state["gaps"] == []
+        paths = sinks.paths()
+        assert any(p.startswith("/pitr-check/start?") for p in paths) and any(
+            p.startswith("/pitr-check?") for p in paths
+        ), paths
+        assert not any(p.startswith("/nightly-check") for p in paths), paths
+        (metrics,) = [json.loads(r["body"]) for r in sinks.requests if r["path"].startswith("/metrics/json")]
+        sent = {m["name"]: m["value"] for m in metrics}
+        assert {"wal.lag_seconds", "wal.window_hours", "wal.bytes_per_day"} <= set(sent), sent
+        assert sent["wal.lag_seconds"] < 60
+
+        pitr.stop_tunnel()  # a failure: the check's /fail ping, with the one error line in its body
+        failed = pitr.on_pi("pitr-status")
+        assert failed.returncode == 1 and "unreachable through the tunnel" in failed.stderr
+        (fail,) = [r for r in sinks.requests if r["path"].startswith("/pitr-check/fail?")]
+        assert b"unreachable through the tunnel" in fail["body"]
+    finally:
+        sinks.close()
+        pitr.write_pi5_env(HC_PITR_URL="", HEALTHCHECKS_URL="", APPSIGNAL_FRONTEND_API_KEY="")
+    pitr.start_tunnel()
 
     # A second run changes nothing: the same passwords, one hba line, no second base backup.
     again = pitr.laptop("setup-pitr")
