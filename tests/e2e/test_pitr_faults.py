@@ -357,32 +357,17 @@ def test_tunnel_key_allows_only_the_forward(pitr):
     shell = subprocess.run(ssh("-tt", host), input="id\nexit\n", capture_output=True, text=True, timeout=30)
     assert "uid=" not in shell.stdout, shell.stdout + shell.stderr
 
-    def forward(target: str, hello: bytes) -> bytes:
-        """What the far end answers through `-L <socket>:<target>` with the tunnel's key."""
-        local = pitr.dir / f"fwd{len(target)}{target[-2:]}.sock"  # a unix socket's path fits 107 bytes
-        proc = subprocess.Popen(
-            ssh("-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{local}:{target}", host),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            until(f"the forward to {target} listening", lambda: local.exists() or proc.poll() is not None, 20, 0.05)
-            with socket.socket(socket.AF_UNIX) as conn:
-                conn.settimeout(10)
-                conn.connect(str(local))
-                conn.sendall(hello)
-                try:
-                    return conn.recv(64)
-                except (ConnectionResetError, TimeoutError):
-                    return b""
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    def forward(target: str, hello: bytes) -> subprocess.CompletedProcess:
+        """What the far end answers through `ssh -W <target>` with the tunnel's key."""
+        return subprocess.run(ssh("-W", target, host), input=hello, capture_output=True, timeout=30)
 
     ssl_request = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
-    assert forward(f"127.0.0.1:{pitr.pg.port}", ssl_request) in (b"N", b"S")
-    assert forward(f"{pitr.prod.address}:{pitr.ssh_world.port}", b"") == b""  # prod's sshd: no banner
-    assert forward(f"127.0.0.1:{pitr.ssh_world.port}", b"") == b""
+    allowed = forward(f"127.0.0.1:{pitr.pg.port}", ssl_request)
+    assert allowed.stdout[:1] in (b"N", b"S"), allowed.stderr
+    for target in (f"{pitr.prod.address}:{pitr.ssh_world.port}", f"127.0.0.1:{pitr.ssh_world.port}"):
+        refused = forward(target, b"")
+        assert refused.returncode == 255 and b"forwarding failed" in refused.stderr, refused.stderr
+        assert b"SSH-" not in refused.stdout, refused.stdout
 
 
 # --- a full PITR_DIR -------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
 
 from kwbackup.pitr.setup import HBA_LINE, HBA_LINE_DIRECT
 from tests import world
@@ -119,57 +118,3 @@ def test_direct_prints_the_hba_line_to_add_by_hand(pitr):
     ok = pitr.on_pi("pitr-status")
     assert ok.returncode == 0, ok.stderr + ok.stdout
     assert "base backups: 1" in ok.stdout
-
-
-def test_the_tunnel_is_the_one_forward_of_its_key(pitr):
-    """Prod allows the tunnel key its one forward: no command, no shell, no other port."""
-    ssh = [
-        "runuser",
-        "-u",
-        pitr.pi.pw_name,
-        "--",
-        "ssh",
-        "-F",
-        pitr.pi5_settings["SSH_CONFIG"],
-        "-i",
-        str(pitr.tunnel_key),
-        "-o",
-        "BatchMode=yes",
-    ]
-    host = pitr.pi5_settings["PROD_HOST"]
-    command = subprocess.run([*ssh, host, "touch", str(pitr.base / "ran")], capture_output=True, text=True)
-    assert command.returncode != 0 and not (pitr.base / "ran").exists()
-    shell = subprocess.run([*ssh, "-tt", host], input="touch /tmp/kw-tunnel-shell\n", capture_output=True, text=True)
-    assert shell.returncode != 0
-    other = subprocess.run(
-        [*ssh, "-o", "ExitOnForwardFailure=yes", "-N", "-W", f"127.0.0.1:{pitr.ssh_world.port}", host],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert other.returncode != 0 and "open failed" in other.stderr + other.stdout or other.returncode == 255
-    pitr.start_tunnel()
-    reached = subprocess.run(
-        [
-            "runuser",
-            "-u",
-            pitr.pi.pw_name,
-            "--",
-            "psql",
-            "-X",
-            "-At",
-            "-h",
-            str(pitr.dir / "tunnel"),
-            "-p",
-            str(pitr.pg.port),
-            "-U",
-            "postgres",
-            "-c",
-            "SELECT 1",
-        ],
-        capture_output=True,
-        text=True,
-        env={"PGCONNECT_TIMEOUT": "10", "PATH": "/usr/sbin:/usr/bin:/bin"},
-    )
-    # The forward reaches prod's server, whose pg_hba (the image's) wants a password from the network.
-    assert "password" in reached.stderr or "pg_hba" in reached.stderr, reached.stderr
