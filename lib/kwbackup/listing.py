@@ -9,7 +9,6 @@ older than MAX_DUMP_AGE_HOURS is `stale`; each reachable place's block ends with
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -108,8 +107,9 @@ def as_text(listings: list[PlaceListing]) -> str:
     return "\n\n".join(blocks)
 
 
-def as_json(listings: list[PlaceListing]) -> str:
-    rows = [
+def json_rows(listings: list[PlaceListing]) -> list[dict]:
+    """One object per dump, with exactly the contract's JSON_KEYS."""
+    return [
         dict(
             zip(
                 JSON_KEYS,
@@ -130,7 +130,6 @@ def as_json(listings: list[PlaceListing]) -> str:
         for listing in listings
         for e in listing.entries
     ]
-    return json.dumps(rows, indent=2)
 
 
 def row_counts(listings: list[PlaceListing], wanted: list[str]) -> tuple[dict[str, dict[str, int]], list[str]]:

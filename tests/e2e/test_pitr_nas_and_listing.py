@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kwbackup import settings
+from kwbackup import listing, settings
 from kwbackup.pitr import nas as pitr_nas
 from kwbackup.pitr import status
 from kwbackup.places import Place
@@ -374,9 +374,17 @@ def test_a_nas_over_ssh_dropped_mid_copy_fails_the_wal_copy_not_the_dumps_and_li
         assert lines[2].startswith("  base backups: 1 (newest ") and lines[-1] == "  status: ok", lines
     assert blocks[headings[-2]][1].startswith("  lag: ") and blocks[headings[-1]][1].startswith("  newest WAL's age: ")
 
-    as_json = pitr.laptop("list-backups", "--json", **laptop)  # the dumps' array, as it always was
-    assert as_json.returncode == 0 and {row["place"] for row in json.loads(as_json.stdout)} == {"prod", "pi5", "nas"}
-    assert all("name" in row for row in json.loads(as_json.stdout))
+    as_json = pitr.laptop("list-backups", "--json", **laptop)  # the dumps' objects, then one per WAL tier
+    assert as_json.returncode == 0, as_json.stdout + as_json.stderr
+    rows = json.loads(as_json.stdout)
+    dumps, wal_tiers = rows[:-2], rows[-2:]
+    assert {row["place"] for row in dumps} == {"prod", "pi5", "nas"}
+    assert all(list(row) == list(listing.JSON_KEYS) for row in dumps), dumps
+    assert [row["place"] for row in wal_tiers] == ["pi5", "nas"], wal_tiers
+    assert all(
+        list(row) == ["place", "from", "to", "lag_seconds", "base_backups", "bytes", "status"] for row in wal_tiers
+    )
+    assert all(row["status"] == "ok" and row["base_backups"] == 1 for row in wal_tiers), wal_tiers
 
     gone = pitr.laptop("list-backups", "--point-in-time", "--json", **{**laptop, "NAS_HOST": "gone"})
     assert gone.returncode == 1, gone.stdout + gone.stderr
