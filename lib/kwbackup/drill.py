@@ -16,19 +16,15 @@ there is a leftover and stops and removes it.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import json
 import os
-import pwd
 import re
 import secrets
 import shutil
 import signal
 import socket
-import stat
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +35,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from . import catalog, dumps, names, parallel_load
+from . import catalog, dumps, names, parallel_load, rundir
 from .download import fetch_dump, local_dump, work_dir
 from .errors import Failed, KwError, UsageError, VerificationError
 from .log import add_secrets, loader_notes, log, size
@@ -62,8 +58,6 @@ LIBPQ_ENV = {
     "sslcert": "PGSSLCERT",
     "sslkey": "PGSSLKEY",
 }
-# In /tmp itself, not $TMPDIR: that may be private to this user, and the server runs as another.
-RUN_ROOT = Path("/tmp")
 RUN_PREFIX = "kw-drill-run-"
 CLUSTER_PORT = 5432  # only names the socket, in a directory of its own: nothing to collide with
 READY_SECONDS = 120
@@ -145,128 +139,6 @@ def _refuse_newer(made_by: tuple[str, str] | None, server_version: str, where: s
         )
 
 
-# --- run directories: one per drill server, locked while its drill lives -------------------------
-
-
-def _service_user() -> str | None:
-    """PostgreSQL refuses to run as root: the temporary cluster runs as an unprivileged user."""
-    if os.geteuid() != 0:
-        return None
-    for candidate in ("postgres", "nobody"):
-        try:
-            pwd.getpwnam(candidate)
-            return candidate
-        except KeyError:
-            continue
-    raise Failed("no unprivileged user to run a temporary PostgreSQL as", "create the postgres user")
-
-
-def _as(user: str | None, argv: list) -> list:
-    return ["runuser", "-u", user, "--", *argv] if user else argv
-
-
-def _owner(base: Path) -> str | None:
-    """Whom a run directory's server runs as: its owner, when that is not this process's user."""
-    uid = base.stat().st_uid
-    return None if uid == os.geteuid() else pwd.getpwuid(uid).pw_name
-
-
-def _new_locked_dir() -> tuple[Path, int]:
-    while True:
-        base = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=RUN_ROOT))  # 0700
-        try:
-            lock = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            continue
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if base.exists():
-            return base, lock
-        os.close(lock)  # a sweep took it for a leftover before it was locked, and removed it
-
-
-@contextmanager
-def _run_dir(owner: str | None, bindir: Path | None = None):
-    """A new 0700 directory for one server, flock'ed while this process lives; torn down at the end."""
-    base, lock = _new_locked_dir()
-    try:
-        if owner:
-            shutil.chown(base, owner)
-        yield base
-    finally:
-        try:
-            _teardown(base, bindir)
-        finally:
-            os.close(lock)
-
-
-def _teardown(base: Path, bindir: Path | None = None) -> bool:
-    """Stop what runs in a run directory (a container, a cluster) and remove it; False when it could not."""
-    container = base / "container"
-    if container.exists():
-        name = container.read_text().strip()
-        code, _, err = run(Cmd(["docker", "rm", "-f", name], name="docker rm"), check=False, timeout=120)
-        if code and "No such container" not in err:
-            log.warning(
-                "could not remove the drill's container %s (%s); the next drill tries again",
-                name,
-                " ".join(err.split()),
-            )
-            return False
-    data = base / "data"
-    # Also when interrupted during `pg_ctl start`: the server may be up before pg_ctl says so, and
-    # its socket would appear in `base` after rmtree had emptied it.
-    if (data / "postmaster.pid").exists():
-        pg_ctl = (bindir or pg_bindir(None, "pg_ctl")) / "pg_ctl"
-        run(
-            Cmd(_as(_owner(base), [pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"]), name="pg_ctl stop"),
-            check=False,
-            timeout=120,
-        )
-    for _ in range(100):  # pg_ctl returns once the pid file is gone; the server removes its socket last
-        shutil.rmtree(base, ignore_errors=True)
-        if not base.exists():
-            return True
-        time.sleep(0.1)
-    log.warning("could not remove %s; the next drill tries again", base)
-    return False
-
-
-def sweep(bindir_setting: str | None) -> None:
-    """Stop and remove what killed drills left: run directories whose lock no live drill holds."""
-    mine = {os.geteuid()}
-    if user := _service_user():
-        mine.add(pwd.getpwnam(user).pw_uid)
-    for base in sorted(RUN_ROOT.glob(RUN_PREFIX + "*")):
-        try:
-            st = os.lstat(base)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid not in mine:
-                continue  # not a drill's of this user: another user's, or planted
-            lock = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock)
-            continue  # its drill is alive
-        try:
-            if _teardown(base, Path(bindir_setting) if bindir_setting else None):
-                log.info("removed %s, left by a drill that was killed", base)
-        except KwError as exc:
-            log.warning("could not clean up %s, left by a drill that was killed: %s", base, exc.line())
-        finally:
-            os.close(lock)
-
-
-# --- the drill's own servers ---------------------------------------------------------------------
-
-
-def _password() -> str:
-    password = secrets.token_urlsafe(24)
-    add_secrets([password])
-    return password
-
-
 @contextmanager
 def temporary_cluster(bindir: Path | None = None):
     """A private PostgreSQL, stopped and removed at the end whatever happens (kill -9: by the next drill).
@@ -276,9 +148,9 @@ def temporary_cluster(bindir: Path | None = None):
     password only this process knows: no other local user can connect.
     """
     bindir = bindir or pg_bindir(None, "initdb")
-    user = _service_user()
-    password = _password()
-    with _run_dir(user, bindir) as base:
+    user = rundir.service_user()
+    password = rundir.password()
+    with rundir.run_dir(RUN_PREFIX, user, bindir) as base:
         data, pwfile = base / "data", base / "password"
         with os.fdopen(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             out.write(password + "\n")
@@ -287,7 +159,7 @@ def temporary_cluster(bindir: Path | None = None):
                 shutil.chown(pwfile, user)
             run(
                 Cmd(
-                    _as(
+                    rundir.as_user(
                         user,
                         [
                             bindir / "initdb",
@@ -317,7 +189,9 @@ def temporary_cluster(bindir: Path | None = None):
             )
         run(
             Cmd(
-                _as(user, [bindir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "120", "start"]),
+                rundir.as_user(
+                    user, [bindir / "pg_ctl", "-D", data, "-l", base / "server.log", "-w", "-t", "120", "start"]
+                ),
                 name="pg_ctl start",
             ),
             timeout=180,
@@ -341,9 +215,9 @@ def _free_port() -> int:
 @contextmanager
 def docker_server(image: str):
     """A throwaway `docker run --rm` server of `image`, published on 127.0.0.1 only, its password only ours."""
-    password = _password()
+    password = rundir.password()
     name = f"kw-drill-{os.getpid()}-{secrets.token_hex(4)}"
-    with _run_dir(None) as base:
+    with rundir.run_dir(RUN_PREFIX, None) as base:
         (base / "container").write_text(name + "\n")  # first: however this drill dies, the next one knows it
         port = _free_port()
         # `-e NAME` takes the value from docker's environment: the password is on no command line.
@@ -480,7 +354,7 @@ def drill(settings: Settings, args) -> dict:
             Multiplexer() as shared,
             work_dir(settings["WORK_DIR"]) as local,
         ):
-            sweep(settings["DRILL_PG_BINDIR"])
+            rundir.sweep(RUN_PREFIX)
             path, verified = _fetch_verified(settings, args, shared, wanted, local, report)
             report.update(dump=path.name, bytes=verified.size)
             needs = dumps.requirements(path)
