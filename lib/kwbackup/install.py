@@ -52,6 +52,7 @@ SCRIPTS = [
     "pitr-base-backup",
     "pitr-barman",
     "pitr-tunnel",
+    "pitr-recover",
 ]
 CRON = {"prod": ["prod"], "pi5": ["pi5", "drill"]}
 PITR_CRON = "pi5-pitr"

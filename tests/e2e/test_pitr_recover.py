@@ -1,0 +1,92 @@
+"""Recovering a moment from the WAL tier (issue 24): pitr-recover on the pi5, and --at from the laptop.
+
+One world per module (setup-pitr costs ~16 s): prod's PostgreSQL writes numbered rows with their commit times,
+one per 100 ms, while the pi5 streams; each test then asks for moments between two commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests import pitr_world
+
+DB = "kw_app_production"
+
+
+class Ticker(threading.Thread):
+    """Rows on prod, one per `every` seconds, each committed alone with its commit time (clock_timestamp())."""
+
+    def __init__(self, pitr, every: float = 0.1):
+        super().__init__(daemon=True)
+        self.pitr, self.every = pitr, every
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(host=str(self.pitr.pg.sockets), port=self.pitr.pg.port, dbname=DB, user="postgres",
+                             autocommit=True) as conn:  # fmt: skip
+            while not self.halt.wait(self.every):
+                conn.execute("INSERT INTO ticks (at) VALUES (clock_timestamp())")
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(10)
+
+
+def ticks(pitr, db: str = DB) -> list[tuple[int, datetime]]:
+    out = pitr.prod_sql("SELECT id, extract(epoch FROM at) FROM ticks ORDER BY id", db)
+    return [(int(i), datetime.fromtimestamp(float(t), UTC)) for i, t in (line.split("|") for line in out.splitlines())]
+
+
+@pytest.fixture(scope="module")
+def world_(tmp_path_factory, ssh_world, pi, pitr_install):
+    base = tmp_path_factory.mktemp("pitr-recover")
+    os.chown(base, pi.pw_uid, pi.pw_gid)
+    ssh_world.base.chmod(0o711)
+    place = pitr_world.PitrWorld(base, ssh_world, pi, pitr_install)
+    try:
+        place.start()
+        place.prod_sql("CREATE TABLE ticks (id bigserial PRIMARY KEY, at timestamptz NOT NULL)", DB)
+        place.prod_sql("CREATE TABLE other (id int PRIMARY KEY, note text)", DB)
+        place.prod_sql("INSERT INTO other SELECT n, 'note ' || n FROM generate_series(1, 50) n", DB)
+        place.start_tunnel()
+        done = place.laptop("setup-pitr")
+        assert done.returncode == 0, done.stderr
+        place.ticker = Ticker(place)
+        place.ticker.start()
+        time.sleep(3)  # a few seconds of ticks after the base backup
+        yield place
+    finally:
+        if getattr(place, "ticker", None):
+            place.ticker.stop()
+        place.stop()
+
+
+def recovered_ticks(path: Path) -> list[int]:
+    """The ids of the ticks table in a dump's COPY block."""
+    out = subprocess.run(["zcat", str(path)], capture_output=True, text=True, check=True).stdout
+    block = out.split("COPY public.ticks (id, at) FROM stdin;\n", 1)[1].split("\n\\.\n", 1)[0]
+    return [int(line.split("\t")[0]) for line in block.splitlines() if line]
+
+
+def test_pitr_recover_on_the_pi5_holds_exactly_the_rows_before_the_moment(world_):
+    rows = ticks(world_)
+    assert len(rows) > 10
+    (i, a), (_, b) = rows[-6], rows[-5]
+    target = a + (b - a) / 2
+    done = world_.on_pi("pitr-recover", "--at", target.isoformat())
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    path = Path(found["dir"]) / found["name"]
+    assert recovered_ticks(path) == [r[0] for r in rows if r[1] <= target]
+    assert found["reached"] and datetime.fromisoformat(found["reached"]) <= target
