@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -33,10 +31,14 @@ class Ticker(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        with psycopg.connect(host=str(self.pitr.pg.sockets), port=self.pitr.pg.port, dbname=DB, user="postgres",
-                             autocommit=True) as conn:  # fmt: skip
-            while not self.halt.wait(self.every):
-                conn.execute("INSERT INTO ticks (at) VALUES (clock_timestamp())")
+        while not self.halt.is_set():
+            try:  # a restore's swap ends this session, a hard stop of prod all of them: connect again
+                with psycopg.connect(host=str(self.pitr.pg.sockets), port=self.pitr.pg.port, dbname=DB,
+                                     user="postgres", autocommit=True, connect_timeout=5) as conn:  # fmt: skip
+                    while not self.halt.wait(self.every):
+                        conn.execute("INSERT INTO ticks (at) VALUES (clock_timestamp())")
+            except psycopg.Error:
+                self.halt.wait(0.2)
 
     def stop(self) -> None:
         self.halt.set()
@@ -82,7 +84,7 @@ def recovered_ticks(path: Path) -> list[int]:
 def test_pitr_recover_on_the_pi5_holds_exactly_the_rows_before_the_moment(world_):
     rows = ticks(world_)
     assert len(rows) > 10
-    (i, a), (_, b) = rows[-6], rows[-5]
+    (_, a), (_, b) = rows[-6], rows[-5]
     target = a + (b - a) / 2
     done = world_.on_pi("pitr-recover", "--at", target.isoformat())
     assert done.returncode == 0, done.stderr
@@ -90,3 +92,30 @@ def test_pitr_recover_on_the_pi5_holds_exactly_the_rows_before_the_moment(world_
     path = Path(found["dir"]) / found["name"]
     assert recovered_ticks(path) == [r[0] for r in rows if r[1] <= target]
     assert found["reached"] and datetime.fromisoformat(found["reached"]) <= target
+
+
+def between(rows: list[tuple[int, datetime]], back: int) -> datetime:
+    """A moment halfway between two commits, `back` rows from the newest."""
+    (_, a), (_, b) = rows[-back - 1], rows[-back]
+    return a + (b - a) / 2
+
+
+def test_restore_production_db_at_a_moment_keeps_its_dump_and_names_the_moment(world_):
+    rows = ticks(world_)
+    target = between(rows, 8)
+    prod_dir = world_.base / "prod-dumps"
+    started = datetime.now(UTC)
+    done = world_.laptop(
+        "restore-production-db", "--at", target.strftime("%Y-%m-%d %H:%M:%S.%f"), "--yes", "--keep-dump",
+        PROD_DIR=str(prod_dir),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # The restored database holds the ticks up to the moment, then only the ticker's new ones (after the swap).
+    restored = [i for i, at in ticks(world_) if at < started]
+    assert restored == [i for i, at in rows if at <= target]
+    assert "the newest transaction replayed before it is from" in done.stderr, done.stderr
+    kept = [p.name for p in prod_dir.iterdir()]
+    name = f"kw_app_production-{target:%Y%m%d-%H%M%S}.sql.gz"
+    assert sorted(kept) == [name, name + ".json"], kept
+    assert not list((world_.dir / "recovered").iterdir())  # the pi5's copy went once restored
+    assert not list(world_.dir.glob("kw-recover-run-*")) and not list(Path("/tmp").glob("kw-recover-socket-*"))

@@ -62,7 +62,7 @@ def parse_time(text: str, now: datetime | None = None) -> Target:
     now = now or datetime.now(UTC)
     if text == "latest":
         return Target(None)
-    utc = re.fullmatch(r"(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}(?::\d{2})?)", text)
+    utc = re.fullmatch(r"(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)", text)
     try:
         when = datetime.fromisoformat(f"{utc[1]}T{utc[2]}" if utc else text)
     except ValueError:
@@ -220,7 +220,7 @@ class _Server:
         )
         if code:
             raise Failed(
-                f"this machine cannot read the recovered control data: {err.decode(errors='replace').strip()}",
+                f"this machine cannot read the recovered control data: {err.strip()}",
                 "recover on a machine of prod's PostgreSQL major and architecture's byte order (docs/pitr.md)",
             )
         return out.decode(errors="replace")
@@ -406,7 +406,7 @@ def _barman_restore(tier: Tier, backup_id: str, target: Target, data: Path) -> N
     cmd = tier.barman("restore", "--no-get-wal", "--partial-wal", *targets, SERVER, backup_id, str(data))
     code, out, err = run(cmd, check=False, timeout=None)
     if code:
-        said = [line for line in (err + out).decode(errors="replace").splitlines() if line.strip()]
+        said = [line for line in (err + out.decode(errors="replace")).splitlines() if line.strip()]
         raise Failed(f"barman restore failed: {said[-1] if said else f'exit {code}'}", f"see {tier.log_file}")
 
 

@@ -1,0 +1,166 @@
+"""The laptop's side of --at: a moment recovered where the WAL tier is, as a dump Source for the safe restore.
+
+--from-pi5 (the default): the pi5 recovers it with its installed pitr-recover (in this process when
+PI5_HOST=local) into PITR_DIR/recovered/; the restore streams that dump from there as it would any pi5
+dump, and it is removed there afterwards (a killed run's is swept by the pi5 a day later). --from-nas: the
+base backup and the WAL the moment needs are fetched from the nas copy (NAS_DIR/wal/) into WORK_DIR and
+recovered on this machine, with its Barman and its PostgreSQL of the base backup's major.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .. import files, restore
+from ..download import work_dir
+from ..errors import Failed, LockHeld, UsageError, VerificationError
+from ..log import log
+from ..places import Multiplexer, Place, place
+from ..run import Cmd, run
+from ..settings import Settings
+from ..sources import Source
+from ..transfer import remote_spec, rsync_base
+from . import nas as pitr_nas
+from . import recover, status
+from .barman import SERVER, Tier
+from .recover import Recovered, Target, Window
+
+EXIT_AS = {2: UsageError, 3: VerificationError, 4: LockHeld}
+
+
+@contextmanager
+def moment_source(settings: Settings, text: str, where: str, shared: Multiplexer):
+    """(the Source of the moment `text` recovered at `where`, pi5 or nas, and what the recovery reached)."""
+    if settings["PITR"] != "on":
+        raise UsageError("--at needs the WAL tier, and PITR is off", "set PITR=on (and PITR_DIR) in the env file")
+    target = recover.parse_time(text)
+    if where == "pi5":
+        pi5 = shared(place(settings, "pi5"))
+        recovered = recover.recover_on_pi5(settings, text) if pi5.is_local else _on_pi5(pi5, text)
+        try:
+            _said(recovered)
+            yield Source("--at", replace(pi5, dir=str(recovered.path.parent)), recovered.path.name), recovered
+        finally:
+            _drop_on_pi5(settings, pi5, recovered.path.name)
+        return
+    with work_dir(settings["WORK_DIR"]) as work:
+        recovered = _from_nas(settings, target, shared, work)
+        _said(recovered)
+        yield Source("--at", path=str(recovered.path), name=recovered.path.name), recovered
+
+
+def _said(recovered: Recovered) -> None:
+    log.info(
+        "the moment %s: the newest transaction replayed before it is from %s (base backup %s)",
+        recovered.target,
+        recover.stamp(recovered.reached),
+        recovered.base_backup,
+    )
+
+
+# --- the pi5 ---------------------------------------------------------------------------------------------------
+def _on_pi5(pi5: Place, text: str) -> Recovered:
+    """pitr-recover on the pi5 over ssh: its lines relayed as this run's, its failure as this run's own."""
+    code, out, err = run(
+        pi5.command(["pitr-recover", "--at", text], name="pitr-recover on the pi5"), timeout=None, check=False
+    )
+    said = err.strip().splitlines()
+    error = next((line for line in reversed(said) if "pitr-recover: error: " in line), None)
+    for line in said:
+        if line != error:
+            log.info("pi5: %s", line.removeprefix("pitr-recover: "))
+    if code:
+        if error:
+            message, _, hint = error.partition("pitr-recover: error: ")[2].partition(" -- ")
+            raise EXIT_AS.get(code, Failed)(f"on the pi5: {message}", hint)
+        raise Failed(
+            f"pitr-recover on the pi5 failed (exit {code}): {said[-1] if said else 'no output'}",
+            "make install-pi5 PITR=on on the pi5 (it installs pitr-recover), then run again",
+        )
+    return _parse(out.decode(errors="replace").strip().splitlines()[-1])
+
+
+def _parse(line: str) -> Recovered:
+    found = json.loads(line)
+
+    def when(text: str | None) -> datetime | None:
+        return datetime.fromisoformat(text).astimezone(UTC) if text else None
+
+    return Recovered(
+        Path(found["dir"]) / found["name"],
+        Target(when(found["target"])),
+        when(found["reached"]),
+        found["base_backup"],
+        found["seconds"],
+    )
+
+
+def _drop_on_pi5(settings: Settings, pi5: Place, name: str) -> None:
+    try:
+        if pi5.is_local:
+            recover.drop(settings, name)
+        else:
+            run(pi5.command(["pitr-recover", "--drop", name], name="pitr-recover --drop on the pi5"), timeout=120)
+    except Exception as exc:  # the restore's own outcome is what counts; the pi5 sweeps it a day later
+        log.warning("could not remove the recovered %s on the pi5 (%s); it goes within a day", name, exc)
+
+
+# --- the nas copy, recovered here ----------------------------------------------------------------------------
+def _from_nas(settings: Settings, target: Target, shared: Multiplexer, work: Path) -> Recovered:
+    nas = shared(place(settings, "nas"))
+    (copy,) = [p for p in pitr_nas.tier_places(settings, ["nas"])]
+    copy = replace(copy, control_dir=nas.control_dir)
+    section = pitr_nas.read_section(settings, copy)
+    if section.error:
+        raise Failed(f"the nas's copy of the WAL tier is unreachable: {section.error}", "check the nas, or --from-pi5")
+    state = section.state
+    window = Window(state.recoverable_from, state.recoverable_to, live=False)
+    window.check(target, datetime.now(UTC))
+    tier = Tier(settings, str(work / "tier"))
+    tier.make_dirs()
+    home = tier.server_home
+    home.mkdir(mode=0o700, exist_ok=True)
+    _fetch(copy, home, ["meta/", f"wals/{SERVER}-xlog.db"], work / "meta.list", recursive=True)
+    held = status.read(home)
+    chosen = recover.choose_backup(held, target)
+    archived = {w.name for w in held.listed}
+    wanted = [f"base/{chosen.backup_id}/"] + [
+        f"wals/{w.name[:16]}/{w.name}" if w.name in archived else f"streaming/{w.name}"
+        for w in recover.wals_for(held, chosen, target)
+    ]
+    _fetch(copy, home, wanted, work / "wanted.list", recursive=True)
+    tier.record_prod_major(recover.major_of(home, chosen.backup_id))
+    out = files.own_subdir(work, "out")
+    return recover.recover(settings, tier, work, target, window, out)
+
+
+def _fetch(copy: Place, home: Path, paths: list[str], listing: Path, recursive: bool) -> None:
+    """rsync `paths` (relative to the nas copy's Barman home) into `home`."""
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    source = pitr_nas._server_home(copy)
+    argv = [
+        *rsync_base(copy),
+        "-t",
+        *(["-r"] if recursive else []),
+        "--chmod=D700,F600",
+        f"--files-from={listing}",
+        remote_spec(copy, source.rstrip("/") + "/"),
+        f"{home}/",
+    ]
+    code, _, err = run(Cmd(argv, name="rsync from the nas"), check=False, timeout=6 * 3600)
+    if code:
+        lines = err.strip().splitlines()
+        raise Failed(
+            f"fetching the WAL tier from the nas failed: {lines[-1] if lines else f'rsync exit {code}'}",
+            "check the nas (list-backups --point-in-time), or --from-pi5",
+        )
+
+
+def restore_at(settings: Settings, text: str, where: str, keep_dump: bool, options: dict) -> None:
+    """restore-production-db --at: the moment restored the safe way (kept on prod as a dump with --keep-dump)."""
+    with Multiplexer() as shared, moment_source(settings, text, where, shared) as (source, _):
+        restore.restore(settings, source, keep_as=source.name if keep_dump else None, **options)
