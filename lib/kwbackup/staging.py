@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import catalog, crypto, dumps, names, sources
@@ -67,6 +67,8 @@ echo "$size $sum"
 # $1: a file: exit 3 when there is none, else its bytes.
 READ_IF_THERE = '[ -e "$1" ] || exit 3; exec cat -- "$1"'
 # $1: the staged dump, $2: PROD_DIR, $3: the name to keep it under.
+# The manifest, when there is one, comes on stdin ($4 = manifest) and lands first, as backup-db writes them: a
+# dump never appears without it.
 KEEP_SCRIPT = r"""
 set -e
 mkdir -p -m 700 -- "$2"
@@ -74,6 +76,9 @@ tmp="$2/.$3.partial-keep"
 cp -- "$1" "$tmp"
 chmod 600 -- "$tmp"
 if [ -e "$2/$3" ]; then rm -f -- "$tmp"; echo "$2/$3 exists already" >&2; exit 1; fi
+if [ "$4" = manifest ]; then
+  cat > "$tmp.json"; chmod 600 -- "$tmp.json"; mv -- "$tmp.json" "$2/$3.json"
+fi
 mv -- "$tmp" "$2/$3"
 """
 # A staging directory is in use while its .lock is held (by the run that made it): only the
@@ -311,8 +316,20 @@ def verify(prod: Place, staged_dump: Staged) -> dict:
 def keep(prod: Place, staged_dump: Staged, name: str) -> None:
     """Keep the restored dump on prod as a dump in PROD_DIR (--keep-dump); never over another file."""
     directory = str(prod.local_dir()) if prod.is_local else prod.remote_path()
+    manifest = staged_dump.manifest
     try:
-        run(prod.script(KEEP_SCRIPT, staged_dump.path, directory, name, name="keep the dump on prod"), timeout=3600)
+        run(
+            prod.script(
+                KEEP_SCRIPT,
+                staged_dump.path,
+                directory,
+                name,
+                "manifest" if manifest else "",
+                name="keep the dump on prod",
+            ),
+            input=replace(manifest, file=name).to_json() if manifest else None,
+            timeout=3600,
+        )
     except KwError as exc:  # the restore itself is done and verified
         log.warning("the database is restored, but the dump was not kept in PROD_DIR: %s", exc.message)
         return
