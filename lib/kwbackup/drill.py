@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,6 +40,8 @@ from .download import fetch_dump, local_dump, work_dir
 from .errors import Failed, KwError, UsageError, VerificationError
 from .log import add_secrets, loader_notes, log, size
 from .monitor import Monitor
+from .pitr import moment
+from .pitr import nas as pitr_nas
 from .places import Multiplexer, place
 from .run import Cmd, StageFailed, pipeline, run
 from .settings import Settings
@@ -332,7 +334,39 @@ def _connect(params: dict, dbname: str | None = None, timeout: int = 30):
     )
 
 
-def drill(settings: Settings, args) -> dict:
+def drills(settings: Settings, args) -> None:
+    """backup-drill: the dump's drill, or --at's moment; with PITR=on and neither --at nor --from-file, then the
+    WAL tier's own: `latest` and a moment in the middle of its window, each against the nearest nightly dump.
+    Every drill appends its line to DRILL_LOG; the first failure is the run's."""
+    with Monitor(settings, "backup-drill", "here"), Multiplexer() as shared:
+        rundir.sweep(RUN_PREFIX)
+        failed: KwError | None = None
+        wal_tier = settings["PITR"] == "on" and args.at is None and not args.from_file and args.source in ("pi5", "nas")
+        for at in [args.at] + (["latest", "middle"] if wal_tier else []):
+            try:
+                drill(settings, args, shared, _middle(settings, args, shared) if at == "middle" else at, wal_tier)
+            except KwError as exc:
+                failed = failed or exc
+        if failed:
+            raise failed
+
+
+def _middle(settings: Settings, args, shared: Multiplexer) -> str:
+    """The moment halfway through the source's WAL tier window."""
+    (where,) = pitr_nas.tier_places(settings, [args.source])
+    section = pitr_nas.read_section(settings, replace(where, control_dir=shared(where).control_dir))
+    state = section.state
+    if section.error or not (state.recoverable_from and state.recoverable_to):
+        raise Failed(
+            f"the {args.source}'s WAL tier has no window to drill: {section.error or 'no complete base backup'}",
+            "list-backups --point-in-time says why",
+        )
+    return (state.recoverable_from + (state.recoverable_to - state.recoverable_from) / 2).isoformat()
+
+
+def drill(settings: Settings, args, shared: Multiplexer, at: str | None = None, compare: bool = False) -> dict:
+    """One drill: the dump (or the moment `at`, compared with the nearest nightly dump when `compare`) restored
+    and checked; its report printed and appended to DRILL_LOG, also when it fails."""
     report = {
         "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": None,
@@ -347,20 +381,31 @@ def drill(settings: Settings, args) -> dict:
         "result": "error",
         "error": None,
     }
+    if at is not None:
+        report.update(at=at, reached=None, recover_seconds=0.0, replay_seconds=0.0, dump_seconds=0.0)
     wanted = names.require(args.dump or "latest", "--dump")
     try:
-        with (
-            Monitor(settings, "backup-drill", "here"),
-            Multiplexer() as shared,
-            work_dir(settings["WORK_DIR"]) as local,
-        ):
-            rundir.sweep(RUN_PREFIX)
-            path, verified = _fetch_verified(settings, args, shared, wanted, local, report)
-            report.update(dump=path.name, bytes=verified.size)
-            needs = dumps.requirements(path)
-            made_by = _made_by(needs, verified)
-            with _timed(report, "restore_seconds"), _scratch(settings, args, made_by) as scratch:
-                _restore_and_check(scratch, path, needs, made_by, verified, settings, report)
+        with work_dir(settings["WORK_DIR"]) as local:
+            if at is None:
+                path, verified = _fetch_verified(settings, args, shared, wanted, local, report)
+                _drill_dump(settings, args, path, verified, report)
+            else:
+                with moment.moment_source(settings, at, args.source, shared) as (source, recovered):
+                    report.update(
+                        source=f"the {args.source}'s WAL tier",
+                        reached=recovered.reached.isoformat() if recovered.reached else None,
+                        **{f"{step}_seconds": seconds for step, seconds in recovered.seconds.items()},
+                    )
+                    with _timed(report, "download_seconds"):
+                        path = (
+                            Path(source.path)
+                            if source.path
+                            else fetch_dump(source.origin, source.name, local, settings)
+                        )
+                    verified = dumps.verify_file(path)
+                if compare:
+                    _compare_with_nearest_dump(settings, args, shared, recovered, verified, report)
+                _drill_dump(settings, args, path, verified, report)
     except KwError as exc:
         # "failed": the dump does not restore or match (exit 3); "error": the drill could not tell.
         report.update(error=exc.line(), result="failed" if isinstance(exc, VerificationError) else "error")
@@ -373,6 +418,47 @@ def drill(settings: Settings, args) -> dict:
     report["result"] = "ok"
     _record(settings, args, report)
     return report
+
+
+def _drill_dump(settings: Settings, args, path: Path, verified: dumps.Verified, report: dict) -> None:
+    report.update(dump=path.name, bytes=verified.size)
+    needs = dumps.requirements(path)
+    made_by = _made_by(needs, verified)
+    with _timed(report, "restore_seconds"), _scratch(settings, args, made_by) as scratch:
+        _restore_and_check(scratch, path, needs, made_by, verified, settings, report)
+
+
+def _compare_with_nearest_dump(
+    settings: Settings, args, shared: Multiplexer, recovered, verified: dumps.Verified, report: dict
+) -> None:
+    """The moment holds at least the tables of the source's nightly dump nearest before it (else nearest after)."""
+    origin = shared(place(settings, args.source))
+    clock = names.Clock.from_settings(settings)
+    dumps_there = [
+        e
+        for e in origin.listing()
+        if e.status == "verified" and names.parse(e.name).nightly and not clock.is_future(e.name)
+    ]
+    if not dumps_there:
+        report["compared_with"] = None
+        log.warning("no verified nightly dump on the %s to compare the moment with", args.source)
+        return
+    when = recovered.moment
+    before = [e for e in dumps_there if names.parse(e.name).when <= when]
+    nearest = (
+        max(before, key=lambda e: names.parse(e.name).when)
+        if before
+        else min(dumps_there, key=lambda e: abs(names.parse(e.name).when - when))
+    )
+    report["compared_with"] = nearest.name
+    have = verified.manifest.tables if verified.manifest else verified.tables
+    missing = sorted(set(nearest.manifest.get("tables") or {}) - set(have))
+    if missing:
+        raise VerificationError(
+            f"the moment {recovered.target} lacks tables the nightly dump {nearest.name} holds: "
+            + ", ".join(missing[:5]),
+            "the WAL tier does not hold what the dumps hold: see pitr-status and the runbook",
+        )
 
 
 @contextmanager
@@ -559,8 +645,18 @@ def _record(settings: Settings, args, report: dict) -> None:
 
 
 def _print_report(report: dict) -> None:
+    moment_lines = (
+        f"moment:   {report['at']} (reached: the newest transaction replayed is from {report['reached'] or '-'})\n"
+        f"recover:  {report['recover_seconds']:.1f}s\nreplay:   {report['replay_seconds']:.1f}s\n"
+        f"dump:     {report['dump_seconds']:.1f}s"
+        + (f" (compared with {report['compared_with']})" if report.get("compared_with") else "")
+        + "\n"
+        if "at" in report
+        else ""
+    )
     print(
-        f"source:   {report['source'] or '-'}\ndump:     {report['dump'] or '-'} ({size(report['bytes'])})\n"
+        f"source:   {report['source'] or '-'}\n{moment_lines}"
+        f"dump:     {report['dump'] or '-'} ({size(report['bytes'])})\n"
         f"server:   {report['server'] or '-'}\n"
         f"download: {report['download_seconds']:.1f}s\nrestore:  {report['restore_seconds']:.1f}s\n"
         f"tables:   {report['tables']}\nrows:     {report['rows']}\n"

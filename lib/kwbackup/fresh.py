@@ -13,6 +13,7 @@ from . import crypto, dumps, names, restore, sources
 from .download import fetch, fetch_dump, local_dump, work_dir
 from .errors import Failed, UsageError
 from .log import dry, log
+from .pitr import moment
 from .places import Multiplexer, Place, place
 from .run import run
 from .settings import Settings
@@ -27,12 +28,19 @@ def setup_fresh(
     from_file: str | None = None,
     from_ssh: str | None = None,
     dump: str | None = None,
+    at: str | None = None,
+    keep_dump: bool = False,
     yes: bool = False,
     dry_run: bool = False,
     force: bool = False,
 ) -> None:
     """The dump (from `origin` nas|pi5|offsite, a file, USER@HOST:/PATH, or else the first place that has one)
-    fetched here, verified, and restored into DB_NAME; refused when DB_NAME holds tables unless `force`."""
+    fetched here, verified, and restored into DB_NAME; refused when DB_NAME holds tables unless `force`.
+    With `at`, the moment of the WAL tier at `origin` (default the pi5) instead, streamed to prod as it is."""
+    if at is not None:
+        options = dict(yes=yes, dry_run=dry_run, refuse_tables=not force)
+        moment.restore_at(settings, at, origin or "pi5", keep_dump, options)
+        return
     wanted = names.require(dump or "latest", "--dump")
     with Multiplexer() as shared, work_dir(settings["WORK_DIR"]) as local:
         if from_file or from_ssh:

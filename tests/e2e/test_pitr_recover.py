@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -17,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests import pitr_world
+from tests import pitr_world, world
 
 DB = "kw_app_production"
 
@@ -119,3 +121,53 @@ def test_restore_production_db_at_a_moment_keeps_its_dump_and_names_the_moment(w
     assert sorted(kept) == [name, name + ".json"], kept
     assert not (world_.dir / "recovered" / name).exists()  # the pi5's copy went once restored
     assert not list(world_.dir.glob("kw-recover-run-*")) and not list(Path("/tmp").glob("kw-recover-socket-*"))
+
+
+@pytest.fixture
+def fresh_prod(world_):
+    """A freshly provisioned prod: its own PostgreSQL 15 without DB_NAME, behind an sshd place of its own whose
+    login finds only the docker stand-in."""
+    pg = world.Postgres(Path(tempfile.mkdtemp(prefix="kwtest-fresh-pg-"))).start()
+    bin_dir = world_.base / "fresh-bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "docker").exists():
+        (bin_dir / "docker").symlink_to(world.STANDINS / "docker")
+    name = f"{world_.name}-fresh"
+    sshd = world_.ssh_world.add_place(
+        name,
+        next(pitr_world.ADDRESSES),
+        f"{bin_dir}:/usr/bin:/bin",
+        {**pg.env, "STANDIN_LOG": str(world_.base / "fresh.log")},
+    )
+    try:
+        yield name, pg
+    finally:
+        sshd.stop()
+        pg.stop()
+        shutil.rmtree(pg.base, ignore_errors=True)
+
+
+def test_setup_fresh_production_db_at_a_moment_on_a_fresh_prod(world_, fresh_prod):
+    host, pg = fresh_prod
+    rows = ticks(world_)
+    target = between(rows, 3)
+    done = world_.laptop("setup-fresh-production-db", "--at", target.isoformat(), "--yes", PROD_HOST=host)
+    assert done.returncode == 0, done.stderr
+    got = pg.psql("SELECT id FROM ticks ORDER BY id", DB).split()
+    assert [int(i) for i in got] == [i for i, at in rows if at <= target]
+    assert pg.psql("SELECT count(*) FROM other", DB) == "50"
+
+
+def test_backup_drill_at_a_moment_reports_each_step_and_what_it_reached(world_):
+    rows = ticks(world_)
+    target = between(rows, 4)
+    report = world_.base / "drill-at.jsonl"
+    done = world_.laptop("backup-drill", "--at", target.isoformat(), "--report", str(report))
+    assert done.returncode == 0, done.stderr + done.stdout
+    line = json.loads(report.read_text().splitlines()[-1])
+    assert line["result"] == "ok" and line["at"] == target.isoformat() and line["source"] == "the pi5's WAL tier"
+    # The newest commit replayed: the last row's, a little after its clock_timestamp(), and before the moment.
+    assert max(at for _, at in rows if at <= target) <= datetime.fromisoformat(line["reached"]) <= target
+    assert all(line[f"{step}_seconds"] > 0 for step in ("recover", "replay", "dump", "restore"))
+    assert line["tables"] == 2 and line["rows"] == 50 + len([1 for _, at in rows if at <= target])
+    assert "moment:   " + target.isoformat() in done.stdout
