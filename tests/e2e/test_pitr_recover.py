@@ -13,7 +13,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -31,6 +32,8 @@ class Ticker(threading.Thread):
         super().__init__(daemon=True)
         self.pitr, self.every = pitr, every
         self.halt = threading.Event()
+        self.going = threading.Event()
+        self.going.set()
 
     def run(self) -> None:
         while not self.halt.is_set():
@@ -38,13 +41,23 @@ class Ticker(threading.Thread):
                 with psycopg.connect(host=str(self.pitr.pg.sockets), port=self.pitr.pg.port, dbname=DB,
                                      user="postgres", autocommit=True, connect_timeout=5) as conn:  # fmt: skip
                     while not self.halt.wait(self.every):
-                        conn.execute("INSERT INTO ticks (at) VALUES (clock_timestamp())")
+                        if self.going.is_set():
+                            conn.execute("INSERT INTO ticks (at) VALUES (clock_timestamp())")
             except psycopg.Error:
                 self.halt.wait(0.2)
 
     def stop(self) -> None:
         self.halt.set()
         self.join(10)
+
+    @contextmanager
+    def paused(self):
+        self.going.clear()
+        time.sleep(0.3)  # an insert under way commits
+        try:
+            yield
+        finally:
+            self.going.set()
 
 
 def ticks(pitr, db: str = DB) -> list[tuple[int, datetime]]:
@@ -171,3 +184,105 @@ def test_backup_drill_at_a_moment_reports_each_step_and_what_it_reached(world_):
     assert all(line[f"{step}_seconds"] > 0 for step in ("recover", "replay", "dump", "restore"))
     assert line["tables"] == 2 and line["rows"] == 50 + len([1 for _, at in rows if at <= target])
     assert "moment:   " + target.isoformat() in done.stdout
+
+
+# --- refusals and faults -------------------------------------------------------------------------------------
+def prod_unchanged(world_):
+    """What DB_NAME holds now, to compare after a run that must change nothing (the ticker paused meanwhile)."""
+    return world_.prod_sql("SELECT count(*), max(id) FROM ticks", DB) + world_.prod_sql(
+        "SELECT datname FROM pg_database ORDER BY 1"
+    )
+
+
+def test_a_moment_outside_the_window_in_the_future_or_not_a_time_is_exit_2_naming_the_window(world_):
+    before_backup = datetime(2020, 1, 1, tzinfo=UTC)
+    for at, said in (
+        (before_backup.isoformat(), "is outside the window: recoverable from "),
+        ((datetime.now(UTC) + timedelta(hours=1)).isoformat(), "is in the future"),
+        ("2026-13-45 10:00", "is not a time"),
+        ("2026-12-06T10:00:00", "is not a time"),  # no offset: ambiguous
+    ):
+        done = world_.laptop("restore-production-db", "--at", at, "--yes")
+        assert done.returncode == 2, (at, done.stderr)
+        assert said in done.stderr.strip().splitlines()[-1], (at, done.stderr)
+    assert not list((world_.dir / "recovered").glob(f"*{datetime.now(UTC):%Y%m%d}*.sql.gz.partial*"))
+
+
+def archive_segment(world_, name: str) -> Path:
+    """`name`, once complete, archived in wals/ by pitr-cron as cron runs it."""
+    archived = world_.dir / "home" / "prod" / "wals" / name[:16] / name
+    for _ in range(300):
+        if archived.exists():
+            return archived
+        world_.on_pi("pitr-cron")
+        time.sleep(0.2)
+    raise AssertionError(f"{name} was not archived")
+
+
+def test_wal_missing_for_the_moment_is_exit_3_naming_the_latest_reachable_moment(world_):
+    switched = datetime.fromisoformat(
+        world_.prod_sql("SELECT pg_switch_wal() IS NOT NULL, clock_timestamp()").split("|")[1]
+    )
+    time.sleep(1)  # ticks in the next segment, the one that goes missing
+    missing = world_.prod_sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    world_.prod_sql("SELECT pg_switch_wal() FROM (SELECT pg_logical_emit_message(false, 'kw', 'x')) m")
+    archived = archive_segment(world_, missing)
+    time.sleep(0.5)
+    rows = ticks(world_)
+    aside = world_.base / archived.name
+    shutil.move(archived, aside)
+    try:
+        done = world_.laptop("restore-production-db", "--at", "latest", "--yes")
+        assert done.returncode == 3, done.stderr
+        line = done.stderr.strip().splitlines()[-1]
+        assert "is missing: the latest reachable moment is " in line, line
+        reachable = datetime.fromisoformat(line.split("the latest reachable moment is ", 1)[1].split(" ", 1)[0])
+        # The newest commit before the missing segment: the last tick before the switch (or a heartbeat after it).
+        last_before = max(at for _, at in rows if at < switched)
+        assert last_before <= reachable <= switched, (last_before, reachable, switched)
+        assert ticks(world_)[: len(rows)] == rows  # prod as it was
+    finally:
+        shutil.move(aside, archived)
+
+
+def test_a_moment_after_the_last_commit_of_a_quiet_prod_holds_every_row(world_):
+    with world_.ticker.paused():
+        rows = ticks(world_)
+        time.sleep(2)
+        target = rows[-1][1] + timedelta(seconds=1)  # no commit after it: the WAL's end is the moment
+        done = world_.on_pi("pitr-recover", "--at", target.isoformat())
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert recovered_ticks(Path(found["dir"]) / found["name"]) == [i for i, _ in rows]
+
+
+def run_dirs(world_) -> list[Path]:
+    return [*world_.dir.glob("kw-recover-run-*"), *Path("/tmp").glob("kw-recover-socket-*")]
+
+
+def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(world_):
+    steps = {
+        "barman restore": lambda: any(
+            p.name == "data" for d in world_.dir.glob("kw-recover-run-*") for p in d.iterdir()
+        ),
+        "replay": lambda: any((d / "data" / "postmaster.pid").exists() for d in world_.dir.glob("kw-recover-run-*")),
+        "pg_dump": lambda: any(world_.dir.joinpath("recovered").glob(".*")),
+    }
+    target = between(ticks(world_), 2)
+    for step, reached in steps.items():
+        argv, env = world_.pi_argv("pitr-recover", "--at", target.isoformat())
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not reached() and proc.poll() is None:
+            assert time.monotonic() < deadline, step
+            time.sleep(0.02)
+        assert proc.poll() is None, f"pitr-recover ended before {step}"
+        os.kill(proc.pid, 9)
+        proc.wait(10)
+        # The runuser wrapper died; the script under it too (same process group for -9 of a whole cron job).
+        subprocess.run(["pkill", "-9", "-u", world_.pi.pw_name, "-f", "bin/pitr-recover"], check=False)
+    assert run_dirs(world_)  # what the killed runs left: their servers still up
+    done = world_.on_pi("pitr-recover", "--at", target.isoformat())
+    assert done.returncode == 0, done.stderr
+    assert not run_dirs(world_), run_dirs(world_)
+    assert not [p for p in (world_.dir / "recovered").iterdir() if p.name.startswith(".")]

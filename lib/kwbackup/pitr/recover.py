@@ -13,6 +13,7 @@ moment's name, ready for the safe restore. Prod, its data directory and its WAL 
 
 from __future__ import annotations
 
+import gzip
 import re
 import shutil
 import time
@@ -41,6 +42,7 @@ MOMENT_NAME = "kw_app_production-{:%Y%m%d-%H%M%S}.sql.gz"  # a migration-form na
 ENDED_EARLY = "recovery ended before configured recovery target was reached"
 LAST_COMMIT = re.compile(r"last completed transaction was at log time (.+?)(?:$|\n)")
 REDO_DONE = re.compile(r"redo done at ([0-9A-F]+)/([0-9A-F]+)")
+COMMIT = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def choose_backup(files_: status.Files, target: Target) -> status.BaseBackup:
 def server_bindir(major: int) -> Path:
     """This machine's PostgreSQL server programs of the base backup's major: recovery needs that very major."""
     bindir = PG_LIB / str(major) / "bin"
-    if not all((bindir / tool).exists() for tool in ("postgres", "pg_ctl", "pg_controldata", "pg_dump")):
+    if not all((bindir / tool).exists() for tool in ("postgres", "pg_ctl", "pg_controldata", "pg_dump", "pg_waldump")):
         have = sorted(p.name for p in PG_LIB.glob("*") if (p / "bin" / "postgres").exists()) if PG_LIB.is_dir() else []
         raise Failed(
             f"the base backup is PostgreSQL {major}, and this machine has no PostgreSQL {major} server "
@@ -163,6 +165,51 @@ def wals_for(files_: status.Files, chosen: status.BaseBackup, target: Target) ->
         if target.when is not None and wal.time >= target.when.timestamp():
             break
     return wanted
+
+
+def first_gap(files_: status.Files, chosen: status.BaseBackup, target: Target) -> int | None:
+    """The first segment a recovery of `chosen` to `target` needs that is not on disk: recovery stops before it."""
+    segment = chosen.segment_size
+    present = {
+        status._segno(w.name, segment): w
+        for w in [*(w for w in files_.listed if w.name not in files_.missing), *files_.streaming]
+    }
+    segno = status._segno(chosen.begin_wal, segment)
+    newest = max(present, default=segno)
+    while segno <= newest:
+        wal = present.get(segno)
+        if wal is None:
+            return segno
+        if target.when is not None and wal.time >= target.when.timestamp():
+            return None
+        segno += 1
+    return None
+
+
+def last_commit_before(home: Path, files_: status.Files, chosen: status.BaseBackup, gap: int, bindir: Path, work: Path):
+    """The newest commit in the segments before `gap`, as pg_waldump reads them: the latest reachable moment."""
+    segment = chosen.segment_size
+    by_segno = {status._segno(w.name, segment): w for w in [*files_.listed, *files_.streaming]}
+    first = status._segno(chosen.begin_wal, segment)
+    for segno in range(gap - 1, first - 1, -1):
+        wal = by_segno.get(segno)
+        if wal is None:
+            break
+        found = home / "wals" / wal.name[:16] / wal.name
+        found = found if found.exists() else home / "streaming" / wal.name
+        plain = work / wal.name.removesuffix(".partial")
+        with open(found, "rb") as src, open(plain, "wb") as dst:
+            head = src.read(2)
+            src.seek(0)
+            shutil.copyfileobj(gzip.open(src) if head == b"\x1f\x8b" else src, dst)
+        try:
+            _, out, _ = run(Cmd([bindir / "pg_waldump", "-r", "Transaction", plain], name="pg_waldump"), check=False)
+        finally:
+            plain.unlink(missing_ok=True)
+        commits = COMMIT.findall(out.decode(errors="replace"))
+        if commits:
+            return datetime.fromisoformat(commits[-1]).replace(tzinfo=UTC)
+    return None
 
 
 def check_room(where: Path, needed: int) -> None:
@@ -228,8 +275,8 @@ class _Server:
     def start(self) -> None:
         argv = [self.bindir / "pg_ctl", "-D", self.data, "-l", self.log_file, "-w", "-t", str(READY_SECONDS), "start"]
         code, _, err = run(Cmd(rundir.as_user(self.user, argv), name="pg_ctl start"), check=False, timeout=None)
-        if code and self.running():
-            return  # consistent only after pg_ctl's wait: polled from here on
+        if code and (self.running() or ENDED_EARLY in self.log_text()):
+            return  # consistent only after pg_ctl's wait, or the WAL ended before the target: _replay tells which
         if code:
             raise Failed(f"the recovered server did not start: {self.last_error()}", f"see {self.log_file}")
 
@@ -335,6 +382,10 @@ def recover(settings: Settings, tier: Tier, work: Path, target: Target, window: 
     chosen = choose_backup(held, target)
     major = major_of(tier.server_home, chosen.backup_id)
     bindir = server_bindir(major)
+    gap = first_gap(held, chosen, target)
+    if gap is not None:  # Barman would stop at it too, copying; name the latest moment before it instead
+        reached = last_commit_before(tier.server_home, held, chosen, gap, bindir, work)
+        raise _missing(target, reached, chosen.backup_id)
     wal_bytes = len(wals_for(held, chosen, target)) * chosen.segment_size  # Barman writes them uncompressed
     check_room(work, int((chosen.size + wal_bytes) * 1.1) + (64 << 20))
     rundir.sweep(RUN_PREFIX, root=work)
@@ -359,13 +410,15 @@ def recover(settings: Settings, tier: Tier, work: Path, target: Target, window: 
             text = server.log_text()
             ended, reached = _redo_end(text), _last_commit(text)
             if ended is None or ended // chosen.segment_size < _newest_segno(held, chosen.segment_size):
-                raise _missing(target, reached)
+                raise _missing(target, reached, chosen.backup_id)
             with open(server.data / "postgresql.auto.conf", "a") as conf:
                 conf.write("recovery_target_time = ''\n")  # no commit came after it: the end of the WAL is the moment
             server.start()
             reached, lsn = _replay(server, Target(None))
         if target.when is None and max(lsn - 1, 0) // chosen.segment_size < _newest_segno(held, chosen.segment_size):
-            raise _missing(target, reached)  # promoted before the end of the WAL held: a segment is missing
+            raise _missing(
+                target, reached, chosen.backup_id
+            )  # promoted before the end of the WAL held: a segment is missing
         seconds["replay"] = round(time.monotonic() - started, 2)
         log.info("recovered %s: the newest transaction replayed is from %s", target, stamp(reached))
         started = time.monotonic()
@@ -382,10 +435,17 @@ def recover(settings: Settings, tier: Tier, work: Path, target: Target, window: 
     return Recovered(out / name, target, reached, chosen.backup_id, seconds)
 
 
-def _missing(target: Target, reached: datetime | None) -> VerificationError:
+def _missing(target: Target, reached: datetime | None, backup_id: str) -> VerificationError:
+    """Exit 3 naming the latest reachable moment, to the microsecond: the newest commit before the missing WAL."""
+    if reached is None:
+        return VerificationError(
+            f"WAL for {target} is missing: no moment after base backup {backup_id} is reachable",
+            "give a moment before it, or take a new base backup (pitr-base-backup); pitr-status shows the gaps",
+        )
+    moment = reached.astimezone(UTC).isoformat()
     return VerificationError(
-        f"WAL for {target} is missing: the latest reachable moment is {stamp(reached)}",
-        f"give --at {stamp(reached)} or earlier; pitr-status shows the WAL chain's gaps",
+        f"WAL for {target} is missing: the latest reachable moment is {moment}",
+        f"give --at {moment} or earlier; pitr-status shows the WAL chain's gaps",
     )
 
 
@@ -407,7 +467,8 @@ def _barman_restore(tier: Tier, backup_id: str, target: Target, data: Path) -> N
     code, out, err = run(cmd, check=False, timeout=None)
     if code:
         said = [line for line in (err + out.decode(errors="replace")).splitlines() if line.strip()]
-        raise Failed(f"barman restore failed: {said[-1] if said else f'exit {code}'}", f"see {tier.log_file}")
+        errors = [line for line in said if "ERROR" in line] or said
+        raise Failed(f"barman restore failed: {errors[-1] if errors else f'exit {code}'}", f"see {tier.log_file}")
 
 
 # --- on the pi5 (bin/pitr-recover) -----------------------------------------------------------------------------
@@ -444,8 +505,9 @@ def drop(settings: Settings, name: str) -> None:
 
 
 def _remove_leftovers(out: Path) -> None:
+    """Under the lock: a partial dump is a killed run's; a whole one a day old, a laptop's that never came back."""
     cutoff = time.time() - LEFTOVER_HOURS * 3600
     for path in out.iterdir():
-        if path.is_file() and path.stat().st_mtime < cutoff:
+        if path.name.startswith(".") or (path.is_file() and path.stat().st_mtime < cutoff):
             path.unlink(missing_ok=True)
-            log.info("removed %s, a recovered moment nobody came back for", path.name)
+            log.info("removed %s, left by a recovery that was killed or never collected", path.name)

@@ -358,8 +358,10 @@ def check_prod(state: State, tier: Tier, settings: Settings, now: datetime) -> N
         slot = conn.execute(
             "SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = %s", [SLOT]
         ).fetchone()
+        # sent_lsn, not flush_lsn: the receiver reports what it flushed only every 10 s (no --synchronous), while
+        # what prod has sent reaches the pi5 within the link's round trip.
         caught_up = conn.execute(
-            "SELECT coalesce(bool_or(flush_lsn >= pg_current_wal_lsn()), false) FROM pg_stat_replication "
+            "SELECT coalesce(bool_or(sent_lsn >= pg_current_wal_lsn()), false) FROM pg_stat_replication "
             "WHERE application_name = 'barman_receive_wal'"
         ).fetchone()[0]
     # One command of ours, not Barman's five: the steps depend on what is there (a receiver running, a slot left)
