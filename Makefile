@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-requirements
 SHELL_FILES = $(shell grep -rlIE '^\#!(/usr/bin/env |/bin/)(ba|da)?sh' --exclude-dir=.venv --exclude-dir=.git \
                 --exclude-dir=.bench --exclude-dir=.demo . )
 
-.PHONY: venv test test-unit lint bench demo drill install-prod install-pi5 uninstall-prod uninstall-pi5 \
+.PHONY: venv venv-barman test test-unit lint bench demo drill install-prod install-pi5 uninstall-prod uninstall-pi5 \
         authorize-pi5 authorize-pi5-tunnel pi5-keys
 # The prerequisites of a target run in the order written: the system packages before the venv.
 .NOTPARALLEL:
@@ -16,6 +16,17 @@ PREFIX ?= /opt/kw-backup
 # stdlib only: runs with the system's python3 before the venv exists
 INSTALL = PYTHONPATH=lib $(PYTHON) -m kwbackup.install
 venv: $(STAMP)
+
+# Barman for a laptop that recovers the nas's copy of the WAL tier (--at ... --from-nas), and for the tests; a pi5
+# gets its own with make install-pi5 PITR=on.
+BARMAN_VENV := .venv-barman
+BARMAN_STAMP := $(BARMAN_VENV)/.installed-requirements
+venv-barman: $(BARMAN_STAMP)
+
+$(BARMAN_STAMP): requirements-barman.txt
+	test -x $(BARMAN_VENV)/bin/python || $(PYTHON) -m venv $(BARMAN_VENV)
+	$(BARMAN_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-barman.txt
+	touch $(BARMAN_STAMP)
 
 # The tools too (requirements-dev.txt); an install's venv gets requirements.txt alone.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -28,7 +39,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 system-packages-%:
 	@sh tools/system-packages $*
 
-test: system-packages-test lint
+test: system-packages-test lint venv-barman
 	$(VENV)/bin/pytest -n $(TEST_JOBS) --dist loadgroup
 
 # The fast loop: tests/unit only, no root needed.

@@ -403,9 +403,9 @@ def drill(settings: Settings, args, shared: Multiplexer, at: str | None = None, 
                             else fetch_dump(source.origin, source.name, local, settings)
                         )
                     verified = dumps.verify_file(path)
-                if compare:
-                    _compare_with_nearest_dump(settings, args, shared, recovered, verified, report)
-                _drill_dump(settings, args, path, verified, report)
+                    if compare:
+                        _compare_with_nearest_dump(settings, args, shared, recovered, verified, report)
+                    _drill_dump(settings, args, path, verified, report)
     except KwError as exc:
         # "failed": the dump does not restore or match (exit 3); "error": the drill could not tell.
         report.update(error=exc.line(), result="failed" if isinstance(exc, VerificationError) else "error")

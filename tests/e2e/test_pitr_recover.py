@@ -286,3 +286,39 @@ def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(worl
     assert done.returncode == 0, done.stderr
     assert not run_dirs(world_), run_dirs(world_)
     assert not [p for p in (world_.dir / "recovered").iterdir() if p.name.startswith(".")]
+
+
+def test_backup_drill_at_a_moment_of_the_nas_copy_recovers_it_on_this_machine(world_):
+    """The nas holds the WAL tier as the pi5's nightly orchestrator copied it; --from nas recovers it here."""
+    segment = world_.prod_sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    time.sleep(1)
+    switched = datetime.now(UTC)
+    world_.prod_sql("SELECT pg_switch_wal() FROM (SELECT pg_logical_emit_message(false, 'kw', 'x')) m")
+    archive_segment(world_, segment)
+    rows = [r for r in ticks(world_) if r[1] < switched]  # the ones in the segments the nas gets
+    prod_dumps, nas_dir = world_.base / "nas-prod-dumps", world_.base / "nas"
+    world.synthetic_dump(prod_dumps, "db-2024-01-15.sql.gz", rows=10, random_bytes=True)
+    world_.pi_own(prod_dumps)
+    saved = dict(world_.pi5_settings)
+    world_.write_pi5_env(
+        PROD_HOST="local", PROD_DIR=str(prod_dumps), PI5_HOST="local", PI5_DIR=str(world_.base / "pi5-dumps"),
+        NAS_HOST="local", NAS_DIR=str(nas_dir), MIN_DUMP_BYTES="100", MAX_DUMP_AGE_HOURS="1000000",
+    )  # fmt: skip
+    try:
+        copied = world_.on_pi("backup-orchestrator")
+        assert copied.returncode == 0, copied.stdout + copied.stderr
+    finally:
+        world_.pi5_settings.clear()
+        world_.write_pi5_env(**saved)
+    target = between(rows, 3)
+    done = world_.laptop(
+        "backup-drill", "--from", "nas", "--at", target.isoformat(), NAS_HOST="local", NAS_DIR=str(nas_dir)
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "source:   the nas's WAL tier" in done.stdout
+    assert f"rows:     {50 + len([1 for _, at in rows if at <= target])}" in done.stdout, done.stdout
+    after = datetime.now(UTC) - timedelta(seconds=0.2)  # past the nas's newest WAL: outside its window
+    late = world_.laptop(
+        "backup-drill", "--from", "nas", "--at", after.isoformat(), NAS_HOST="local", NAS_DIR=str(nas_dir)
+    )
+    assert late.returncode == 2 and "outside the window" in late.stderr, late.stderr

@@ -387,9 +387,11 @@ def recover(settings: Settings, tier: Tier, work: Path, target: Target, window: 
         reached = last_commit_before(tier.server_home, held, chosen, gap, bindir, work)
         raise _missing(target, reached, chosen.backup_id)
     wal_bytes = len(wals_for(held, chosen, target)) * chosen.segment_size  # Barman writes them uncompressed
+    user = rundir.service_user()
+    # Run as root, the server runs as another user, who cannot pass root's private directories: /tmp, as the drill.
+    work = work if user is None else rundir.RUN_ROOT
     check_room(work, int((chosen.size + wal_bytes) * 1.1) + (64 << 20))
     rundir.sweep(RUN_PREFIX, root=work)
-    user = rundir.service_user()
     seconds: dict[str, float] = {}
     rundir.sweep(SOCKET_PREFIX)
     with (
