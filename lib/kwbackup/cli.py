@@ -135,3 +135,17 @@ def _error(line: str) -> None:
         logmod.log.error("error: %s", line)
     else:
         sys.stderr.write(f"{script_name()}: error: {line}\n")
+
+
+def hang_up_when_orphaned(every: float = 1.0) -> None:
+    """SIGHUP to this process once its parent is gone: run over ssh by another machine's script, a dropped link
+    ends sshd's session but not this command, which would go on working for nobody. Then it cleans up as on any
+    SIGHUP (exit 129)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(every)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    threading.Thread(target=watch, daemon=True, name="parent watch").start()

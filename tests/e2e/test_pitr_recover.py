@@ -132,7 +132,7 @@ def test_restore_production_db_at_a_moment_keeps_its_dump_and_names_the_moment(w
     kept = [p.name for p in prod_dir.iterdir()]
     name = f"kw_app_production-{target:%Y%m%d-%H%M%S}.sql.gz"
     assert sorted(kept) == [name, name + ".json"], kept
-    assert not (world_.dir / "recovered" / name).exists()  # the pi5's copy went once restored
+    assert not list((world_.dir / "recovered").glob(f"*/{name}"))  # the pi5's copy went once restored
     assert not list(world_.dir.glob("kw-recover-run-*")) and not list(Path("/tmp").glob("kw-recover-socket-*"))
 
 
@@ -266,7 +266,7 @@ def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(worl
             p.name == "data" for d in world_.dir.glob("kw-recover-run-*") for p in d.iterdir()
         ),
         "replay": lambda: any((d / "data" / "postmaster.pid").exists() for d in world_.dir.glob("kw-recover-run-*")),
-        "pg_dump": lambda: any(world_.dir.joinpath("recovered").glob(".*")),
+        "pg_dump": lambda: any(world_.dir.joinpath("recovered").glob("*/.*")),
     }
     target = between(ticks(world_), 2)
     for step, reached in steps.items():
@@ -285,7 +285,7 @@ def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(worl
     done = world_.on_pi("pitr-recover", "--at", target.isoformat())
     assert done.returncode == 0, done.stderr
     assert not run_dirs(world_), run_dirs(world_)
-    assert not [p for p in (world_.dir / "recovered").iterdir() if p.name.startswith(".")]
+    assert not list((world_.dir / "recovered").glob("*/.*"))  # the killed runs' partial dumps went
 
 
 def test_backup_drill_at_a_moment_of_the_nas_copy_recovers_it_on_this_machine(world_):
@@ -322,3 +322,69 @@ def test_backup_drill_at_a_moment_of_the_nas_copy_recovers_it_on_this_machine(wo
         "backup-drill", "--from", "nas", "--at", after.isoformat(), NAS_HOST="local", NAS_DIR=str(nas_dir)
     )
     assert late.returncode == 2 and "outside the window" in late.stderr, late.stderr
+
+
+def pgrep(world_, pattern: str) -> list[str]:
+    return subprocess.run(
+        ["pgrep", "-u", world_.pi.pw_name, "-f", pattern], capture_output=True, text=True
+    ).stdout.split()
+
+
+def ancestors(pid: int) -> list[int]:
+    found = []
+    while pid > 1:
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        found.append(pid)
+    return found
+
+
+def test_the_link_to_the_pi5_lost_mid_recovery_is_exit_1_and_changes_nothing(world_):
+    target = between(ticks(world_), 2)
+    with world_.ticker.paused():
+        before = world_.prod_sql("SELECT count(*), max(id) FROM ticks", DB)
+        env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings())
+        env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
+        proc = subprocess.Popen(
+            [str(world.ROOT / "bin" / "restore-production-db"), "--at", target.isoformat(), "--yes"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not any((d / "data").exists() for d in world_.dir.glob("kw-recover-run-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        # The link drops: the pi5's sshd session serving pitr-recover dies, and with it the laptop's connection.
+        recovering = int(pgrep(world_, "bin/pitr-recover")[0])
+        session = next(p for p in ancestors(recovering) if "sshd" in Path(f"/proc/{p}/comm").read_text())
+        os.kill(session, 9)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err
+        assert len([line for line in err.splitlines() if "error: " in line]) == 1, err
+        assert world_.prod_sql("SELECT count(*), max(id) FROM ticks", DB) == before
+        assert not [
+            d for d in world_.prod_sql("SELECT datname FROM pg_database").split() if d.startswith(f"{DB}_restore_")
+        ]
+    # The pi5's side stops once its ssh session is gone, and cleans up.
+    deadline = time.monotonic() + 30
+    while pgrep(world_, "bin/pitr-recover"):
+        assert time.monotonic() < deadline, "pitr-recover went on without the laptop"
+        time.sleep(0.1)
+    assert not run_dirs(world_)
+    again = world_.on_pi("pitr-recover", "--at", target.isoformat())
+    assert again.returncode == 0, again.stderr
+    assert not run_dirs(world_)
+
+
+def test_latest_after_prod_stopped_hard_restores_the_last_seconds_received(world_):
+    """The last test of the module: prod dies mid-write, as a server lost at 18:04."""
+    time.sleep(1)
+    world_.pg.stop()  # -m immediate: no shutdown checkpoint, the ticker's last inserts in flight
+    world_.ticker.stop()
+    done = world_.on_pi("pitr-recover", "--at", "latest")
+    world_.pg.run_server()
+    assert done.returncode == 0, done.stderr
+    rows = ticks(world_)  # what prod itself kept (its own WAL replayed at restart)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    got = recovered_ticks(Path(found["dir"]) / found["name"])
+    assert got == [i for i, _ in rows[: len(got)]]  # a prefix of prod's rows, nothing invented
+    lost = [at for i, at in rows if i not in set(got)]
+    assert not lost or (rows[-1][1] - min(lost)).total_seconds() < 1.0, (len(lost), lost[:3])

@@ -45,7 +45,7 @@ def moment_source(settings: Settings, text: str, where: str, shared: Multiplexer
             _said(recovered)
             yield Source("--at", replace(pi5, dir=str(recovered.path.parent)), recovered.path.name), recovered
         finally:
-            _drop_on_pi5(settings, pi5, recovered.path.name)
+            _drop_on_pi5(settings, pi5, recovered.path.parent.name)
         return
     with work_dir(settings["WORK_DIR"]) as work:
         recovered = _from_nas(settings, target, shared, work)
@@ -99,14 +99,14 @@ def _parse(line: str) -> Recovered:
     )
 
 
-def _drop_on_pi5(settings: Settings, pi5: Place, name: str) -> None:
+def _drop_on_pi5(settings: Settings, pi5: Place, run_dir: str) -> None:
     try:
         if pi5.is_local:
-            recover.drop(settings, name)
+            recover.drop(settings, run_dir)
         else:
-            run(pi5.command(["pitr-recover", "--drop", name], name="pitr-recover --drop on the pi5"), timeout=120)
+            run(pi5.command(["pitr-recover", "--drop", run_dir], name="pitr-recover --drop on the pi5"), timeout=120)
     except Exception as exc:  # the restore's own outcome is what counts; the pi5 sweeps it a day later
-        log.warning("could not remove the recovered %s on the pi5 (%s); it goes within a day", name, exc)
+        log.warning("could not remove the recovered moment %s on the pi5 (%s); it goes within a day", run_dir, exc)
 
 
 # --- the nas copy, recovered here ----------------------------------------------------------------------------

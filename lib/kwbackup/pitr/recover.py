@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -474,7 +475,8 @@ def _barman_restore(tier: Tier, backup_id: str, target: Target, data: Path) -> N
 
 
 # --- on the pi5 (bin/pitr-recover) -----------------------------------------------------------------------------
-RECOVERED = "recovered"  # PITR_DIR/recovered/: each moment's dump until the laptop has restored it
+RECOVERED = "recovered"  # PITR_DIR/recovered/<run>/: each moment's dump until the laptop has restored it
+RUN_DIR = re.compile(r"moment-[A-Za-z0-9_]{8}")  # a run's directory there (mkdtemp's), as --drop takes it
 LEFTOVER_HOURS = 24  # a dump there older than this was left by a laptop that never came back for it
 
 
@@ -486,30 +488,36 @@ def pi5_window(settings: Settings) -> Window:
 
 
 def recover_on_pi5(settings: Settings, text: str) -> Recovered:
-    """pitr-recover: the moment `text` of this pi5's WAL tier as a dump in PITR_DIR/recovered/ (one at a time)."""
+    """pitr-recover: the moment `text` of this pi5's WAL tier as a dump in a directory of its own in
+    PITR_DIR/recovered/ (one run at a time; a moment asked twice gets two)."""
     target = parse_time(text)
     tier = Tier(settings)
     tier.check_owner()
-    out = tier.dir / RECOVERED
-    out.mkdir(mode=0o700, exist_ok=True)
+    recovered = tier.dir / RECOVERED
+    recovered.mkdir(mode=0o700, exist_ok=True)
     with files.lock(tier.dir, "pitr-recover"):
-        _remove_leftovers(out)
-        return recover(settings, tier, tier.dir, target, pi5_window(settings), out)
+        _remove_leftovers(recovered)
+        out = Path(tempfile.mkdtemp(prefix="moment-", dir=recovered))
+        try:
+            return recover(settings, tier, tier.dir, target, pi5_window(settings), out)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
-def drop(settings: Settings, name: str) -> None:
-    """pitr-recover --drop: a moment's dump and manifest, once restored."""
-    if not names.parse(name):
-        raise UsageError(f"--drop {name!r} is not a dump name")
-    out = Tier(settings).dir / RECOVERED
-    for path in (out / name, out / (name + names.MANIFEST_SUFFIX)):
-        path.unlink(missing_ok=True)
+def drop(settings: Settings, run: str) -> None:
+    """pitr-recover --drop: a run's directory in PITR_DIR/recovered/ (its dump and manifest), once restored."""
+    if not RUN_DIR.fullmatch(run):
+        raise UsageError(f"--drop {run!r} is not a recovered moment's directory")
+    shutil.rmtree(Tier(settings).dir / RECOVERED / run, ignore_errors=True)
 
 
-def _remove_leftovers(out: Path) -> None:
-    """Under the lock: a partial dump is a killed run's; a whole one a day old, a laptop's that never came back."""
+def _remove_leftovers(recovered: Path) -> None:
+    """Under the lock: a run's directory without its manifest is a killed run's; one a day old, a laptop's that
+    never came back for it."""
     cutoff = time.time() - LEFTOVER_HOURS * 3600
-    for path in out.iterdir():
-        if path.name.startswith(".") or (path.is_file() and path.stat().st_mtime < cutoff):
-            path.unlink(missing_ok=True)
-            log.info("removed %s, left by a recovery that was killed or never collected", path.name)
+    for made in recovered.iterdir():
+        whole = made.is_dir() and any(p.name.endswith(names.MANIFEST_SUFFIX) for p in made.iterdir())
+        if not whole or made.stat().st_mtime < cutoff:
+            shutil.rmtree(made) if made.is_dir() else made.unlink(missing_ok=True)
+            log.info("removed %s, left by a recovery that was killed or never collected", made.name)
