@@ -223,6 +223,7 @@ def new_chain(tier: Tier, wait_timeout: int = 3600) -> None:
 
     from ..log import log
     from ..run import run
+    from .basebackup import switch_wal_archived, take_base_backup
 
     def slot() -> tuple | None:
         with tier.connect() as conn:
@@ -260,5 +261,5 @@ def new_chain(tier: Tier, wait_timeout: int = 3600) -> None:
     run(tier.barman("cron"), timeout=300)
     wait(f"Barman's receive-wal did not start streaming on {SLOT}", lambda: (slot() or (False,))[0])
     log.info("streaming again; taking a base backup to start the new chain")
-    run(tier.barman("switch-wal", "--force", "--archive", "--archive-timeout", "120", SERVER), timeout=180)
-    run(tier.barman("backup", "--wait", "--wait-timeout", str(wait_timeout), SERVER), timeout=None)
+    switch_wal_archived(tier)
+    take_base_backup(tier, wait_timeout)

@@ -16,7 +16,10 @@ import hashlib
 import hmac
 import json
 import secrets
+import select
+import signal
 import sys
+import threading
 import time
 
 from .. import log as logmod
@@ -27,6 +30,7 @@ from ..places import place
 from ..run import run
 from ..settings import Settings
 from . import barman as barmanmod
+from . import basebackup
 from .barman import BACKUP_ROLE, OLDEST_MAJOR, SERVER, SLOT, STREAM_ROLE, Tier
 
 HBA_COMMENT = "# kw-backup setup-pitr: the pi5's WAL stream, through its ssh tunnel (docker's network: samenet)"
@@ -148,8 +152,8 @@ def pi5_start(settings: Settings, dry_run: bool) -> None:
     _streaming(tier)
     if newest_done_backup(tier) is None:
         log.info("taking the first base backup (immediate checkpoint)")
-        _barman(tier, "switch-wal", "--force", "--archive", "--archive-timeout", "120", SERVER, timeout=180)
-        _barman(tier, "backup", "--wait", "--wait-timeout", "600", SERVER, timeout=None)
+        basebackup.switch_wal_archived(tier)
+        basebackup.take_base_backup(tier, 600)
     else:
         log.info("a base backup exists (%s): none taken", newest_done_backup(tier))
     _barman(tier, "check", SERVER)
@@ -301,7 +305,22 @@ class Setup:
         log.info("prod: added to pg_hba.conf: %s", HBA_LINE)
 
 
+def _hang_up_with_the_laptop() -> None:
+    """The laptop's run gone (interrupted, its terminal closed, its link cut): without a terminal no SIGHUP comes,
+    but sshd closes this side's stderr, whose end then reports an error to poll. This side then stops as on a
+    SIGHUP, rather than go on alone, with a base backup nobody waits for, in the way of the laptop's next run."""
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(sys.stderr.fileno(), 0)  # POLLERR and POLLHUP come whatever the mask
+        poller.poll()
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGHUP)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main_pi5_side(settings: Settings, step: str, major: int | None, dry_run: bool) -> int:
+    _hang_up_with_the_laptop()
     if step == "prepare":
         print(json.dumps(pi5_prepare(settings, major, dry_run)), flush=True)
     else:
