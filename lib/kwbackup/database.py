@@ -64,7 +64,11 @@ class Database:
 
     def dump(self) -> Cmd:
         """pg_dump of DB_NAME as plain SQL on stdout."""
-        return self._tool("pg_dump", ["--no-password", "--format=plain", self.name], output=True)
+        return self.pg_dump(self.name)
+
+    def pg_dump(self, dbname: str, *options: str) -> Cmd:
+        """pg_dump of `dbname` as plain SQL on stdout, with `options`."""
+        return self._tool("pg_dump", ["--no-password", "--format=plain", *options, dbname], output=True)
 
     def psql(self, dbname: str, *args: str, output: bool = False, quiet: bool = True) -> Cmd:
         """psql on `dbname` that stops at the first error, reading SQL from stdin."""

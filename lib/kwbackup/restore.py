@@ -14,7 +14,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,6 +42,43 @@ def restore(
     keep_as: str | None = None,
 ) -> None:
     """restore-production-db, setup-fresh-production-db and migrate-database-to-new-prod: the safe restore."""
+    with on_prod(settings, source) as op:
+        db, name = op.db, op.name
+        if refuse_tables and catalog.holds_tables(db, name):
+            raise Failed(f"{name} on prod already holds tables", "use restore-production-db, or --force")
+        with verified(settings, op, source, dry_run=dry_run, keep_as=keep_as) as (dump, target):
+            previous = f"{name}_before_restore_{op.stamp}"
+            if dry_run:
+                what = f"replace {name} (kept as {previous})" if target.exists else f"create {name}"
+                dry("would restore %s into %s, check its row counts, then %s", dump.name, op.new, what)
+                return
+            confirm(name, yes)
+            with app_stopped(settings, stop_app):
+                load_check_swap(settings, op, dump, previous, expected_size(dump, target))
+            if drop_previous and target.exists:
+                catalog.drop(db, previous)
+                log.info("dropped %s (--drop-previous)", previous)
+
+
+@dataclass
+class OnProd:
+    """One restore's footing: prod, its database server, DB_NAME, and this run's UTC stamp."""
+
+    prod: Place
+    db: Database
+    name: str
+    stamp: str
+
+    @property
+    def new(self) -> str:
+        """Where the dump is loaded: a name the next run's cleanup recognises when this one is killed."""
+        return f"{self.name}_restore_{self.stamp}"
+
+
+@contextmanager
+def on_prod(settings: Settings, source: Source) -> Iterator[OnProd]:
+    """The work lock here, the dump resolved (`latest` named), and prod's restore lock (exit 4 while another
+    run holds it) for as long as the block runs."""
     work = files.own_subdir(Path(settings["WORK_DIR"]), f"kw-backup-{os.geteuid()}")
     with (
         files.lock(work, "kw-restore"),
@@ -52,27 +91,23 @@ def restore(
         db = Database(settings, prod)
         name = settings["DB_NAME"]
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-        new, previous = f"{name}_restore_{stamp}", f"{name}_before_restore_{stamp}"
         resolve(source, names.Clock.from_settings(settings))
         with staging.restore_lock(db, name):
-            if not dry_run:
-                staging.clean_leftovers(prod, db, name)
-            if refuse_tables and catalog.holds_tables(db, name):
-                raise Failed(f"{name} on prod already holds tables", "use restore-production-db, or --force")
-            with staging.staged(settings, prod, source) as dump:
-                target = preflight(db, name, dump, staging.verify(prod, dump))
-                if dry_run:
-                    what = f"replace {name} (kept as {previous})" if target.exists else f"create {name}"
-                    dry("would restore %s into %s, check its row counts, then %s", dump.name, new, what)
-                    return
-                confirm(name, yes)
-                with app_stopped(settings, stop_app):
-                    load_check_swap(settings, prod, db, dump, name, new, previous, expected_size(dump, target))
-                if drop_previous and target.exists:
-                    catalog.drop(db, previous)
-                    log.info("dropped %s (--drop-previous)", previous)
-                if keep_as:
-                    staging.keep(prod, dump, keep_as)
+            yield OnProd(prod, db, name, stamp)
+
+
+@contextmanager
+def verified(
+    settings: Settings, op: OnProd, source: Source, *, dry_run: bool, keep_as: str | None = None
+) -> Iterator[tuple[staging.Staged, catalog.Target]]:
+    """What killed runs left removed (not in a dry run); the dump staged on prod and verified there; the server
+    checked for it (versions, roles, extensions, space). Kept in PROD_DIR as `keep_as` when the block succeeds."""
+    if not dry_run:
+        staging.clean_leftovers(op.prod, op.db, op.name)
+    with staging.staged(settings, op.prod, source) as dump:
+        yield dump, preflight(op.db, op.name, dump, staging.verify(op.prod, dump))
+        if keep_as and not dry_run:
+            staging.keep(op.prod, dump, keep_as)
 
 
 def preflight(db: Database, name: str, dump: staging.Staged, needs: dict) -> catalog.Target:
@@ -107,13 +142,14 @@ def preflight(db: Database, name: str, dump: staging.Staged, needs: dict) -> cat
     return target
 
 
-def confirm(dbname: str, yes: bool) -> None:
-    """The operator types the database name; exit 5 without a terminal and without --yes."""
+def confirm(dbname: str, yes: bool, prompt: str = "") -> None:
+    """The operator types the database name after `prompt` (what the run does); exit 5 without a terminal and
+    without --yes."""
     if yes:
         return
     if not sys.stdin.isatty():
         raise Declined("confirmation needed but there is no terminal", "pass --yes to confirm non-interactively")
-    sys.stderr.write(f"This replaces the database {dbname}. Type its name to go on: ")
+    sys.stderr.write(prompt or f"This replaces the database {dbname}. Type its name to go on: ")
     sys.stderr.flush()
     if sys.stdin.readline().strip() != dbname:
         raise Declined("not confirmed; nothing was changed")
@@ -153,23 +189,11 @@ def expected_size(dump: staging.Staged, target: catalog.Target) -> int:
     return (dump.manifest.bytes if dump.manifest else 0) * 6
 
 
-def load_check_swap(
-    settings: Settings,
-    prod: Place,
-    db: Database,
-    dump: staging.Staged,
-    name: str,
-    new: str,
-    previous: str,
-    expected: int,
-) -> None:
-    started = time.monotonic()
+def load_check_swap(settings: Settings, op: OnProd, dump: staging.Staged, previous: str, expected: int) -> None:
+    db, name, new = op.db, op.name, op.new
     swapping = False
     try:
-        catalog.create(db, new, name)
-        counts = load(settings, prod, db, dump, new, expected)
-        summary = check_restored(db, new, dump, counts)
-        log.info("restored %s in %.1fs: %s", new, time.monotonic() - started, summary)
+        load_checked(settings, op, dump, expected)
         swapping = True
         catalog.swap(db, name, new, previous)
     except BaseException as exc:
@@ -178,13 +202,23 @@ def load_check_swap(
                 log.info("swapped: %s is the restored database; the old one is %s", name, previous)
                 return
             raise
-        _drop_new(db, name, new)
+        drop_scratch(db, new, f"dropped the half-made {new}; {name} is as it was")
         if swapping and isinstance(exc, StageFailed):
             raise Failed(
                 f"the swap failed: {exc.tail or exc.detail}; {name} is as it was", "see the error, then run again"
             ) from exc
         raise
     log.info("swapped: %s is the restored database; the old one is %s", name, previous)
+
+
+def load_checked(settings: Settings, op: OnProd, dump: staging.Staged, expected: int) -> None:
+    """The dump loaded into a new database `op.new` (DB_NAME's encoding and collation), every table's rows
+    checked against the manifest. The caller drops it on failure."""
+    started = time.monotonic()
+    catalog.create(op.db, op.new, op.name)
+    counts = load(settings, op.prod, op.db, dump, op.new, expected)
+    summary = check_restored(op.db, op.new, dump, counts)
+    log.info("restored %s in %.1fs: %s", op.new, time.monotonic() - started, summary)
 
 
 def load(
@@ -335,10 +369,11 @@ def _swapped_anyway(db: Database, name: str, new: str) -> bool:
     return done
 
 
-def _drop_new(db: Database, name: str, new: str) -> None:
+def drop_scratch(db: Database, new: str, said: str) -> None:
+    """Drop the database `new` this run made, logging `said`; a failure is logged: the next restore drops it."""
     try:
         catalog.drop(db, new)
-        log.info("dropped the half-made %s; %s is as it was", new, name)
+        log.info("%s", said)
     except KwError as exc:
         log.error("could not drop %s: %s -- the next restore drops it", new, exc.message)
 
