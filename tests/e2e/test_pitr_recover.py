@@ -374,6 +374,29 @@ def test_the_link_to_the_pi5_lost_mid_recovery_is_exit_1_and_changes_nothing(wor
     assert not run_dirs(world_)
 
 
+def test_the_monthly_drill_proves_the_wal_tier_too(world_):
+    """backup-drill --from pi5 with PITR=on: the newest dump, then the WAL tier at latest and mid-window."""
+    nightly = world_.base / "pi5-nightly"
+    env_file = world.write_env(world_.base / "backup-db.env", {
+        "DB_EXEC": "direct", "DB_HOST": str(world_.pg.sockets), "DB_PORT": str(world_.pg.port),
+        "DB_USER": "postgres", "PROD_DIR": str(nightly), "LOG_FILE": str(world_.base / "backup-db.log"),
+        "MIN_DUMP_BYTES": "100",
+    })  # fmt: skip
+    made = world.run_script(
+        "backup-db", env={"PATH": world.SYSTEM_PATH, "HOME": "/root", "KW_BACKUP_ENV": str(env_file)}
+    )
+    assert made.returncode == 0, made.stderr
+    world_.pi_own(nightly)
+    report = world_.base / "monthly.jsonl"
+    done = world_.laptop("backup-drill", "--from", "pi5", "--report", str(report), PI5_DIR=str(nightly))
+    assert done.returncode == 0, done.stderr + done.stdout
+    dump, latest, middle = [json.loads(line) for line in report.read_text().splitlines()]
+    assert dump["result"] == "ok" and "at" not in dump and dump["dump"].startswith("db-")
+    assert (latest["result"], latest["at"], latest["compared_with"]) == ("ok", "latest", dump["dump"]), latest
+    assert middle["result"] == "ok" and middle["compared_with"] == dump["dump"], middle
+    assert datetime.fromisoformat(middle["at"]) < datetime.fromisoformat(latest["reached"])
+
+
 def test_latest_after_prod_stopped_hard_restores_the_last_seconds_received(world_):
     """The last test of the module: prod dies mid-write, as a server lost at 18:04."""
     time.sleep(1)
@@ -385,6 +408,7 @@ def test_latest_after_prod_stopped_hard_restores_the_last_seconds_received(world
     rows = ticks(world_)  # what prod itself kept (its own WAL replayed at restart)
     found = json.loads(done.stdout.strip().splitlines()[-1])
     got = recovered_ticks(Path(found["dir"]) / found["name"])
+    assert rows[len(got) - 1][1] <= datetime.fromisoformat(found["reached"])  # the newest commit replayed, named
     assert got == [i for i, _ in rows[: len(got)]]  # a prefix of prod's rows, nothing invented
     lost = [at for i, at in rows if i not in set(got)]
     assert not lost or (rows[-1][1] - min(lost)).total_seconds() < 1.0, (len(lost), lost[:3])

@@ -188,17 +188,23 @@ def first_gap(files_: status.Files, chosen: status.BaseBackup, target: Target) -
 
 
 def last_commit_before(home: Path, files_: status.Files, chosen: status.BaseBackup, gap: int, bindir: Path, work: Path):
-    """The newest commit in the segments before `gap`, as pg_waldump reads them: the latest reachable moment."""
+    """The newest commit in the segments of the WAL tier `home` before `gap`: the latest reachable moment."""
     segment = chosen.segment_size
     by_segno = {status._segno(w.name, segment): w for w in [*files_.listed, *files_.streaming]}
-    first = status._segno(chosen.begin_wal, segment)
-    for segno in range(gap - 1, first - 1, -1):
+    paths = []
+    for segno in range(gap - 1, status._segno(chosen.begin_wal, segment) - 1, -1):
         wal = by_segno.get(segno)
         if wal is None:
             break
-        found = home / "wals" / wal.name[:16] / wal.name
-        found = found if found.exists() else home / "streaming" / wal.name
-        plain = work / wal.name.removesuffix(".partial")
+        archived = home / "wals" / wal.name[:16] / wal.name
+        paths.append(archived if archived.exists() else home / "streaming" / wal.name)
+    return newest_commit(paths, bindir, work)
+
+
+def newest_commit(segments: list[Path], bindir: Path, work: Path) -> datetime | None:
+    """The newest commit pg_waldump finds in `segments` (newest first; gzip'd or not)."""
+    for found in segments:
+        plain = work / found.name.removesuffix(".partial")  # pg_waldump reads the segment from its name
         with open(found, "rb") as src, open(plain, "wb") as dst:
             head = src.read(2)
             src.seek(0)
@@ -418,6 +424,15 @@ def recover(settings: Settings, tier: Tier, work: Path, target: Target, window: 
                 conf.write("recovery_target_time = ''\n")  # no commit came after it: the end of the WAL is the moment
             server.start()
             reached, lsn = _replay(server, Target(None))
+        if reached is None:  # promoted at the WAL's end, the server no longer says; the WAL it replayed does
+            timeline = max(w.name[:8] for w in [*held.listed, *held.streaming])  # not the one promotion began
+            replayed = [
+                p
+                for where in ("pg_wal", "barman_wal")
+                for p in (server.data / where).glob("0*")
+                if status.WAL_NAME.fullmatch(p.name) and p.name[:8] <= timeline
+            ]
+            reached = newest_commit(sorted(replayed, key=lambda p: p.name, reverse=True), bindir, base)
         if target.when is None and max(lsn - 1, 0) // chosen.segment_size < _newest_segno(held, chosen.segment_size):
             raise _missing(
                 target, reached, chosen.backup_id
