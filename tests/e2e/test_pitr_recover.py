@@ -397,6 +397,31 @@ def test_the_monthly_drill_proves_the_wal_tier_too(world_):
     assert datetime.fromisoformat(middle["at"]) < datetime.fromisoformat(latest["reached"])
 
 
+def test_one_table_back_at_a_moment_and_the_whole_moment_beside_touch_nothing_else(world_):
+    """The UPDATE without WHERE at 09:12: ticks as it was at the moment, into a new schema; every other table as
+    it is now. And the moment whole beside DB_NAME, never swapped."""
+    rows = ticks(world_)
+    target = between(rows, 5)
+    other = world_.prod_sql("SELECT md5(string_agg(id || note, ',' ORDER BY id)) FROM other", DB)
+    done = world_.laptop(
+        "restore-production-db", "--at", target.isoformat(), "--table", "public.ticks", "--into", "at_moment", "--yes"
+    )
+    assert done.returncode == 0, done.stderr
+    assert [int(i) for i in world_.prod_sql("SELECT id FROM at_moment.ticks ORDER BY id", DB).split()] == [
+        i for i, at in rows if at <= target
+    ]
+    live = [int(i) for i in world_.prod_sql("SELECT id FROM public.ticks ORDER BY id", DB).split()]
+    assert live[: len(rows)] == [i for i, _ in rows]  # the live table as it is now, its new rows too
+    assert world_.prod_sql("SELECT md5(string_agg(id || note, ',' ORDER BY id)) FROM other", DB) == other
+    assert "INSERT INTO" in done.stdout  # the SQL that copies rows back
+    beside = world_.laptop("restore-production-db", "--at", target.isoformat(), "--beside", "--yes")
+    assert beside.returncode == 0, beside.stderr
+    copy = f"{DB}_at_{target:%Y%m%d%H%M%S}"
+    assert [int(i) for i in world_.prod_sql("SELECT id FROM ticks ORDER BY id", copy).split()] == [
+        i for i, at in rows if at <= target
+    ]
+
+
 def test_latest_after_prod_stopped_hard_restores_the_last_seconds_received(world_):
     """The last test of the module: prod dies mid-write, as a server lost at 18:04."""
     time.sleep(1)

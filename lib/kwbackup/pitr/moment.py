@@ -15,7 +15,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import files, restore
+from .. import beside, files, restore
 from ..download import work_dir
 from ..errors import Failed, LockHeld, UsageError, VerificationError
 from ..log import log
@@ -160,7 +160,29 @@ def _fetch(copy: Place, home: Path, paths: list[str], listing: Path, recursive: 
         )
 
 
-def restore_at(settings: Settings, text: str, where: str, keep_dump: bool, options: dict) -> None:
-    """restore-production-db --at: the moment restored the safe way (kept on prod as a dump with --keep-dump)."""
-    with Multiplexer() as shared, moment_source(settings, text, where, shared) as (source, _):
-        restore.restore(settings, source, keep_as=source.name if keep_dump else None, **options)
+def restore_at(
+    settings: Settings,
+    text: str,
+    where: str,
+    keep_dump: bool,
+    options: dict,
+    tables: list[str] | None = None,
+    into: str | None = None,
+    whole_beside: bool = False,
+) -> None:
+    """restore-production-db --at (setup-fresh-production-db --at): the moment restored the safe way, or only
+    `tables` into the new schema `into`, or whole beside DB_NAME; kept on prod as a dump with `keep_dump`."""
+    with Multiplexer() as shared, moment_source(settings, text, where, shared) as (source, recovered):
+        keep_as = source.name if keep_dump else None
+        if tables:
+            beside.restore_tables(
+                settings, source, tables, into, yes=options["yes"], dry_run=options["dry_run"],
+                moment=recovered.moment, keep_as=keep_as,
+            )  # fmt: skip
+        elif whole_beside:
+            beside.restore_beside(
+                settings, source, yes=options["yes"], dry_run=options["dry_run"], moment=recovered.moment,
+                keep_as=keep_as,
+            )  # fmt: skip
+        else:
+            restore.restore(settings, source, keep_as=keep_as, **options)
