@@ -173,7 +173,10 @@ class Tier:
     def barman(self, *args: str, name: str = "") -> Cmd:
         """A Barman command on this tier's config (written first)."""
         if not BARMAN.exists():
-            raise UsageError(f"Barman is not installed ({BARMAN})", "make install-pi5 PITR=on")
+            raise UsageError(
+                f"Barman is not installed ({BARMAN})",
+                "on the pi5: make install-pi5 PITR=on; on a laptop (--at ... --from-nas): make venv-barman",
+            )
         self.write_config()
         return Cmd([str(BARMAN), "-c", str(self.conf), *args], name=name or f"barman {args[0] if args else ''}")
 
