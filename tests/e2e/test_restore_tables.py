@@ -205,8 +205,6 @@ def test_refusals_change_nothing(remote_prod, pg, live, source, tmp_path):
     for says, args in refused.items():
         result = restore(kw, *args, "--yes")
         assert result.returncode == 2 and says in result.stderr, (args, result.stderr)
-    moment = kw.run("restore-production-db", "--at", "latest", "--table", "public.users", "--into", "fresh")
-    assert moment.returncode == 2 and "--at restores the moment whole" in moment.stderr
     code, err = run_on_a_terminal(kw, "no", "--local", "latest", "--table", "public.users", "--into", "fresh")
     assert code == 5 and f"This adds the schema fresh to the database {live}" in err and "replaces nothing" in err
     copy = tmp_path / "mine.sql.gz"
