@@ -228,9 +228,10 @@ class Manifest:
     bytes: int
     sha256: str
     created_at: str
-    database: str
-    server_version: str | None
-    pg_dump_version: str | None
+    # Optional in a manifest read (manifest_problem allows them absent): a dataclass default, not a TypeError.
+    database: str | None = None
+    server_version: str | None = None
+    pg_dump_version: str | None = None
     tables: dict[str, int] = field(default_factory=dict)
     tool_version: str = __version__
     # Only in an encrypted copy's manifest: method, recipients (public keys), and the plain dump's

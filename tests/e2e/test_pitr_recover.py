@@ -101,6 +101,9 @@ def test_pitr_recover_on_the_pi5_holds_exactly_the_rows_before_the_moment(world_
     assert len(rows) > 10
     (_, a), (_, b) = rows[-6], rows[-5]
     target = a + (b - a) / 2
+    home = world_.dir / "home" / "prod"
+    complete = [*home.glob("wals/*/0*"), *(p for p in (home / "streaming").glob("0*") if p.suffix != ".partial")]
+    assert all(p.stat().st_mtime < target.timestamp() for p in complete)  # the moment is in the .partial
     done = world_.on_pi("pitr-recover", "--at", target.isoformat())
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])

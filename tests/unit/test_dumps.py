@@ -322,3 +322,10 @@ def test_the_roles_a_dump_names():
     scanner = dumps.DumpScanner()
     scanner(b"\n".join(lines) + b"\n")
     assert scanner.roles == set().union(*lines.values())
+
+
+@pytest.mark.parametrize("absent", ["database", "server_version", "pg_dump_version"])
+def test_a_manifest_without_an_optional_version_field_loads(absent):
+    raw = {k: v for k, v in GOOD_MANIFEST.items() if k != absent}
+    assert dumps.manifest_problem(raw) is None
+    assert getattr(dumps.Manifest.from_json(json.dumps(raw).encode()), absent) is None
