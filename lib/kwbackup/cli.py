@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 import threading
@@ -137,15 +138,17 @@ def _error(line: str) -> None:
         sys.stderr.write(f"{script_name()}: error: {line}\n")
 
 
-def hang_up_when_orphaned(every: float = 1.0) -> None:
-    """SIGHUP to this process once its parent is gone: run over ssh by another machine's script, a dropped link
-    ends sshd's session but not this command, which would go on working for nobody. Then it cleans up as on any
-    SIGHUP (exit 129)."""
-    parent = os.getppid()
+def hang_up_when_the_caller_goes() -> None:
+    """SIGHUP to this process once whoever reads its stderr is gone. Run over ssh by another machine's script (the
+    pi5's side of setup-pitr, pitr-recover), a dropped link or an interrupted caller sends no SIGHUP without a
+    terminal, but sshd closes this side's stderr, whose end then reports an error to poll; this process then
+    stops and cleans up as on any SIGHUP (exit 129) rather than go on working for nobody."""
 
     def watch() -> None:
-        while os.getppid() == parent:
-            threading.Event().wait(every)
-        os.kill(os.getpid(), signal.SIGHUP)
+        poller = select.poll()
+        poller.register(sys.stderr.fileno(), 0)  # POLLERR and POLLHUP come whatever the mask
+        poller.poll()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())  # nobody reads it: the cleanup's lines go
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGHUP)
 
-    threading.Thread(target=watch, daemon=True, name="parent watch").start()
+    threading.Thread(target=watch, daemon=True, name="caller watch").start()

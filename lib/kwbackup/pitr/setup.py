@@ -16,12 +16,10 @@ import hashlib
 import hmac
 import json
 import secrets
-import select
-import signal
 import sys
-import threading
 import time
 
+from .. import cli
 from .. import log as logmod
 from ..database import Database
 from ..errors import Failed, UsageError
@@ -305,22 +303,8 @@ class Setup:
         log.info("prod: added to pg_hba.conf: %s", HBA_LINE)
 
 
-def _hang_up_with_the_laptop() -> None:
-    """The laptop's run gone (interrupted, its terminal closed, its link cut): without a terminal no SIGHUP comes,
-    but sshd closes this side's stderr, whose end then reports an error to poll. This side then stops as on a
-    SIGHUP, rather than go on alone, with a base backup nobody waits for, in the way of the laptop's next run."""
-
-    def watch() -> None:
-        poller = select.poll()
-        poller.register(sys.stderr.fileno(), 0)  # POLLERR and POLLHUP come whatever the mask
-        poller.poll()
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGHUP)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def main_pi5_side(settings: Settings, step: str, major: int | None, dry_run: bool) -> int:
-    _hang_up_with_the_laptop()
+    cli.hang_up_when_the_caller_goes()
     if step == "prepare":
         print(json.dumps(pi5_prepare(settings, major, dry_run)), flush=True)
     else:
