@@ -40,8 +40,10 @@ def restore(
     drop_previous: bool = False,
     refuse_tables: bool = False,
     keep_as: str | None = None,
+    about: str = "",
 ) -> None:
-    """restore-production-db, setup-fresh-production-db and migrate-database-to-new-prod: the safe restore."""
+    """restore-production-db, setup-fresh-production-db and migrate-database-to-new-prod: the safe restore.
+    `about` opens the confirmation (--at: the moment, and the newest transaction replayed before it)."""
     with on_prod(settings, source) as op:
         db, name = op.db, op.name
         if refuse_tables and catalog.holds_tables(db, name):
@@ -52,7 +54,7 @@ def restore(
                 what = f"replace {name} (kept as {previous})" if target.exists else f"create {name}"
                 dry("would restore %s into %s, check its row counts, then %s", dump.name, op.new, what)
                 return
-            confirm(name, yes)
+            confirm(name, yes, f"{about}This replaces the database {name}. Type its name to go on: ")
             with app_stopped(settings, stop_app):
                 load_check_swap(settings, op, dump, previous, expected_size(dump, target))
             if drop_previous and target.exists:

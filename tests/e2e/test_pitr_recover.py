@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pty
 import shutil
 import subprocess
 import tempfile
@@ -125,15 +126,24 @@ def test_restore_production_db_at_a_moment_keeps_its_dump_and_names_the_moment(w
     target = between(rows, 8)
     prod_dir = world_.base / "prod-dumps"
     started = datetime.now(UTC)
-    done = world_.laptop(
-        "restore-production-db", "--at", target.strftime("%Y-%m-%d %H:%M:%S.%f"), "--yes", "--keep-dump",
-        PROD_DIR=str(prod_dir),
+    # On a terminal, typing the database name; the prompt names the moment and the newest transaction before it.
+    env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings(PROD_DIR=str(prod_dir)))
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(
+        [str(world.BIN / "restore-production-db"), "--at", target.strftime("%Y-%m-%d %H:%M:%S.%f"), "--keep-dump"],
+        env={"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)},
+        stdin=child_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    os.close(child_fd)
+    os.write(main_fd, DB.encode() + b"\n")
+    _, err = proc.communicate(timeout=600)
+    os.close(main_fd)
+    assert proc.returncode == 0, err
     # The restored database holds the ticks up to the moment, then only the ticker's new ones (after the swap).
     restored = [i for i, at in ticks(world_) if at < started]
     assert restored == [i for i, at in rows if at <= target]
-    assert "the newest transaction replayed before it is from" in done.stderr, done.stderr
+    prompt = f"The moment {target:%Y-%m-%d %H:%M:%S} UTC: the newest transaction replayed before it is from "
+    assert prompt in err and "This replaces the database kw_app_production. Type its name" in err, err
     kept = [p.name for p in prod_dir.iterdir()]
     name = f"kw_app_production-{target:%Y%m%d-%H%M%S}.sql.gz"
     assert sorted(kept) == [name, name + ".json"], kept

@@ -185,4 +185,8 @@ def restore_at(
                 keep_as=keep_as,
             )  # fmt: skip
         else:
-            restore.restore(settings, source, keep_as=keep_as, **options)
+            about = (
+                f"The moment {recovered.target}: the newest transaction replayed before it is from "
+                f"{recover.stamp(recovered.reached)}.\n"
+            )
+            restore.restore(settings, source, keep_as=keep_as, about=about, **options)
