@@ -148,7 +148,7 @@ def test_restore_production_db_at_a_moment_keeps_its_dump_and_names_the_moment(w
     name = f"kw_app_production-{target:%Y%m%d-%H%M%S}.sql.gz"
     assert sorted(kept) == [name, name + ".json"], kept
     assert not list((world_.dir / "recovered").glob(f"*/{name}"))  # the pi5's copy went once restored
-    assert not list(world_.dir.glob("kw-recover-run-*")) and not list(Path("/tmp").glob("kw-recover-socket-*"))
+    assert not run_dirs(world_)
 
 
 @pytest.fixture
@@ -310,8 +310,8 @@ def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(worl
         assert proc.poll() is None, f"pitr-recover ended before {step}"
         os.kill(proc.pid, 9)
         proc.wait(10)
-        # The runuser wrapper died; the script under it too (same process group for -9 of a whole cron job).
-        subprocess.run(["pkill", "-9", "-u", world_.pi.pw_name, "-f", "bin/pitr-recover"], check=False)
+        for pid in pgrep(world_, "pitr-recover"):  # and the script under the runuser wrapper: a whole job killed
+            os.kill(int(pid), 9)
     assert run_dirs(world_)  # what the killed runs left: their servers still up
     done = world_.on_pi("pitr-recover", "--at", target.isoformat())
     assert done.returncode == 0, done.stderr
@@ -355,7 +355,10 @@ def test_backup_drill_at_a_moment_of_the_nas_copy_recovers_it_on_this_machine(wo
     assert late.returncode == 2 and "outside the window" in late.stderr, late.stderr
 
 
-def pgrep(world_, pattern: str) -> list[str]:
+def pgrep(world_, script: str) -> list[str]:
+    """The pids of this world's installed `script`: each test worker has an install of its own, and another
+    worker's world runs the same scripts as the same user."""
+    pattern = f"{world_.install.bin}/{script}"
     return subprocess.run(
         ["pgrep", "-u", world_.pi.pw_name, "-f", pattern], capture_output=True, text=True
     ).stdout.split()
@@ -384,7 +387,7 @@ def test_the_link_to_the_pi5_lost_mid_recovery_is_exit_1_and_changes_nothing(wor
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.02)
         # The link drops: the pi5's sshd session serving pitr-recover dies, and with it the laptop's connection.
-        recovering = int(pgrep(world_, "bin/pitr-recover")[0])
+        recovering = int(pgrep(world_, "pitr-recover")[0])
         session = next(p for p in ancestors(recovering) if "sshd" in Path(f"/proc/{p}/comm").read_text())
         os.kill(session, 9)
         out, err = proc.communicate(timeout=120)
@@ -396,7 +399,7 @@ def test_the_link_to_the_pi5_lost_mid_recovery_is_exit_1_and_changes_nothing(wor
         ]
     # The pi5's side stops once its ssh session is gone, and cleans up.
     deadline = time.monotonic() + 30
-    while pgrep(world_, "bin/pitr-recover"):
+    while pgrep(world_, "pitr-recover"):
         assert time.monotonic() < deadline, "pitr-recover went on without the laptop"
         time.sleep(0.1)
     assert not run_dirs(world_)
