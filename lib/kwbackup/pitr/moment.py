@@ -130,7 +130,7 @@ def _from_nas(settings: Settings, target: Target, shared: Multiplexer, work: Pat
     archived = {w.name for w in held.listed}
     wanted = [f"base/{chosen.backup_id}/"] + [
         f"wals/{w.name[:16]}/{w.name}" if w.name in archived else f"streaming/{w.name}"
-        for w in recover.wals_for(held, chosen, target)
+        for w in recover.wals_from(held, chosen)
     ]
     _fetch(copy, home, wanted, work / "wanted.list", recursive=True)
     tier.record_prod_major(recover.major_of(home, chosen.backup_id))

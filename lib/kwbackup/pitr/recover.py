@@ -152,20 +152,13 @@ def server_bindir(major: int) -> Path:
     return bindir
 
 
-def wals_for(files_: status.Files, chosen: status.BaseBackup, target: Target) -> list[status.Wal]:
-    """The segments a recovery of `chosen` to `target` replays: from the backup's first to the first that ended
-    after the target (latest: all), the one still being streamed included."""
+def wals_from(files_: status.Files, chosen: status.BaseBackup) -> list[status.Wal]:
+    """The segments Barman copies for a recovery of `chosen`: every one from the backup's first to the newest, the
+    one still being streamed included, whatever the target (measured: bench/pitr_restore)."""
     segment = chosen.segment_size
     first = status._segno(chosen.begin_wal, segment)
     held = sorted({w.name: w for w in [*files_.listed, *files_.streaming]}.values(), key=lambda w: w.name)
-    wanted = []
-    for wal in held:
-        if status._segno(wal.name, segment) < first:
-            continue
-        wanted.append(wal)
-        if target.when is not None and wal.time >= target.when.timestamp():
-            break
-    return wanted
+    return [wal for wal in held if status._segno(wal.name, segment) >= first]
 
 
 def first_gap(files_: status.Files, chosen: status.BaseBackup, target: Target) -> int | None:
@@ -393,7 +386,7 @@ def recover(settings: Settings, tier: Tier, work: Path, target: Target, window: 
     if gap is not None:  # Barman would stop at it too, copying; name the latest moment before it instead
         reached = last_commit_before(tier.server_home, held, chosen, gap, bindir, work)
         raise _missing(target, reached, chosen.backup_id)
-    wal_bytes = len(wals_for(held, chosen, target)) * chosen.segment_size  # Barman writes them uncompressed
+    wal_bytes = len(wals_from(held, chosen)) * chosen.segment_size  # Barman writes them uncompressed
     user = rundir.service_user()
     # Run as root, the server runs as another user, who cannot pass root's private directories: /tmp, as the drill.
     work = work if user is None else rundir.RUN_ROOT
