@@ -63,6 +63,7 @@ bench: venv
 	$(VENV)/bin/python bench/restore
 	$(VENV)/bin/python bench/offsite
 	$(VENV)/bin/python bench/pitr
+	$(VENV)/bin/python bench/pitr_restore
 
 install-prod install-pi5 uninstall-prod uninstall-pi5:
 	$(INSTALL) $@ --prefix "$(PREFIX)" --destdir "$(DESTDIR)" --host "$(HOST)" --user "$(BACKUP_USER)" --pitr "$(PITR)"
