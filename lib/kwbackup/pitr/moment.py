@@ -54,11 +54,13 @@ def moment_source(settings: Settings, text: str, where: str, shared: Multiplexer
 
 
 def _said(recovered: Recovered) -> None:
+    steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in recovered.seconds.items())
     log.info(
-        "the moment %s: the newest transaction replayed before it is from %s (base backup %s)",
+        "the moment %s: the newest transaction replayed before it is from %s (base backup %s; %s)",
         recovered.target,
         recover.stamp(recovered.reached),
         recovered.base_backup,
+        steps,
     )
 
 
