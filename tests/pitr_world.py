@@ -12,6 +12,7 @@ make install-pi5 PITR=on installed, and the tunnel between them through a real s
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import shutil
@@ -195,3 +196,19 @@ class PitrWorld:
 
 
 _NUMBERS = itertools.count(1)
+
+
+def held(path: Path) -> bool | None:
+    """Whether a live process holds an flock on `path` (a file or a directory); None when it does not exist.
+    Only opened, never created: a root-owned lock file would stop what runs as pi."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

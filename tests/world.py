@@ -144,6 +144,29 @@ def service_user() -> str | None:
     return "kwtest"
 
 
+class HeldTransaction:
+    """A psql session that runs `sql` in a transaction it keeps open, holding its locks, until ended."""
+
+    def __init__(self, pg, dbname: str, sql: str):
+        self.proc = subprocess.Popen(
+            ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", dbname],
+            env={**os.environ, **pg.env},
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.proc.stdin.write(f"BEGIN; {sql}; SELECT 'held';\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def end(self, how: str, check: bool = True) -> None:
+        """COMMIT or ROLLBACK; with `check`, psql must end well."""
+        self.proc.stdin.write(f"{how};\n")
+        self.proc.stdin.close()
+        code = self.proc.wait(30)
+        assert code == 0 or not check, code
+
+
 class Postgres:
     """A PostgreSQL server of the tests' own (PG_BIN), on a free port and a private socket directory."""
 

@@ -3,7 +3,6 @@ exit status, and nothing lost. One world serves the faults that leave it whole a
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -107,17 +106,7 @@ def receivers(pitr) -> list[int]:
 
 def receive_wal_locked(pitr) -> bool:
     """Barman's receive-wal for prod is running (it holds its lock file)."""
-    try:  # never created here: a root-owned lock file would stop Barman, which runs as pi
-        fd = os.open(pitr.dir / "locks" / ".prod-receive-wal.lock", os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return pitr_world.held(pitr.dir / "locks" / ".prod-receive-wal.lock") is True
 
 
 def wal_files(pitr) -> dict[str, bytes]:

@@ -6,7 +6,6 @@ one per 100 ms, while the pi5 streams; each test then asks for moments between t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pty
@@ -274,21 +273,10 @@ def test_a_moment_after_the_last_commit_of_a_quiet_prod_holds_every_row(world_):
 def run_dirs(world_) -> list[Path]:
     """This world's recovery run directories, and socket directories in /tmp that no live run holds (other
     worlds' runs, of other test workers, hold theirs)."""
-    return [*world_.dir.glob("kw-recover-run-*"), *filter(unlocked, Path("/tmp").glob("kw-recover-socket-*"))]
-
-
-def unlocked(directory: Path) -> bool:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
+    return [
+        *world_.dir.glob("kw-recover-run-*"),
+        *(d for d in Path("/tmp").glob("kw-recover-socket-*") if pitr_world.held(d) is False),
+    ]
 
 
 def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(world_):

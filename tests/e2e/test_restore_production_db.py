@@ -655,27 +655,6 @@ def test_a_signal_around_the_swap_leaves_db_name_old_or_new_and_open(kw, pg, db,
         assert not leftovers(pg, db) and not staging_dirs()
 
 
-class ServerLock:
-    """A session holding a lock on DB_NAME's catalog entry (as COMMENT takes it), so the swap waits on the server."""
-
-    def __init__(self, pg, db):
-        self.proc = subprocess.Popen(
-            ["psql", "-X", "-q", "-At", "-d", "postgres"],
-            env={**os.environ, **pg.env},
-            text=True,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        self.proc.stdin.write(f"BEGIN; COMMENT ON DATABASE {db} IS 'held'; SELECT 'held';\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == "held"
-
-    def release(self) -> None:
-        self.proc.stdin.write("ROLLBACK;\n")
-        self.proc.stdin.close()
-        self.proc.wait(30)
-
-
 def swap_waiting(pg) -> bool:
     return (
         pg.psql("SELECT 1 FROM pg_stat_activity WHERE application_name = 'kw-backup swap' AND wait_event_type = 'Lock'")
@@ -685,7 +664,8 @@ def swap_waiting(pg) -> bool:
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP", "SIGTERM", "dropped link"])
 def test_once_the_server_has_the_swap_it_completes_whatever_happens_to_the_script(kw, pg, db, dumped, how):
-    lock = ServerLock(pg, db)
+    # A lock on DB_NAME's catalog entry (as COMMENT takes it), so the swap waits on the server.
+    lock = world.HeldTransaction(pg, "postgres", f"COMMENT ON DATABASE {db} IS 'held'")
     try:
         proc = start_restore(kw, "--stop-app")
         wait_for(lambda: swap_waiting(pg), what="the swap waiting on the server")
@@ -695,7 +675,7 @@ def test_once_the_server_has_the_swap_it_completes_whatever_happens_to_the_scrip
             stop(proc, how)
         time.sleep(0.5)
     finally:
-        lock.release()
+        lock.end("ROLLBACK", check=False)
     code = proc.wait(60)
     accepts_connections_within_10s(pg, db)
     wait_for(lambda: not swap_waiting(pg), 10, "the swap to end")

@@ -276,33 +276,12 @@ def load_waiting(pg, live: str) -> bool:
     return pg.psql(waiting.format(live)) == "1"
 
 
-class Holder:
-    """A session that runs `sql` in a transaction it keeps open, taking its locks, until commit or rollback."""
-
-    def __init__(self, pg, dbname: str, sql: str):
-        self.proc = subprocess.Popen(
-            ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", dbname],
-            env={**os.environ, **pg.env},
-            text=True,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        self.proc.stdin.write(f"BEGIN; {sql}; SELECT 'held';\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == "held"
-
-    def end(self, how: str) -> None:
-        self.proc.stdin.write(f"{how};\n")
-        self.proc.stdin.close()
-        assert self.proc.wait(30) == 0
-
-
 def test_killed_in_the_load_db_name_is_as_it_was_and_the_next_run_removes_what_was_left(remote_prod, pg, live, source):
     """kill -9 while the load waits at the dump's GRANT to a role another session is dropping; the next run, even
     one that refuses its table, drops the temporary database. (SIGTERM: test_a_schema_made_meanwhile_...)"""
     kw = remote_prod
     before = fingerprint(pg, live)
-    holder = Holder(pg, "postgres", f"DROP ROLE {STALL}")
+    holder = world.HeldTransaction(pg, "postgres", f"DROP ROLE {STALL}")
     try:
         proc = start_restore(kw, "--table", "public.users", "--into", "restored")
         wait_for(lambda: load_waiting(pg, live), 120, "the load to wait at the GRANT")
@@ -334,7 +313,7 @@ def test_a_schema_made_meanwhile_is_never_merged_into(remote_prod, pg, live, sou
     kw = remote_prod
     before = fingerprint(pg, live)
     for how in ("SIGTERM", "COMMIT"):
-        holder = Holder(pg, live, "CREATE SCHEMA restored; CREATE TABLE restored.theirs (x int)")
+        holder = world.HeldTransaction(pg, live, "CREATE SCHEMA restored; CREATE TABLE restored.theirs (x int)")
         proc = start_restore(kw, "--table", "public.users", "--into", "restored")
         wait_for(lambda: copying(pg, live, waiting=True), 120, "the copy to wait on the other session")
         if how == "SIGTERM":

@@ -25,6 +25,7 @@ from ..settings import Settings
 from ..sources import Source
 from ..transfer import remote_spec, rsync_base
 from . import nas as pitr_nas
+from . import pi5 as pi5_side
 from . import recover, status
 from .barman import SERVER, Tier
 from .recover import Recovered, Target, Window
@@ -66,23 +67,8 @@ def _said(recovered: Recovered) -> None:
 
 # --- the pi5 ---------------------------------------------------------------------------------------------------
 def _on_pi5(pi5: Place, text: str) -> Recovered:
-    """pitr-recover on the pi5 over ssh: its lines relayed as this run's, its failure as this run's own."""
-    code, out, err = run(
-        pi5.command(["pitr-recover", "--at", text], name="pitr-recover on the pi5"), timeout=None, check=False
-    )
-    said = err.strip().splitlines()
-    error = next((line for line in reversed(said) if "pitr-recover: error: " in line), None)
-    for line in said:
-        if line != error:
-            log.info("pi5: %s", line.removeprefix("pitr-recover: "))
-    if code:
-        if error:
-            message, _, hint = error.partition("pitr-recover: error: ")[2].partition(" -- ")
-            raise EXIT_AS.get(code, Failed)(f"on the pi5: {message}", hint)
-        raise Failed(
-            f"pitr-recover on the pi5 failed (exit {code}): {said[-1] if said else 'no output'}",
-            "make install-pi5 PITR=on on the pi5 (it installs pitr-recover), then run again",
-        )
+    """pitr-recover on the pi5 over ssh."""
+    out = pi5_side.run_there(pi5, ["pitr-recover", "--at", text], "pitr-recover", EXIT_AS)
     return _parse(out.decode(errors="replace").strip().splitlines()[-1])
 
 

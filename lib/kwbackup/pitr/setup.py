@@ -29,6 +29,7 @@ from ..run import run
 from ..settings import Settings
 from . import barman as barmanmod
 from . import basebackup
+from . import pi5 as pi5_side
 from .barman import BACKUP_ROLE, OLDEST_MAJOR, SERVER, SLOT, STREAM_ROLE, Tier
 
 HBA_COMMENT = "# kw-backup setup-pitr: the pi5's WAL stream, through its ssh tunnel (docker's network: samenet)"
@@ -219,19 +220,7 @@ class Setup:
             pi5_start(self.settings, self.dry_run)
             return {}
         argv = ["setup-pitr", "--pi5-side", step, *args, *(["--dry-run"] if self.dry_run else [])]
-        code, out, err = run(self.pi5.command(argv, name=f"setup-pitr {step} on the pi5"), timeout=None, check=False)
-        said = err.strip().splitlines()
-        for line in said:  # what the pi5 said, as this run's own lines (its error line is this run's error)
-            if "setup-pitr: error: " not in line:
-                log.info("pi5: %s", line.removeprefix("setup-pitr: "))
-        if code:
-            error = next((line for line in reversed(said) if "setup-pitr: error: " in line), None)
-            if error:  # the pi5's own one line: what failed there and what to do
-                raise Failed(f"on the pi5: {error.partition('setup-pitr: error: ')[2]}")
-            raise Failed(
-                f"the pi5's side of setup-pitr ({step}) failed (exit {code}): {said[-1] if said else 'no output'}",
-                "make install-pi5 PITR=on on the pi5 first; then run setup-pitr again",
-            )
+        out = pi5_side.run_there(self.pi5, argv, f"setup-pitr --pi5-side {step}")
         text = out.decode(errors="replace").strip()
         return json.loads(text.splitlines()[-1]) if step == "prepare" else {}
 
