@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kwbackup.pitr.status import WAL_NAME
 from tests import pitr_world, world
 
 SERVER_HOME = ("home", "prod")
@@ -110,9 +111,10 @@ def receive_wal_locked(pitr) -> bool:
 
 
 def wal_files(pitr) -> dict[str, bytes]:
-    """The archived WAL segments and their bytes."""
+    """The archived WAL segments and their bytes: not Barman's work files beside them (a `<segment>.compressed`
+    exists only while it compresses one)."""
     wals = pitr.dir.joinpath(*SERVER_HOME, "wals")
-    return {p.name: p.read_bytes() for p in wals.glob("*/*") if p.is_file()}
+    return {p.name: p.read_bytes() for p in wals.glob("*/*") if WAL_NAME.fullmatch(p.name) and p.is_file()}
 
 
 def start_tunnel(pitr) -> None:
