@@ -40,7 +40,7 @@ system-packages-%:
 	@sh tools/system-packages $*
 
 test: system-packages-test lint venv-barman
-	$(VENV)/bin/pytest -n $(TEST_JOBS) --dist loadgroup
+	$(VENV)/bin/pytest -n $(TEST_JOBS) --dist loadgroup --durations=25
 
 # The fast loop: tests/unit only, no root needed.
 test-unit: system-packages-unit venv

@@ -36,6 +36,7 @@ class Ticker(threading.Thread):
         self.halt = threading.Event()
         self.going = threading.Event()
         self.going.set()
+        self.errors: list[str] = []  # the latest, for a test that finds too few rows
 
     def run(self) -> None:
         while not self.halt.is_set():
@@ -45,7 +46,8 @@ class Ticker(threading.Thread):
                     while not self.halt.wait(self.every):
                         if self.going.is_set():
                             conn.execute("INSERT INTO ticks (at) VALUES (clock_timestamp())")
-            except psycopg.Error:
+            except psycopg.Error as error:
+                self.errors = [*self.errors[-4:], f"{datetime.now(UTC):%H:%M:%S.%f} {error}"]
                 self.halt.wait(0.2)
 
     def stop(self) -> None:
@@ -81,6 +83,7 @@ def world_(tmp_path_factory, ssh_world, pi, pitr_install):
         place.start_tunnel()
         done = place.laptop("setup-pitr")
         assert done.returncode == 0, done.stderr
+        place.swapped = datetime.now(UTC)  # the last time a restore swapped prod's database: none yet
         place.ticker = Ticker(place)
         place.ticker.start()
         time.sleep(3)  # a few seconds of ticks after the base backup
@@ -120,8 +123,20 @@ def between(rows: list[tuple[int, datetime]], back: int) -> datetime:
     return a + (b - a) / 2
 
 
+def settled_ticks(pitr, back: int) -> list[tuple[int, datetime]]:
+    """Prod's ticks once more than `back` of them came after the last swap of its database. Two neighbouring rows
+    around a swap are no moment prod held: between them the swapped-out database had rows this one lacks."""
+    deadline = time.monotonic() + 60
+    while True:
+        rows = ticks(pitr)
+        if sum(at > pitr.swapped for _, at in rows) > back:
+            return rows
+        assert time.monotonic() < deadline, f"too few ticks since the swap: {rows[-3:]}, {pitr.ticker.errors}"
+        time.sleep(0.2)
+
+
 def test_restore_production_db_at_a_moment_keeps_its_dump_and_names_the_moment(world_):
-    rows = ticks(world_)
+    rows = settled_ticks(world_, 8)
     target = between(rows, 8)
     prod_dir = world_.base / "prod-dumps"
     started = datetime.now(UTC)
@@ -137,6 +152,7 @@ def test_restore_production_db_at_a_moment_keeps_its_dump_and_names_the_moment(w
     os.write(main_fd, DB.encode() + b"\n")
     _, err = proc.communicate(timeout=600)
     os.close(main_fd)
+    world_.swapped = datetime.now(UTC)
     assert proc.returncode == 0, err
     # The restored database holds the ticks up to the moment, then only the ticker's new ones (after the swap).
     restored = [i for i, at in ticks(world_) if at < started]
@@ -176,7 +192,7 @@ def fresh_prod(world_):
 
 def test_setup_fresh_production_db_at_a_moment_on_a_fresh_prod(world_, fresh_prod):
     host, pg = fresh_prod
-    rows = ticks(world_)
+    rows = settled_ticks(world_, 3)
     target = between(rows, 3)
     done = world_.laptop("setup-fresh-production-db", "--at", target.isoformat(), "--yes", PROD_HOST=host)
     assert done.returncode == 0, done.stderr
@@ -186,7 +202,7 @@ def test_setup_fresh_production_db_at_a_moment_on_a_fresh_prod(world_, fresh_pro
 
 
 def test_backup_drill_at_a_moment_reports_each_step_and_what_it_reached(world_):
-    rows = ticks(world_)
+    rows = settled_ticks(world_, 4)
     target = between(rows, 4)
     report = world_.base / "drill-at.jsonl"
     done = world_.laptop("backup-drill", "--at", target.isoformat(), "--report", str(report))
@@ -287,7 +303,7 @@ def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(worl
         "replay": lambda: any((d / "data" / "postmaster.pid").exists() for d in world_.dir.glob("kw-recover-run-*")),
         "pg_dump": lambda: any(world_.dir.joinpath("recovered").glob("*/.*")),
     }
-    target = between(ticks(world_), 2)
+    target = between(settled_ticks(world_, 2), 2)
     for step, reached in steps.items():
         # A step of this small database can pass between two looks (pg_dump takes a moment): a run that ended
         # before it was seen is run again, until one is killed in it.
@@ -315,6 +331,7 @@ def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(worl
 
 def test_backup_drill_at_a_moment_of_the_nas_copy_recovers_it_on_this_machine(world_):
     """The nas holds the WAL tier as the pi5's nightly orchestrator copied it; --from nas recovers it here."""
+    settled_ticks(world_, 3)
     segment = world_.prod_sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
     time.sleep(1)
     switched = datetime.now(UTC)
@@ -367,7 +384,7 @@ def ancestors(pid: int) -> list[int]:
 
 
 def test_the_link_to_the_pi5_lost_mid_recovery_is_exit_1_and_changes_nothing(world_):
-    target = between(ticks(world_), 2)
+    target = between(settled_ticks(world_, 2), 2)
     with world_.ticker.paused():
         before = world_.prod_sql("SELECT count(*), max(id) FROM ticks", DB)
         env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings())
@@ -428,7 +445,7 @@ def test_the_monthly_drill_proves_the_wal_tier_too(world_):
 def test_one_table_back_at_a_moment_and_the_whole_moment_beside_touch_nothing_else(world_):
     """The UPDATE without WHERE at 09:12: ticks as it was at the moment, into a new schema; every other table as
     it is now. And the moment whole beside DB_NAME, never swapped."""
-    rows = ticks(world_)
+    rows = settled_ticks(world_, 5)
     target = between(rows, 5)
     other = world_.prod_sql("SELECT md5(string_agg(id || note, ',' ORDER BY id)) FROM other", DB)
     done = world_.laptop(
