@@ -457,7 +457,10 @@ def _compare_with_nearest_dump(
         raise VerificationError(
             f"the moment {recovered.target} lacks tables the nightly dump {nearest.name} holds: "
             + ", ".join(missing[:5]),
-            "the WAL tier does not hold what the dumps hold: see pitr-status and the runbook",
+            "the WAL tier does not hold what the dumps hold: see pitr-status and the runbook"
+            if before
+            else "unless a migration created them after the moment (no dump there is older), the WAL tier does not "
+            "hold what the dumps hold: see pitr-status and the runbook",
         )
 
 

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from subprocess import DEVNULL, PIPE, TimeoutExpired
 
@@ -352,6 +353,31 @@ def passthrough(cmd: Cmd) -> int:
         _kill(proc)
         proc.wait()
         raise
+
+
+@contextmanager
+def holding(cmd: Cmd, grace: float = 120):
+    """A command that answers on stdout, then holds what it made until its stdin closes: yields (the process,
+    its stderr file). At the end its stdin is closed and it is given `grace` seconds to let go; when this block
+    fails, it is killed at once (a kill -9 of this process closes that stdin too)."""
+    with tempfile.TemporaryFile() as err:
+        proc = _popen(cmd, stdin=PIPE, stdout=PIPE, stderr=err)
+        try:
+            try:
+                yield proc, err
+            except BaseException:
+                _kill(proc)
+                raise
+            proc.stdin.close()
+            try:
+                proc.wait(grace)
+            except TimeoutExpired:
+                log.warning("%s did not end %.0fs after it was let go; stopped", cmd.name, grace)
+                _kill(proc)
+        finally:
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                pipe.close()
 
 
 def background(cmd: Cmd):

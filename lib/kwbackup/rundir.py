@@ -58,7 +58,8 @@ def password() -> str:
     return secret
 
 
-def _new_locked_dir(root: Path, prefix: str) -> tuple[Path, int]:
+def new_locked_dir(root: Path, prefix: str) -> tuple[Path, int]:
+    """A new 0700 directory and the descriptor of its flock: it is in use until that is closed."""
     while True:
         base = Path(tempfile.mkdtemp(prefix=prefix, dir=root))  # 0700
         try:
@@ -71,10 +72,25 @@ def _new_locked_dir(root: Path, prefix: str) -> tuple[Path, int]:
         os.close(lock)  # a sweep took it for a leftover before it was locked, and removed it
 
 
+def in_use(base: Path) -> bool:
+    """Whether a live process holds the lock of a directory new_locked_dir made."""
+    try:
+        lock = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(lock)
+
+
 @contextmanager
 def run_dir(prefix: str, user: str | None, bindir: Path | None = None, root: Path = RUN_ROOT):
     """A new 0700 directory for one server, flock'ed while this process lives; torn down at the end."""
-    base, lock = _new_locked_dir(root, prefix)
+    base, lock = new_locked_dir(root, prefix)
     try:
         if bindir:
             (base / BINDIR_FILE).write_text(f"{bindir}\n")

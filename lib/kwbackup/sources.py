@@ -225,7 +225,7 @@ def first_good(settings: Settings, shared: Multiplexer, wanted: str) -> Source:
 
 def local_path(source: Source) -> str | None:
     """The dump's path when it is a file on this machine."""
-    if source.option == "--from-file":
+    if source.path and source.option != "--from-ssh":  # --from-file, or a moment recovered here (--at)
         return source.path
     if source.origin is not None and source.origin.is_local:
         return str(Path(os.path.expanduser(source.origin.dir)) / source.name)

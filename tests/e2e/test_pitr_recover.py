@@ -6,6 +6,7 @@ one per 100 ms, while the pi5 streams; each test then asks for moments between t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pty
@@ -24,6 +25,7 @@ import pytest
 from tests import pitr_world, world
 
 DB = "kw_app_production"
+FRESH_PRODS = itertools.count()  # each fresh prod its own sshd place
 pytestmark = pytest.mark.xdist_group("pitr_recover")  # one world for the module, its tests in order
 
 
@@ -175,7 +177,7 @@ def fresh_prod(world_):
     bin_dir.mkdir(exist_ok=True)
     if not (bin_dir / "docker").exists():
         (bin_dir / "docker").symlink_to(world.STANDINS / "docker")
-    name = f"{world_.name}-fresh"
+    name = f"{world_.name}-fresh{next(FRESH_PRODS)}"
     sshd = world_.ssh_world.add_place(
         name,
         next(pitr_world.ADDRESSES),
@@ -329,8 +331,9 @@ def test_pitr_recover_killed_at_each_step_leaves_nothing_after_the_next_run(worl
     assert not list((world_.dir / "recovered").glob("*/.*"))  # the killed runs' partial dumps went
 
 
-def test_backup_drill_at_a_moment_of_the_nas_copy_recovers_it_on_this_machine(world_):
-    """The nas holds the WAL tier as the pi5's nightly orchestrator copied it; --from nas recovers it here."""
+def test_backup_drill_and_the_restores_at_a_moment_of_the_nas_copy_recover_it_on_this_machine(world_, fresh_prod):
+    """The nas holds the WAL tier as the pi5's nightly orchestrator copied it; --from nas (the restores'
+    --from-nas) recovers it here."""
     settled_ticks(world_, 3)
     segment = world_.prod_sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
     time.sleep(1)
@@ -364,6 +367,28 @@ def test_backup_drill_at_a_moment_of_the_nas_copy_recovers_it_on_this_machine(wo
         "backup-drill", "--from", "nas", "--at", after.isoformat(), NAS_HOST="local", NAS_DIR=str(nas_dir)
     )
     assert late.returncode == 2 and "outside the window" in late.stderr, late.stderr
+    # The restores take the nas's copy too: one table back, its dump kept on prod; and a fresh prod.
+    kept = world_.base / "nas-kept"
+    back = world_.laptop(
+        "restore-production-db", "--at", target.isoformat(), "--from-nas", "--table", "public.ticks",
+        "--into", "from_nas", "--keep-dump", "--yes", NAS_HOST="local", NAS_DIR=str(nas_dir), PROD_DIR=str(kept),
+    )  # fmt: skip
+    assert back.returncode == 0, back.stderr
+    assert [int(i) for i in world_.prod_sql("SELECT id FROM from_nas.ticks ORDER BY id", DB).split()] == [
+        i for i, at in rows if at <= target
+    ]
+    name = f"kw_app_production-{target:%Y%m%d-%H%M%S}.sql.gz"
+    assert sorted(p.name for p in kept.iterdir()) == [name, name + ".json"]
+    host, pg = fresh_prod
+    fresh = world_.laptop(
+        "setup-fresh-production-db", "--at", target.isoformat(), "--from-nas", "--yes",
+        NAS_HOST="local", NAS_DIR=str(nas_dir), PROD_HOST=host,
+    )  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr
+    assert [int(i) for i in pg.psql("SELECT id FROM ticks ORDER BY id", DB).split()] == [
+        i for i, at in rows if at <= target
+    ]
+    world_.prod_sql("DROP SCHEMA from_nas CASCADE", DB)  # the monthly drill's nightly dump would hold it
 
 
 def pgrep(world_, script: str) -> list[str]:
@@ -419,6 +444,45 @@ def test_the_link_to_the_pi5_lost_mid_recovery_is_exit_1_and_changes_nothing(wor
     assert not run_dirs(world_)
 
 
+def test_the_laptop_killed_while_the_pi5_holds_its_moment_lets_the_pi5_remove_it_at_once(world_):
+    """kill -9 of restore-production-db --at at its confirmation: the pi5 removes the moment it held for it then,
+    not a day later, and prod is as it was."""
+    target = between(settled_ticks(world_, 2), 2)
+    with world_.ticker.paused():
+        before = world_.prod_sql("SELECT count(*), max(id) FROM ticks", DB)
+        env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings())
+        env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
+        main_fd, child_fd = pty.openpty()
+        proc = subprocess.Popen(
+            [str(world.BIN / "restore-production-db"), "--at", target.isoformat()],
+            env=env, stdin=child_fd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        os.close(child_fd)
+        said = bytearray()
+
+        def read() -> None:
+            while chunk := proc.stderr.read1():
+                said.extend(chunk)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 300
+        while b"Type its name" not in said:  # the prompt, which has no newline: read as it comes
+            assert proc.poll() is None and time.monotonic() < deadline, said.decode()
+            time.sleep(0.1)
+        held = list((world_.dir / "recovered").glob("held-*/*.sql.gz"))
+        assert len(held) == 1, held
+        proc.kill()
+        proc.wait()
+        os.close(main_fd)
+        reader.join(10)
+        deadline = time.monotonic() + 30
+        while held[0].parent.exists() or pgrep(world_, "pitr-recover"):
+            assert time.monotonic() < deadline, "the pi5 kept the moment of a laptop that is gone"
+            time.sleep(0.1)
+        assert world_.prod_sql("SELECT count(*), max(id) FROM ticks", DB) == before
+
+
 def test_the_monthly_drill_proves_the_wal_tier_too(world_):
     """backup-drill --from pi5 with PITR=on: the newest dump, then the WAL tier at latest and mid-window."""
     nightly = world_.base / "pi5-nightly"
@@ -459,12 +523,17 @@ def test_one_table_back_at_a_moment_and_the_whole_moment_beside_touch_nothing_el
     assert live[: len(rows)] == [i for i, _ in rows]  # the live table as it is now, its new rows too
     assert world_.prod_sql("SELECT md5(string_agg(id || note, ',' ORDER BY id)) FROM other", DB) == other
     assert "INSERT INTO" in done.stdout  # the SQL that copies rows back
-    beside = world_.laptop("restore-production-db", "--at", target.isoformat(), "--beside", "--yes")
+    kept = world_.base / "beside-kept"
+    beside = world_.laptop(
+        "restore-production-db", "--at", target.isoformat(), "--beside", "--keep-dump", "--yes", PROD_DIR=str(kept)
+    )
     assert beside.returncode == 0, beside.stderr
     copy = f"{DB}_at_{target:%Y%m%d%H%M%S}"
     assert [int(i) for i in world_.prod_sql("SELECT id FROM ticks ORDER BY id", copy).split()] == [
         i for i, at in rows if at <= target
     ]
+    name = f"kw_app_production-{target:%Y%m%d-%H%M%S}.sql.gz"
+    assert sorted(p.name for p in kept.iterdir()) == [name, name + ".json"]
 
 
 def test_latest_after_prod_stopped_hard_restores_the_last_seconds_received(world_):

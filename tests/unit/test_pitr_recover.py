@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from kwbackup import rundir
 from kwbackup.errors import Failed, UsageError
 from kwbackup.pitr import recover, status
 from kwbackup.pitr.recover import Target, Window
@@ -116,3 +119,24 @@ def test_the_moment_names_its_dump_and_the_json_the_laptop_reads(tmp_path):
     assert made.moment == reached
     assert made.as_json()["reached"] == reached.isoformat() and made.as_json()["target"] is None
     assert recover.MOMENT_NAME.format(reached) == "kw_app_production-20240115-115957.sql.gz"
+
+
+def test_the_next_run_removes_the_moments_no_live_run_holds(tmp_path):
+    def moment(prefix: str, manifest: bool = True, days: float = 0) -> tuple[Path, int]:
+        made, lock = rundir.new_locked_dir(tmp_path, prefix)
+        (made / "kw_app_production-20240115-143100.sql.gz").write_bytes(b"x")
+        if manifest:
+            (made / "kw_app_production-20240115-143100.sql.gz.json").write_text("{}")
+        os.utime(made, (time.time() - days * 86400,) * 2)
+        return made, lock
+
+    held_alive, lock = moment(recover.HELD_PREFIX)
+    holder_killed, gone = moment(recover.HELD_PREFIX)
+    asked, by_hand = moment(recover.KEPT_PREFIX)
+    killed_mid_dump, mid = moment(recover.KEPT_PREFIX, manifest=False)
+    a_day_old, old = moment(recover.KEPT_PREFIX, days=1.1)
+    for ended in (gone, by_hand, mid, old):
+        os.close(ended)
+    recover._remove_leftovers(tmp_path)
+    assert sorted(tmp_path.iterdir()) == sorted([held_alive, asked])
+    os.close(lock)

@@ -109,3 +109,21 @@ def test_secrets_are_masked_in_displays_and_errors():
 def test_run_timeout_is_a_failure_with_a_message():
     with pytest.raises(Failed, match="sleeper timed out"):
         run.run(run.Cmd(["sleep", "5"], name="sleeper"), timeout=0.3)
+
+
+def test_a_holder_lets_go_when_the_block_ends_and_is_killed_when_it_fails(tmp_path):
+    def holder(let_go):  # holds until its stdin closes, then lets go
+        return sh(f"echo ready; cat >/dev/null; echo done > {let_go}", "holder")
+
+    with run.holding(holder(tmp_path / "ended")) as (proc, _):
+        assert proc.stdout.readline() == b"ready\n" and not (tmp_path / "ended").exists()
+    assert (tmp_path / "ended").read_text() == "done\n" and proc.returncode == 0
+    with pytest.raises(RuntimeError), run.holding(holder(tmp_path / "failed")) as (proc, _):
+        raise RuntimeError("the restore failed")
+    assert proc.returncode == -9 and not (tmp_path / "failed").exists()
+
+
+def test_a_holder_that_will_not_let_go_is_stopped_after_its_grace():
+    with run.holding(run.Cmd(["sleep", "30"]), grace=0.3) as (proc, _):
+        pass
+    assert proc.returncode == -9

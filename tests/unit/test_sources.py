@@ -200,3 +200,11 @@ def test_a_copy_is_the_same_dump_encrypted_or_not(places, tmp_path):
         sources.resolve(nas, CLOCK)
         raise VerificationError(f"{NEWEST}: corrupt gzip stream", "use another copy")
     assert failed.value.hint.endswith(f"is on offsite: restore-production-db --from-offsite {NEWEST}.age")
+
+
+def test_a_file_here_is_read_directly_and_one_over_ssh_is_not():
+    here = "/work/kw_app_production-20240115-143100.sql.gz"
+    assert sources.local_path(sources.Source("--from-file", path=here, name="x.sql.gz")) == here
+    assert sources.local_path(sources.Source("--at", path=here, name="x.sql.gz")) == here  # a moment recovered here
+    assert sources.local_path(sources.Source("--from-ssh", path=f"kamal@old:{here}", name="x.sql.gz")) is None
+    assert sources.reader(sources.Source("--at", path=here, name="x.sql.gz"), None) == []

@@ -1,8 +1,8 @@
 """The laptop's side of --at: a moment recovered where the WAL tier is, as a dump Source for the safe restore.
 
---from-pi5 (the default): the pi5 recovers it with its installed pitr-recover (in this process when
-PI5_HOST=local) into PITR_DIR/recovered/; the restore streams that dump from there as it would any pi5
-dump, and it is removed there afterwards (a killed run's is swept by the pi5 a day later). --from-nas: the
+--from-pi5 (the default): the pi5 recovers it with its installed pitr-recover --hold (in this process
+when PI5_HOST=local) into PITR_DIR/recovered/; the restore streams that dump from there as it would any
+pi5 dump while pitr-recover holds it, and it goes when this run lets go, ends or dies. --from-nas: the
 base backup and the WAL the moment needs are fetched from the nas copy (NAS_DIR/wal/) into WORK_DIR and
 recovered on this machine, with its Barman and its PostgreSQL of the base backup's major.
 """
@@ -41,12 +41,9 @@ def moment_source(settings: Settings, text: str, where: str, shared: Multiplexer
     target = recover.parse_time(text)
     if where == "pi5":
         pi5 = shared(place(settings, "pi5"))
-        recovered = recover.recover_on_pi5(settings, text) if pi5.is_local else _on_pi5(pi5, text)
-        try:
+        with recover.moment_on_pi5(settings, text, held=True) if pi5.is_local else _on_pi5(pi5, text) as recovered:
             _said(recovered)
             yield Source("--at", replace(pi5, dir=str(recovered.path.parent)), recovered.path.name), recovered
-        finally:
-            _drop_on_pi5(settings, pi5, recovered.path.parent.name)
         return
     with work_dir(settings["WORK_DIR"]) as work:
         recovered = _from_nas(settings, target, shared, work)
@@ -66,10 +63,11 @@ def _said(recovered: Recovered) -> None:
 
 
 # --- the pi5 ---------------------------------------------------------------------------------------------------
-def _on_pi5(pi5: Place, text: str) -> Recovered:
-    """pitr-recover on the pi5 over ssh."""
-    out = pi5_side.run_there(pi5, ["pitr-recover", "--at", text], "pitr-recover", EXIT_AS)
-    return _parse(out.decode(errors="replace").strip().splitlines()[-1])
+@contextmanager
+def _on_pi5(pi5: Place, text: str):
+    """pitr-recover --hold on the pi5 over ssh: the moment it recovered, there until this block ends."""
+    with pi5_side.held_there(pi5, ["pitr-recover", "--at", text, "--hold"], "pitr-recover", EXIT_AS) as line:
+        yield _parse(line.decode(errors="replace").strip())
 
 
 def _parse(line: str) -> Recovered:
@@ -85,16 +83,6 @@ def _parse(line: str) -> Recovered:
         found["base_backup"],
         found["seconds"],
     )
-
-
-def _drop_on_pi5(settings: Settings, pi5: Place, run_dir: str) -> None:
-    try:
-        if pi5.is_local:
-            recover.drop(settings, run_dir)
-        else:
-            run(pi5.command(["pitr-recover", "--drop", run_dir], name="pitr-recover --drop on the pi5"), timeout=120)
-    except Exception as exc:  # the restore's own outcome is what counts; the pi5 sweeps it a day later
-        log.warning("could not remove the recovered moment %s on the pi5 (%s); it goes within a day", run_dir, exc)
 
 
 # --- the nas copy, recovered here ----------------------------------------------------------------------------

@@ -14,10 +14,12 @@ moment's name, ready for the safe restore. Prod, its data directory and its WAL 
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import shutil
-import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -483,9 +485,10 @@ def _barman_restore(tier: Tier, backup_id: str, target: Target, data: Path) -> N
 
 
 # --- on the pi5 (bin/pitr-recover) -----------------------------------------------------------------------------
-RECOVERED = "recovered"  # PITR_DIR/recovered/<run>/: each moment's dump until the laptop has restored it
-RUN_DIR = re.compile(r"moment-[A-Za-z0-9_]{8}")  # a run's directory there (mkdtemp's), as --drop takes it
-LEFTOVER_HOURS = 24  # a dump there older than this was left by a laptop that never came back for it
+RECOVERED = "recovered"  # PITR_DIR/recovered/<run>/: each moment's dump while its run holds it
+HELD_PREFIX = "held-"  # a moment held for a caller (the laptop's --at): removed when the caller is done or gone
+KEPT_PREFIX = "moment-"  # a moment asked by hand: kept for a day
+KEPT_HOURS = 24
 
 
 def pi5_window(settings: Settings) -> Window:
@@ -495,9 +498,12 @@ def pi5_window(settings: Settings) -> Window:
     return Window(state.recoverable_from, state.recoverable_to, live)
 
 
-def recover_on_pi5(settings: Settings, text: str) -> Recovered:
+@contextmanager
+def moment_on_pi5(settings: Settings, text: str, held: bool) -> Iterator[Recovered]:
     """pitr-recover: the moment `text` of this pi5's WAL tier as a dump in a directory of its own in
-    PITR_DIR/recovered/ (one run at a time; a moment asked twice gets two)."""
+    PITR_DIR/recovered/ (one recovery at a time; a moment asked twice gets two), flock'ed while this process
+    lives. A held moment goes when this ends (a killed holder's, with the next run); one asked by hand stays a
+    day for whoever asked."""
     target = parse_time(text)
     tier = Tier(settings)
     tier.check_owner()
@@ -505,27 +511,29 @@ def recover_on_pi5(settings: Settings, text: str) -> Recovered:
     recovered.mkdir(mode=0o700, exist_ok=True)
     with files.lock(tier.dir, "pitr-recover"):
         _remove_leftovers(recovered)
-        out = Path(tempfile.mkdtemp(prefix="moment-", dir=recovered))
+        out, lock = rundir.new_locked_dir(recovered, HELD_PREFIX if held else KEPT_PREFIX)
         try:
-            return recover(settings, tier, tier.dir, target, pi5_window(settings), out)
+            moment = recover(settings, tier, tier.dir, target, pi5_window(settings), out)
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
+            os.close(lock)
             raise
-
-
-def drop(settings: Settings, run: str) -> None:
-    """pitr-recover --drop: a run's directory in PITR_DIR/recovered/ (its dump and manifest), once restored."""
-    if not RUN_DIR.fullmatch(run):
-        raise UsageError(f"--drop {run!r} is not a recovered moment's directory")
-    shutil.rmtree(Tier(settings).dir / RECOVERED / run, ignore_errors=True)
+    try:
+        yield moment
+    finally:
+        if held:
+            shutil.rmtree(out, ignore_errors=True)
+        os.close(lock)
 
 
 def _remove_leftovers(recovered: Path) -> None:
-    """Under the lock: a run's directory without its manifest is a killed run's; one a day old, a laptop's that
-    never came back for it."""
-    cutoff = time.time() - LEFTOVER_HOURS * 3600
+    """Under the lock, the moments no live run holds: a killed run's (without its manifest), a held one's whose
+    holder was killed, one asked by hand a day ago."""
+    cutoff = time.time() - KEPT_HOURS * 3600
     for made in recovered.iterdir():
+        if made.is_dir() and rundir.in_use(made):
+            continue
         whole = made.is_dir() and any(p.name.endswith(names.MANIFEST_SUFFIX) for p in made.iterdir())
-        if not whole or made.stat().st_mtime < cutoff:
+        if made.name.startswith(HELD_PREFIX) or not whole or made.stat().st_mtime < cutoff:
             shutil.rmtree(made) if made.is_dir() else made.unlink(missing_ok=True)
             log.info("removed %s, left by a recovery that was killed or never collected", made.name)
