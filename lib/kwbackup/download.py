@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import crypto, dumps, files, names
+from . import crypto, dumps, files, names, rundir
 from .errors import Failed
 from .log import Progress
 from .offsite import Offsite
@@ -55,15 +53,18 @@ def fetch(
         return out.commit()
 
 
+WORK_PREFIX = "work."  # in WORK_DIR/kw-backup-<uid>/
+
+
 @contextmanager
 def work_dir(base: str):
-    """A private directory in WORK_DIR, removed with everything in it at the end, also on failure."""
+    """A private directory in WORK_DIR, removed with everything in it at the end, also on failure. It is flock'ed
+    while this process lives: the next run removes a killed run's (dumps, a base backup and its WAL fetched, a
+    recovered moment), stopping a server it left running there."""
     mine = files.own_subdir(Path(base), f"kw-backup-{os.geteuid()}")
-    path = Path(tempfile.mkdtemp(prefix="work.", dir=mine))
-    try:
+    rundir.sweep(WORK_PREFIX, root=mine)
+    with rundir.run_dir(WORK_PREFIX, None, root=mine) as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def fetch_dump(

@@ -115,7 +115,11 @@ def _pg_ctl(base: Path) -> Path:
 
 
 def teardown(base: Path) -> bool:
-    """Stop what runs in a run directory (a container, a cluster) and remove it; False when it could not."""
+    """Stop what runs in a run directory (a container, a cluster, or a run directory inside it: a recovery's in a
+    work directory) and remove it; False when it could not."""
+    for inner in base.glob(f"*/{BINDIR_FILE}"):
+        if not teardown(inner.parent):
+            return False
     container = base / "container"
     if container.exists():
         name = container.read_text().strip()

@@ -389,6 +389,34 @@ def test_backup_drill_and_the_restores_at_a_moment_of_the_nas_copy_recover_it_on
         i for i, at in rows if at <= target
     ]
     world_.prod_sql("DROP SCHEMA from_nas CASCADE", DB)  # the monthly drill's nightly dump would hold it
+    world_.nas_moment = target
+
+
+def test_a_recovery_here_killed_with_9_leaves_nothing_after_the_next_run(world_):
+    """The nas's copy recovered on this machine: kill -9 of the script while its server replays. The next run
+    stops that server and removes its run directory and the work directory with the base backup fetched."""
+    nas = {"NAS_HOST": "local", "NAS_DIR": str(world_.base / "nas")}
+    argv = ["backup-drill", "--from", "nas", "--at", world_.nas_moment.isoformat()]
+    env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings(**nas))
+    env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
+    others = set(Path("/tmp").glob("kw-recover-run-*"))  # other test workers' runs
+    proc = subprocess.Popen([str(world.BIN / argv[0]), *argv[1:]], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (
+        ours := [d for d in Path("/tmp").glob("kw-recover-run-*/data/postmaster.pid") if d.parents[1] not in others]
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, "the recovery never started its server"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    run_dir = ours[0].parents[1]
+    works = world_.base / f"kw-backup-{os.geteuid()}"
+    assert run_dir.exists() and list(works.glob("work.*"))  # what the killed run left
+    again = world_.laptop(*argv, **nas)
+    assert again.returncode == 0, again.stderr
+    assert not run_dir.exists() and not list(works.glob("work.*"))
+    assert not subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout
 
 
 def pgrep(world_, script: str) -> list[str]:
