@@ -154,10 +154,19 @@ class PitrWorld:
         }
         return ["runuser", "-u", self.pi.pw_name, "--", str(self.install.bin / script), *args], env
 
-    def on_pi(self, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def on_pi(self, script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
         """An installed script run by `pi` as its cron line would, with the pi5's env file."""
         argv, env = self.pi_argv(script, *args)
-        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        try:
+            return subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired as hung:  # what it said and what ran then, not only that it hung
+            ps = subprocess.run(["ps", "-ww", "-u", self.pi.pw_name, "-o", "pid,ppid,etimes,args"], capture_output=True)
+            raise AssertionError(
+                f"{script} {' '.join(args)} ran over {timeout:.0f}s; it said:\n{(hung.stderr or b'').decode()}\n"
+                f"the pi's processes:\n{ps.stdout.decode()}"
+            ) from hung
 
     def start_tunnel(self) -> None:
         """The tunnel as its systemd unit runs it (ExecStart: pitr-tunnel, as pi)."""

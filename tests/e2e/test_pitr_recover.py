@@ -119,6 +119,25 @@ def test_pitr_recover_on_the_pi5_holds_exactly_the_rows_before_the_moment(world_
     assert found["reached"] and datetime.fromisoformat(found["reached"]) <= target
 
 
+def test_a_moment_inside_a_migration_that_holds_a_table_locked_is_recovered(world_):
+    """A migration's ALTER TABLE holds `other` locked across the moment: the moment comes back without it (it had
+    not committed), rather than pg_dump waiting for ever on the lock the paused replay holds for it."""
+    migration = world.HeldTransaction(world_.pg, DB, "ALTER TABLE other ADD COLUMN during_the_migration text")
+    try:
+        time.sleep(0.3)  # ticks commit meanwhile
+        rows = ticks(world_)
+        target = between(rows, 1)
+        done = world_.on_pi("pitr-recover", "--at", target.isoformat(), timeout=120)
+    finally:
+        migration.end("ROLLBACK")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    path = Path(found["dir"]) / found["name"]
+    assert recovered_ticks(path) == [r[0] for r in rows if r[1] <= target]
+    text = subprocess.run(["zcat", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "CREATE TABLE public.other" in text and "during_the_migration" not in text
+
+
 def between(rows: list[tuple[int, datetime]], back: int) -> datetime:
     """A moment halfway between two commits, `back` rows from the newest."""
     (_, a), (_, b) = rows[-back - 1], rows[-back]

@@ -6,7 +6,8 @@ for it and its WAL (exit 1) -> `barman restore` into a run directory of its own 
 process lives, swept by the next run when killed) -> its control data read (a Pi is arm64, prod usually
 x86_64) -> the server started socket-only, replaying to TIME and pausing there (latest: to the end of the
 WAL held, then promoted) -> checked: it reached TIME and replayed the WAL held up to it (a gap or missing
-WAL: exit 3 naming the latest reachable moment) -> pg_dump of DB_NAME counted, compressed and hashed as
+WAL: exit 3 naming the latest reachable moment) -> recovery ended there (what was open then rolls back,
+releasing the locks the replay held for it) -> pg_dump of DB_NAME counted, compressed and hashed as
 backup-db does -> each table's rows against the recovered server's own -> a dump and its manifest under the
 moment's name, ready for the safe restore. Prod, its data directory and its WAL stream are never touched.
 """
@@ -290,6 +291,20 @@ class _Server:
         )
         return code == 0
 
+    def end_recovery(self) -> None:
+        """Paused at the moment, recovery ends there: the transactions open then roll back and let go of the locks
+        the replay holds for them (a migration's, on a table pg_dump would wait for ever to read)."""
+        with self.connect() as conn:
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # else promoted at the WAL's end already
+                conn.execute("SELECT pg_wal_replay_resume()")  # paused at the recovery target, this promotes
+        deadline = time.monotonic() + READY_SECONDS
+        while (state := self.poll()) is None or state[0]:
+            if state is None and not self.running():
+                raise Failed(f"the recovered server stopped: {self.last_error()}", f"see {self.log_file}")
+            if time.monotonic() > deadline:
+                raise Failed(f"the recovered server kept recovering {READY_SECONDS} s on", f"see {self.log_file}")
+            time.sleep(0.2)
+
     def log_text(self) -> str:
         try:
             return self.log_file.read_text(errors="replace")
@@ -432,6 +447,8 @@ def recover(settings: Settings, tier: Tier, work: Path, target: Target, window: 
             raise _missing(
                 target, reached, chosen.backup_id
             )  # promoted before the end of the WAL held: a segment is missing
+        if target.when is not None:
+            server.end_recovery()
         seconds["replay"] = round(time.monotonic() - started, 2)
         log.info("recovered %s: the newest transaction replayed is from %s", target, stamp(reached))
         started = time.monotonic()
