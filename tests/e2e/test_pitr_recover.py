@@ -26,7 +26,6 @@ from tests import pitr_world, world
 
 DB = "kw_app_production"
 FRESH_PRODS = itertools.count()  # each fresh prod its own sshd place
-pytestmark = pytest.mark.xdist_group("pitr_recover")  # one world for the module, its tests in order
 
 
 class Ticker(threading.Thread):
@@ -408,14 +407,14 @@ def test_backup_drill_and_the_restores_at_a_moment_of_the_nas_copy_recover_it_on
         i for i, at in rows if at <= target
     ]
     world_.prod_sql("DROP SCHEMA from_nas CASCADE", DB)  # the monthly drill's nightly dump would hold it
-    world_.nas_moment = target
+    a_recovery_here_killed_with_9_leaves_nothing_after_the_next_run(world_, nas_dir, target)
 
 
-def test_a_recovery_here_killed_with_9_leaves_nothing_after_the_next_run(world_):
+def a_recovery_here_killed_with_9_leaves_nothing_after_the_next_run(world_, nas_dir: Path, target: datetime):
     """The nas's copy recovered on this machine: kill -9 of the script while its server replays. The next run
     stops that server and removes its run directory and the work directory with the base backup fetched."""
-    nas = {"NAS_HOST": "local", "NAS_DIR": str(world_.base / "nas")}
-    argv = ["backup-drill", "--from", "nas", "--at", world_.nas_moment.isoformat()]
+    nas = {"NAS_HOST": "local", "NAS_DIR": str(nas_dir)}
+    argv = ["backup-drill", "--from", "nas", "--at", target.isoformat()]
     env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings(**nas))
     env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
     others = set(Path("/tmp").glob("kw-recover-run-*"))  # other test workers' runs

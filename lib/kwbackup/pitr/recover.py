@@ -338,14 +338,23 @@ def _newest_segno(files_: status.Files, segment: int) -> int:
 
 def _replay(server: _Server, target: Target) -> tuple[datetime | None, int]:
     """Wait for the server to pause at the target (latest: to be promoted at the end of the WAL); the newest
-    transaction replayed and the LSN replayed. Failed when it dies; (None, -1) when the WAL ended first."""
-    last_said = time.monotonic()
+    transaction replayed and the LSN replayed. Failed when it dies or stops replaying; (None, -1) when the WAL
+    ended first."""
+    last_said = moved = time.monotonic()
+    last_lsn = -1
     while True:
         state = server.poll()
         if state is not None:
             recovering, pause, reached, lsn = state
             if (target.when is not None and pause == "paused") or not recovering:
                 return reached, lsn
+            if lsn != last_lsn:
+                last_lsn, moved = lsn, time.monotonic()
+            elif time.monotonic() - moved > READY_SECONDS:
+                raise Failed(
+                    f"the recovered server replayed nothing for {READY_SECONDS} s (at {stamp(reached)})",
+                    f"see {server.log_file}",
+                )
             if time.monotonic() - last_said > PROGRESS_SECONDS:
                 log.info("replaying WAL: at %s, on the way to %s", stamp(reached), target)
                 last_said = time.monotonic()
