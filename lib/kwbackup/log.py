@@ -108,7 +108,13 @@ class Progress:
     """
 
     def __init__(
-        self, what: str, total: int | None = None, interval: float = 10.0, stream=None, estimated: bool = False
+        self,
+        what: str,
+        total: int | None = None,
+        interval: float = 10.0,
+        stream=None,
+        estimated: bool = False,
+        clock=time.monotonic,
     ):
         self.what = what
         self.total = total
@@ -117,11 +123,12 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.done = 0
-        self.start = self.last = time.monotonic()
+        self.clock = clock
+        self.start = self.last = clock()
 
     def add(self, n: int) -> None:
         self.done += n
-        now = time.monotonic()
+        now = self.clock()
         if now - self.last >= (0.5 if self.tty else self.interval):
             self.last = now
             self._show(now)

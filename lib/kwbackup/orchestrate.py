@@ -48,6 +48,8 @@ class Summary:
     push_seconds: float = 0.0
     offsite_seconds: float = 0.0
     offsite: str = "off"  # off (no OFFSITE_REMOTE), ok, failed
+    wal: str = "off"  # the WAL tier's copy to the nas: off (PITR off), ok, failed
+    wal_seconds: float = 0.0
     pushed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)
@@ -60,7 +62,7 @@ class Summary:
             f"summary: time={now} dump={self.dump} size={self.bytes} pull={self.pull_seconds:.1f}s "
             f"push={self.push_seconds:.1f}s total={time.monotonic() - self.started:.1f}s "
             f"pushed={len(self.pushed)} removed={len(self.removed)} pinned={','.join(self.pinned) or '-'} "
-            f"offsite={self.offsite} "
+            f"wal={self.wal} wal_copy={self.wal_seconds:.1f}s offsite={self.offsite} "
             f"offsite_push={self.offsite_seconds:.1f}s result={result}"
         )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -123,6 +124,11 @@ def barman_on_copy(pitr, barman_home: Path, *args: str) -> subprocess.CompletedP
 def last_copy_line(pitr) -> str:
     lines = (pitr.home / "backup-orchestrator.log").read_text().splitlines()
     return next((line for line in reversed(lines) if "copied the WAL tier to the nas" in line), "")
+
+
+def summary_line(pitr) -> str:
+    lines = (pitr.home / "backup-orchestrator.log").read_text().splitlines()
+    return [line for line in lines if "summary: " in line][-1]
 
 
 def stamp(text: str | None) -> datetime:
@@ -340,6 +346,7 @@ def test_a_nas_over_ssh_dropped_mid_copy_fails_the_wal_copy_not_the_dumps_and_li
     assert run.returncode == 1, out + err
     errors = [line for line in err.splitlines() if "error" in line]
     assert "copying the WAL tier to the nas failed after 3 attempts" in errors[-1], err
+    assert " wal=failed wal_copy=" in summary_line(pitr)
     # The dumps' push came first and stands; the half copy never looks like a complete base backup.
     assert (pitr.nas_dir / DUMP).is_file() and (pitr.nas_dir / (DUMP + ".json")).is_file()
     assert not list(nas_home.glob("meta/*")), list(nas_home.glob("meta/*"))
@@ -350,6 +357,7 @@ def test_a_nas_over_ssh_dropped_mid_copy_fails_the_wal_copy_not_the_dumps_and_li
     again = orchestrate(pitr)
     assert again.returncode == 0, again.stdout + again.stderr
     assert_same_copy(pitr, nas_home)
+    assert re.search(r" wal=ok wal_copy=[\d.]+s ", summary_line(pitr)) and "result=ok" in summary_line(pitr)
 
     # list-backups from the laptop, every place over ssh: the dumps, then the Point in time sections.
     laptop = dict(

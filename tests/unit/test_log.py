@@ -10,22 +10,22 @@ class Tty(io.StringIO):
         return True
 
 
-def test_progress_on_a_terminal_shows_bytes_rate_and_eta(monkeypatch):
+def test_progress_on_a_terminal_shows_bytes_rate_and_eta():
     clock = iter([0.0, 1.0, 2.0, 3.0])
-    monkeypatch.setattr(log.time, "monotonic", lambda: next(clock))
     out = Tty()
-    progress = log.Progress("downloading db-2024-01-15.sql.gz", total=4_000_000, stream=out)
+    progress = log.Progress("downloading db-2024-01-15.sql.gz", total=4_000_000, stream=out, clock=lambda: next(clock))
     progress.add(1_000_000)
     progress.add(1_000_000)
     text = out.getvalue()
     assert text.startswith("\r") and "2.0 MB of 4.0 MB (50%)" in text and "/s" in text and "ETA" in text
 
 
-def test_an_estimated_total_is_about_and_dropped_once_passed(monkeypatch):
+def test_an_estimated_total_is_about_and_dropped_once_passed():
     clock = iter([0.0, 1.0, 2.0, 3.0])
-    monkeypatch.setattr(log.time, "monotonic", lambda: next(clock))
     out = Tty()
-    progress = log.Progress("restoring into kw_restore_1", total=3_000_000, stream=out, estimated=True)
+    progress = log.Progress(
+        "restoring into kw_restore_1", total=3_000_000, stream=out, estimated=True, clock=lambda: next(clock)
+    )
     progress.add(1_000_000)
     assert "1.0 MB of about 3.0 MB (33%)" in out.getvalue() and "ETA" in out.getvalue()
     progress.add(3_000_000)
@@ -33,11 +33,10 @@ def test_an_estimated_total_is_about_and_dropped_once_passed(monkeypatch):
     assert last.startswith("restoring into kw_restore_1: 4.0 MB, ") and "of" not in last and "ETA" not in last
 
 
-def test_progress_in_logs_is_a_line_every_interval(monkeypatch, caplog):
+def test_progress_in_logs_is_a_line_every_interval(caplog):
     clock = iter([0.0, 5.0, 11.0, 12.0])
-    monkeypatch.setattr(log.time, "monotonic", lambda: next(clock))
     log.log.propagate = True
-    progress = log.Progress("dumping kw", interval=10, stream=io.StringIO())
+    progress = log.Progress("dumping kw", interval=10, stream=io.StringIO(), clock=lambda: next(clock))
     with caplog.at_level(logging.INFO, logger="kw-backup"):
         progress.add(10)
         progress.add(10)

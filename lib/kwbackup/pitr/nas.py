@@ -271,8 +271,10 @@ def copy_in_run(this, nas: Place) -> None:
         log.error("the WAL tier's copy to the nas failed: %s", exc.message)
         this.problems.append(exc)
         seconds = time.monotonic() - started
+        this.summary.wal = "failed"
     else:
         seconds = done.seconds
+        this.summary.wal = "ok"
         log.info(
             "copied the WAL tier to the nas: %d base backup(s), %d file(s) sent (%s), %d removed, checked by "
             "checksum, in %.1fs",
@@ -282,6 +284,7 @@ def copy_in_run(this, nas: Place) -> None:
             done.removed,
             seconds,
         )
+    this.summary.wal_seconds = seconds
     if this.monitor:
         this.monitor.gauge("wal.nas_copy_seconds", round(seconds, 3))
 
