@@ -33,15 +33,25 @@ def test_an_estimated_total_is_about_and_dropped_once_passed():
     assert last.startswith("restoring into kw_restore_1: 4.0 MB, ") and "of" not in last and "ETA" not in last
 
 
-def test_progress_in_logs_is_a_line_every_interval(caplog):
+def test_progress_in_logs_is_a_line_every_interval(monkeypatch):
+    """Its own handler on the logger alone: what other tests in this process did to logging does not count."""
     clock = iter([0.0, 5.0, 11.0, 12.0])
-    log.log.propagate = True
-    progress = log.Progress("dumping kw", interval=10, stream=io.StringIO(), clock=lambda: next(clock))
-    with caplog.at_level(logging.INFO, logger="kw-backup"):
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    monkeypatch.setattr(log.log, "propagate", False)
+    monkeypatch.setattr(log.log, "handlers", [handler])
+    monkeypatch.setattr(log.log, "disabled", False)
+    previous = log.log.level
+    log.log.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the logger's cache of levels
+    try:
+        progress = log.Progress("dumping kw", interval=10, stream=io.StringIO(), clock=lambda: next(clock))
         progress.add(10)
         progress.add(10)
         progress.add(10)
-    assert [r.getMessage() for r in caplog.records] == ["dumping kw: 20 Bytes, 1 Bytes/s"]
+    finally:
+        log.log.setLevel(previous)
+    assert said == ["dumping kw: 20 Bytes, 1 Bytes/s"]
 
 
 def test_stderr_and_syslog_levels_and_masking(tmp_path, monkeypatch, capsys):
