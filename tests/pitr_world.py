@@ -12,7 +12,6 @@ make install-pi5 PITR=on installed, and the tunnel between them through a real s
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import os
 import shutil
@@ -138,10 +137,13 @@ class PitrWorld:
             **extra,
         }
 
-    def laptop(self, script: str, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
+    def laptop(
+        self, script: str, *args: str, timeout: float = 600, at: str | None = None, **extra: str
+    ) -> subprocess.CompletedProcess:
+        """A script on the laptop; `at` moves the laptop's clock (world.clocked), never the pi5's or prod's."""
         env_file = world.write_env(self.base / "laptop.env", self.laptop_settings(**extra))
         env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
-        return world.run_script(script, *args, env=env, timeout=timeout)
+        return world.run_script(script, *args, env=env, timeout=timeout, at=at)
 
     def pi_argv(self, script: str, *args: str) -> tuple[list[str], dict[str, str]]:
         env = {
@@ -205,19 +207,3 @@ class PitrWorld:
 
 
 _NUMBERS = itertools.count(1)
-
-
-def held(path: Path) -> bool | None:
-    """Whether a live process holds an flock on `path` (a file or a directory); None when it does not exist.
-    Only opened, never created: a root-owned lock file would stop what runs as pi."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False

@@ -114,18 +114,26 @@ def staging_leftovers() -> set[str]:
 def _held(directory: Path) -> bool:
     """Whether a live run holds `directory`'s .lock (a restore's staging directory while it runs)."""
     try:
-        fd = os.open(directory / ".lock", os.O_RDONLY)
-    except FileNotFoundError:
-        return not directory.exists()  # removed meanwhile: not left behind
+        held = flock_held(directory / ".lock")
     except NotADirectoryError:
         return False
+    return not directory.exists() if held is None else held  # removed meanwhile: not left behind
+
+
+def flock_held(path: Path) -> bool | None:
+    """Whether a live process holds an flock on `path` (a file or a directory); None when it does not exist.
+    Only opened, never created: a root-owned lock file would stop what runs as pi."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
     except BlockingIOError:
         return True
     finally:
         os.close(fd)
+    return False
 
 
 def service_user() -> str | None:

@@ -107,7 +107,7 @@ def receivers(pitr) -> list[int]:
 
 def receive_wal_locked(pitr) -> bool:
     """Barman's receive-wal for prod is running (it holds its lock file)."""
-    return pitr_world.held(pitr.dir / "locks" / ".prod-receive-wal.lock") is True
+    return world.flock_held(pitr.dir / "locks" / ".prod-receive-wal.lock") is True
 
 
 def wal_files(pitr) -> dict[str, bytes]:

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import pty
+import re
 import shutil
 import subprocess
 import tempfile
@@ -248,14 +249,28 @@ def test_a_moment_outside_the_window_in_the_future_or_not_a_time_is_exit_2_namin
     before_backup = datetime(2020, 1, 1, tzinfo=UTC)
     for at, said in (
         (before_backup.isoformat(), "is outside the window: recoverable from "),
-        ((datetime.now(UTC) + timedelta(hours=1)).isoformat(), "is in the future"),
+        ((datetime.now(UTC) + timedelta(hours=1)).isoformat(), "is in the future (now: "),
         ("2026-13-45 10:00", "is not a time"),
         ("2026-12-06T10:00:00", "is not a time"),  # no offset: ambiguous
     ):
         done = world_.laptop("restore-production-db", "--at", at, "--yes")
         assert done.returncode == 2, (at, done.stderr)
-        assert said in done.stderr.strip().splitlines()[-1], (at, done.stderr)
+        error = done.stderr.strip().splitlines()[-1]
+        assert said in error, (at, done.stderr)
+        assert "not a time" in said or re.search(r": recoverable from 20\S+ \S+ UTC to 20\S+ \S+ UTC", error), error
     assert not list((world_.dir / "recovered").glob(f"*{datetime.now(UTC):%Y%m%d}*.sql.gz.partial*"))
+
+
+def test_a_laptop_clock_ahead_of_the_pi5s_is_told_the_pi5s_now_and_window(world_):
+    """The laptop reads TIME but never judges it by its own clock: the pi5, which holds the WAL, does."""
+    ahead = datetime.now(UTC) + timedelta(minutes=10)
+    a_second_ago_there = (ahead - timedelta(seconds=1)).isoformat()
+    done = world_.laptop("restore-production-db", "--at", a_second_ago_there, "--yes", at=f"{ahead:%Y-%m-%d %H:%M:%S}")
+    assert done.returncode == 2, done.stderr
+    pi5_now = re.search(r"on the pi5: --at .* is in the future \(now: (\S+ \S+) UTC\): recoverable from ", done.stderr)
+    assert pi5_now, done.stderr
+    assert abs(datetime.fromisoformat(pi5_now[1]).replace(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=1)
+    assert "-- give a moment inside it, or latest" in done.stderr
 
 
 def archive_segment(world_, name: str) -> Path:
@@ -311,7 +326,7 @@ def run_dirs(world_) -> list[Path]:
     worlds' runs, of other test workers, hold theirs)."""
     return [
         *world_.dir.glob("kw-recover-run-*"),
-        *(d for d in Path("/tmp").glob("kw-recover-socket-*") if pitr_world.held(d) is False),
+        *(d for d in Path("/tmp").glob("kw-recover-socket-*") if world.flock_held(d) is False),
     ]
 
 
@@ -385,6 +400,12 @@ def test_backup_drill_and_the_restores_at_a_moment_of_the_nas_copy_recover_it_on
         "backup-drill", "--from", "nas", "--at", after.isoformat(), NAS_HOST="local", NAS_DIR=str(nas_dir)
     )
     assert late.returncode == 2 and "outside the window" in late.stderr, late.stderr
+    future = world_.laptop(
+        "backup-drill", "--from", "nas", "--at", f"{datetime.now(UTC) + timedelta(hours=1):%Y-%m-%d %H:%M}",
+        NAS_HOST="local", NAS_DIR=str(nas_dir),
+    )  # fmt: skip
+    assert future.returncode == 2 and "is in the future (now: " in future.stderr, future.stderr
+    assert ": recoverable from " in future.stderr, future.stderr
     # The restores take the nas's copy too: one table back, its dump kept on prod; and a fresh prod.
     kept = world_.base / "nas-kept"
     back = world_.laptop(

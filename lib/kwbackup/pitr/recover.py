@@ -63,9 +63,9 @@ def stamp(when: datetime | None) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if when else "none"
 
 
-def parse_time(text: str, now: datetime | None = None) -> Target:
-    """`latest`, ISO 8601 with an offset, or `YYYY-MM-DD HH:MM[:SS]` as UTC; UsageError otherwise or in the future."""
-    now = now or datetime.now(UTC)
+def parse_time(text: str) -> Target:
+    """`latest`, ISO 8601 with an offset, or `YYYY-MM-DD HH:MM[:SS]` as UTC; UsageError otherwise. Whether it is
+    in the future is the window's to say (Window.check), by the clock of the machine that holds the WAL."""
     if text == "latest":
         return Target(None)
     utc = re.fullmatch(r"(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)", text)
@@ -78,10 +78,7 @@ def parse_time(text: str, now: datetime | None = None) -> Target:
             f"--at {text!r} is not a time",
             "give ISO 8601 with an offset (2024-01-15T14:31:00+01:00), YYYY-MM-DD HH:MM[:SS] as UTC, or latest",
         )
-    when = when.replace(tzinfo=UTC) if utc else when.astimezone(UTC)
-    if when > now:
-        raise UsageError(f"--at {stamp(when)} is in the future (now: {stamp(now)})", "give a past moment, or latest")
-    return Target(when)
+    return Target(when.replace(tzinfo=UTC) if utc else when.astimezone(UTC))
 
 
 @dataclass
@@ -96,11 +93,14 @@ class Window:
         if self.start is None:
             raise Failed("the WAL tier holds no complete base backup: nothing to recover", "pitr-status says why")
         end = now if self.live else self.to
-        if target.when is not None and not (self.start <= target.when <= end):
-            raise UsageError(
-                f"--at {target} is outside the window: recoverable from {stamp(self.start)} to {stamp(end)}",
-                "give a moment inside it (list-backups --point-in-time shows each place's)",
-            )
+        if target.when is None or self.start <= target.when <= end:
+            return
+        # Now is this machine's: with a laptop clock ahead of it, "a second ago" there is in the future here.
+        why = f"is in the future (now: {stamp(now)})" if target.when > now else "is outside the window"
+        raise UsageError(
+            f"--at {target} {why}: recoverable from {stamp(self.start)} to {stamp(end)}",
+            "give a moment inside it, or latest (list-backups --point-in-time shows each place's window)",
+        )
 
 
 @dataclass
