@@ -312,7 +312,9 @@ class Sshd:
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
             "PermitUserEnvironment no\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 50\n"
             f"Subsystem sftp internal-sftp -u 077\n"  # as README advises for an sftp offsite: private files
-            f"SetEnv KW_TEST_PLACE={self.name} PATH={self.path} "
+            # SHLVL=1: bash, a login's shell, then skips the ~/.bashrc it runs for ssh commands (here root's runs
+            # pyenv init, 0.15 s a command, and puts pyenv and /usr/local/bin before PATH: not a fresh server's).
+            f"SetEnv KW_TEST_PLACE={self.name} PATH={self.path} SHLVL=1 "
             f"KW_BACKUP_ENV={self.env_file} KW_BACKUP_SYSLOG={self.base / 'no-syslog'}"
             + "".join(f" {k}={v}" for k, v in self.env.items())
             + "\n"
