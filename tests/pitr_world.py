@@ -141,9 +141,12 @@ class PitrWorld:
         self, script: str, *args: str, timeout: float = 600, at: str | None = None, **extra: str
     ) -> subprocess.CompletedProcess:
         """A script on the laptop; `at` moves the laptop's clock (world.clocked), never the pi5's or prod's."""
+        return world.run_script(script, *args, env=self.laptop_env(**extra), timeout=timeout, at=at)
+
+    def laptop_env(self, **extra: str) -> dict[str, str]:
+        """The environment a laptop script runs with: a plain shell's, its env file written with `extra`."""
         env_file = world.write_env(self.base / "laptop.env", self.laptop_settings(**extra))
-        env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
-        return world.run_script(script, *args, env=env, timeout=timeout, at=at)
+        return {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
 
     def pi_argv(self, script: str, *args: str) -> tuple[list[str], dict[str, str]]:
         env = {

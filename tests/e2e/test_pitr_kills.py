@@ -54,9 +54,7 @@ class Run:
 
 
 def laptop_run(pitr, script: str, *args: str) -> Run:
-    env_file = world.write_env(pitr.base / "laptop.env", pitr.laptop_settings())
-    env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
-    return Run([str(world.BIN / script), *args], env)
+    return Run([str(world.BIN / script), *args], pitr.laptop_env())
 
 
 def pi_run(pitr, script: str, *args: str) -> Run:

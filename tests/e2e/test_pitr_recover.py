@@ -162,11 +162,10 @@ def test_restore_production_db_at_a_moment_keeps_its_dump_and_names_the_moment(w
     prod_dir = world_.base / "prod-dumps"
     started = datetime.now(UTC)
     # On a terminal, typing the database name; the prompt names the moment and the newest transaction before it.
-    env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings(PROD_DIR=str(prod_dir)))
     main_fd, child_fd = pty.openpty()
     proc = subprocess.Popen(
         [str(world.BIN / "restore-production-db"), "--at", target.strftime("%Y-%m-%d %H:%M:%S.%f"), "--keep-dump"],
-        env={"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)},
+        env=world_.laptop_env(PROD_DIR=str(prod_dir)),
         stdin=child_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     os.close(child_fd)
@@ -436,8 +435,7 @@ def a_recovery_here_killed_with_9_leaves_nothing_after_the_next_run(world_, nas_
     stops that server and removes its run directory and the work directory with the base backup fetched."""
     nas = {"NAS_HOST": "local", "NAS_DIR": str(nas_dir)}
     argv = ["backup-drill", "--from", "nas", "--at", target.isoformat()]
-    env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings(**nas))
-    env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
+    env = world_.laptop_env(**nas)
     others = set(Path("/tmp").glob("kw-recover-run-*"))  # other test workers' runs
     proc = subprocess.Popen([str(world.BIN / argv[0]), *argv[1:]], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -479,8 +477,7 @@ def test_the_link_to_the_pi5_lost_mid_recovery_is_exit_1_and_changes_nothing(wor
     target = between(settled_ticks(world_, 2), 2)
     with world_.ticker.paused():
         before = world_.prod_sql("SELECT count(*), max(id) FROM ticks", DB)
-        env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings())
-        env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
+        env = world_.laptop_env()
         proc = subprocess.Popen(
             [str(world.ROOT / "bin" / "restore-production-db"), "--at", target.isoformat(), "--yes"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -517,8 +514,7 @@ def test_the_laptop_killed_while_the_pi5_holds_its_moment_lets_the_pi5_remove_it
     target = between(settled_ticks(world_, 2), 2)
     with world_.ticker.paused():
         before = world_.prod_sql("SELECT count(*), max(id) FROM ticks", DB)
-        env_file = world.write_env(world_.base / "laptop.env", world_.laptop_settings())
-        env = {"PATH": world.SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "KW_BACKUP_ENV": str(env_file)}
+        env = world_.laptop_env()
         main_fd, child_fd = pty.openpty()
         proc = subprocess.Popen(
             [str(world.BIN / "restore-production-db"), "--at", target.isoformat()],

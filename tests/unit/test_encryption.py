@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from kwbackup import crypto, dumps, log, settings
+from kwbackup import crypto, dumps, settings
 from kwbackup.errors import Failed, UsageError, VerificationError
 from tests import world
 
@@ -126,8 +126,7 @@ def test_verify_with_and_without_the_key(dump, keys, tmp_path):
         crypto.verify(copy, None)
 
 
-def test_identity_setting(tmp_path, keys, caplog, monkeypatch):
-    monkeypatch.setattr(log.log, "propagate", True)  # caplog listens at the root; log.setup() may have run here
+def test_identity_setting(tmp_path, keys, caplog):
     unset = settings.load(environ={}, env_file=str(world.write_env(tmp_path / "a.env", {})))
     with pytest.raises(UsageError, match="set AGE_IDENTITY_FILE"):
         crypto.identity(unset, NAME + ".age")

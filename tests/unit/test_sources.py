@@ -2,7 +2,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from kwbackup import fresh, log, names, settings, sources, staging
+from kwbackup import fresh, names, settings, sources, staging
 from kwbackup.errors import Failed, UsageError, VerificationError
 from kwbackup.offsite import Offsite
 from kwbackup.places import Entry, Place
@@ -63,8 +63,7 @@ def test_latest_is_the_newest_dump_and_a_bad_one_stops_it_never_an_older_one(man
         sources.resolve(sources.Source("--from-nas", Listed()), CLOCK)
 
 
-def test_latest_takes_a_newest_dump_without_a_manifest_unverified_saying_so(caplog, monkeypatch):
-    monkeypatch.setattr(log.log, "propagate", True)  # caplog listens at the root; log.setup() may have run here
+def test_latest_takes_a_newest_dump_without_a_manifest_unverified_saying_so(caplog):
     origin = Listed(entry("db-2024-01-03.sql.gz", 50, None), entry("db-2024-01-01.sql.gz", 100, 100))
     assert sources.resolve(sources.Source("--from-nas", origin), CLOCK).name == "db-2024-01-03.sql.gz"
     assert "db-2024-01-03.sql.gz on nas has no manifest: taking it unverified" in caplog.text
@@ -129,8 +128,7 @@ def test_without_a_copy_it_names_the_newest_verified_dump_leaving_the_choice_of_
     )
 
 
-def test_a_place_that_cannot_be_listed_then_is_warned_about_and_hides_nothing(places, caplog, monkeypatch):
-    monkeypatch.setattr(log.log, "propagate", True)  # caplog listens at the root; log.setup() may have run here
+def test_a_place_that_cannot_be_listed_then_is_warned_about_and_hides_nothing(places, caplog):
     dirs, config = places
     world.synthetic_dump(dirs["pi5"], NEWEST, rows=10)
     config["NAS_HOST"] = "127.0.0.9"  # nothing listens there
