@@ -72,7 +72,9 @@ def test_restores_the_dump_and_keeps_the_old_database(kw, pg, db, dumped):
         assert result.returncode == 0, result.stderr
         assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
         assert pg.psql("SELECT count(*) FROM users WHERE name = 'changed'", db) == "0"
-        previous = [n for n in pg.psql("SELECT datname FROM pg_database").split() if "_before_restore_" in n]
+        previous = [
+            n for n in pg.psql("SELECT datname FROM pg_database").split() if n.startswith(f"{db}_before_restore_")
+        ]
         assert len(previous) == 1 and pg.psql("SELECT count(*) FROM orders", previous[0]) == "1500"
         settings = pg.psql(
             f"SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
@@ -89,7 +91,7 @@ def test_restores_the_dump_and_keeps_the_old_database(kw, pg, db, dumped):
 def test_drop_previous(kw, pg, db, dumped):
     result = kw.run("restore-production-db", "--local", os.path.basename(dumped), "--yes", "--drop-previous")
     assert result.returncode == 0, result.stderr
-    assert not [n for n in pg.psql("SELECT datname FROM pg_database").split() if "_before_restore_" in n]
+    assert not [n for n in pg.psql("SELECT datname FROM pg_database").split() if n.startswith(f"{db}_before_restore_")]
 
 
 def test_truncated_dump_leaves_db_as_it_was(kw, pg, db, dumped):
@@ -365,22 +367,25 @@ def test_two_restores_at_once(remote_prod, pg, big_db, tmp_path):
     kw = remote_prod
     kw.settings["DB_NAME"] = big_db
     assert kw.run("backup-db", timeout=300).returncode == 0
-    first = subprocess.Popen(
-        [str(world.BIN / "restore-production-db"), "--local", "latest", "--yes", "--drop-previous"],
-        env=kw.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not pg.psql(f"SELECT 1 FROM pg_stat_activity WHERE datname LIKE '{big_db}_restore_%'"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    same_laptop = kw.run("restore-production-db", "--local", "latest", "--yes")
-    assert same_laptop.returncode == 4, same_laptop.stderr
-    kw.settings["WORK_DIR"] = str(tmp_path / "another-laptop")
-    other_laptop = kw.run("restore-production-db", "--local", "latest", "--yes")
-    assert other_laptop.returncode == 4 and "is running on prod" in other_laptop.stderr
+    # The first restore is held at its swap (a lock on DB_NAME's catalog entry) for as long as the others take: a
+    # load that merely runs meanwhile can end before the second laptop asks (CI's faster load did).
+    lock = world.HeldTransaction(pg, "postgres", f"COMMENT ON DATABASE {big_db} IS 'held'")
+    try:
+        first = subprocess.Popen(
+            [str(world.BIN / "restore-production-db"), "--local", "latest", "--yes", "--drop-previous"],
+            env=kw.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: swap_waiting(pg), 120, "the first restore's swap waiting on the server")
+        same_laptop = kw.run("restore-production-db", "--local", "latest", "--yes")
+        assert same_laptop.returncode == 4, same_laptop.stderr
+        kw.settings["WORK_DIR"] = str(tmp_path / "another-laptop")
+        other_laptop = kw.run("restore-production-db", "--local", "latest", "--yes")
+        assert other_laptop.returncode == 4 and "is running on prod" in other_laptop.stderr
+    finally:
+        lock.end("ROLLBACK", check=False)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
 
@@ -476,7 +481,9 @@ def test_settings_grants_and_owner_are_carried_over_by_the_server(kw, pg, db, du
         assert pg.row_counts(db) == world.RAILS_TABLE_ROWS
         assert carried(pg, db) == before
         assert pg.psql("SHOW search_path", db) == "app, public"  # a list, not the one identifier "app, public"
-        previous = [n for n in pg.psql("SELECT datname FROM pg_database").split() if "_before_restore_" in n]
+        previous = [
+            n for n in pg.psql("SELECT datname FROM pg_database").split() if n.startswith(f"{db}_before_restore_")
+        ]
         assert len(previous) == 1 and carried(pg, previous[0]) == before
     finally:
         for name in databases(pg, db):
